@@ -1,0 +1,166 @@
+"""What every script shares: common flags, device/dtype resolution, the run folder and its config.json.
+
+Scripts call `add_common_args(parser, family)` then `start_run(args, script)`; `run_main(main)` turns a
+DiffptqError (or a bad value) into one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from diffptq.errors import DiffptqError
+from diffptq.models.families import FAMILIES
+from diffptq.models.schedulers import SCHEDULERS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VERSIONED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "torchmetrics", "numpy",
+                      "safetensors")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class OutDirExistsError(DiffptqError):
+    """--out_dir already holds results and --overwrite was not given."""
+
+
+def add_common_args(parser: argparse.ArgumentParser, family: str) -> None:
+    """Flags shared by all scripts; `family` ('pixart' or 'sd') picks the --model default."""
+    parser.add_argument("--model", default=FAMILIES[family].default_model,
+                        help="hub id, local pipeline directory, bundled-dit, bundled-unet, tiny-dit or tiny-unet "
+                             "(default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="float dtype of the model (default: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default=None, help="results folder (default: results/<script>/<timestamp>/)")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out_dir")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=20)
+    parser.add_argument("--scheduler", default="default", choices=["default", *SCHEDULERS],
+                        help="sampling scheduler (default: the model's own)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+@dataclass
+class Run:
+    """A script run: resolved device and dtype, and its output folder (created)."""
+
+    out_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    args: argparse.Namespace
+
+    @property
+    def dtype_name(self) -> str:
+        return {v: k for k, v in DTYPES.items()}[self.dtype]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DiffptqError(f"--device {name!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffptqError(f"--device {name} asked for, but torch sees no CUDA GPU (use --device cpu)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def start_run(args: argparse.Namespace, script: str) -> Run:
+    """Resolve device/dtype, create the output folder (refusing a non-empty one without --overwrite), write
+    config.json (arguments, package versions, git commit), set the seed and logging."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(script)
+    if out_dir.exists() and any(out_dir.iterdir()) and not getattr(args, "overwrite", False):
+        raise OutDirExistsError(f"--out_dir {out_dir} already holds files; pass --overwrite or choose another folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    write_json(out_dir / "config.json", run_config(args, script, device, dtype))
+    return Run(out_dir, device, dtype, args)
+
+
+def default_out_dir(script: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("results") / script / stamp
+
+
+def run_config(args: argparse.Namespace, script: str, device: torch.device, dtype: torch.dtype) -> dict:
+    return {
+        "script": script,
+        "args": {k: v for k, v in vars(args).items()},
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "versions": {"python": platform.python_version(), **package_versions()},
+        "git_commit": git_commit(),
+        "time": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=5).stdout.strip()
+    return res.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: to a temporary name, then rename (no partial file under the final name)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_main(main) -> None:
+    """Call `main()`; print DiffptqError / ValueError as one line and exit 2 instead of a traceback."""
+    try:
+        main()
+    except DiffptqError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: no partial result was written under a final name", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,0 +1,127 @@
+"""Calibration data: the denoiser's inputs recorded along real sampling trajectories of the float pipeline.
+
+`collect_calibration` runs the pipeline (with classifier-free guidance, so each record holds both CFG branches)
+on N prompts and records, at every sampling step, the keyword arguments the denoiser was called with: latents
+(`hidden_states` for PixArt, `sample` for the UNet), `timestep`, `encoder_hidden_states`, masks and extra
+conditions. Records are kept on `storage` (the CPU by default, pinned when CUDA is used) and text states shared
+between steps are stored once. `CalibrationSet.batches()` replays them batch by batch on the compute device.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from diffptq.models.families import family_of
+
+
+@dataclass
+class CalibRecord:
+    """One denoiser call. `inputs`: keyword tensors/values as the denoiser received them (batch = 2 × prompts under
+    CFG); `step`: index of the sampling step; `timestep`: the scalar timestep of that step."""
+
+    inputs: dict
+    step: int
+    timestep: float
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded denoiser inputs. `prompts`: the prompts in recording order; `num_steps`: sampling steps per run."""
+
+    records: list[CalibRecord] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    num_steps: int = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def timesteps(self) -> list[float]:
+        return [r.timestep for r in self.records]
+
+    def batches(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Iterator[dict]:
+        """Yield each record's inputs moved to `device` (floating tensors cast to `dtype` when given)."""
+        for record in self.records:
+            yield move_inputs(record.inputs, device, dtype)
+
+    def split(self, holdout_every: int) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """(calibration, held-out): every `holdout_every`-th record goes to the held-out set."""
+        keep = [r for i, r in enumerate(self.records) if (i + 1) % holdout_every]
+        held = [r for i, r in enumerate(self.records) if not (i + 1) % holdout_every]
+        return (CalibrationSet(keep, self.prompts, self.num_steps), CalibrationSet(held, self.prompts, self.num_steps))
+
+
+def move_inputs(inputs: dict, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> dict:
+    """Recursively move the tensors of a denoiser-input dict to `device` (floats cast to `dtype` if given)."""
+    def mv(v):
+        if isinstance(v, torch.Tensor):
+            cast = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
+            return v.to(device=device, dtype=cast, non_blocking=non_blocking)
+        if isinstance(v, dict):
+            return {k: mv(x) for k, x in v.items()}
+        return v
+    return {k: mv(v) for k, v in inputs.items()}
+
+
+class _Recorder:
+    """Forward pre-hook that stores the denoiser's arguments, sharing storage for tensors seen before."""
+
+    def __init__(self, denoiser, storage: str, pin: bool):
+        self.signature = inspect.signature(denoiser.forward)
+        self.storage, self.pin = storage, pin
+        self.calls: list[dict] = []
+        self._shared: dict[tuple, torch.Tensor] = {}
+
+    def _store(self, v):
+        if isinstance(v, torch.Tensor):
+            key = (v.data_ptr(), tuple(v.shape), v.dtype, v._version)
+            if key not in self._shared:
+                t = v.detach().to(self.storage, copy=True)
+                self._shared[key] = t.pin_memory() if self.pin else t
+            return self._shared[key]
+        if isinstance(v, dict):
+            return {k: self._store(x) for k, x in v.items()}
+        return v
+
+    def __call__(self, module, args, kwargs):
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        bound.pop("return_dict", None)
+        self.calls.append({k: self._store(v) for k, v in bound.items() if v is not None})
+
+
+@torch.no_grad()
+def collect_calibration(pipe, prompts: list[str], num_inference_steps: int, guidance_scale: float | None = None,
+                        batch_size: int = 8, seed: int = 0, storage: str = "cpu", progress: bool = True,
+                        **call_kwargs) -> CalibrationSet:
+    """Run `pipe` on `prompts` (batches of `batch_size`, generator seeded with `seed + batch index`) for
+    `num_inference_steps` steps with CFG and record every denoiser call. Returns a CalibrationSet whose records
+    are ordered batch-major, step-minor."""
+    if not prompts:
+        raise ValueError("calibration needs at least one prompt")
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    device = pipe._execution_device
+    recorder = _Recorder(denoiser, storage, pin=(storage == "cpu" and torch.device(device).type == "cuda"))
+    handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
+    kwargs = {**family.call_kwargs(pipe), **call_kwargs}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    result = CalibrationSet(num_steps=num_inference_steps)
+    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    try:
+        for b, chunk in enumerate(tqdm(chunks, desc="calibration trajectories", disable=not progress)):
+            start = len(recorder.calls)
+            generator = torch.Generator(device="cpu").manual_seed(seed + b)
+            pipe(chunk, num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
+                 **kwargs)
+            for step, inputs in enumerate(recorder.calls[start:]):
+                t = inputs["timestep"]
+                t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+                result.records.append(CalibRecord(inputs, step, t))
+            result.prompts.extend(chunk)
+    finally:
+        handle.remove()
+    return result

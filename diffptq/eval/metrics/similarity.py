@@ -1,0 +1,100 @@
+"""Paired similarity to the FP image of the same prompt and seed: LPIPS (AlexNet), PSNR and SSIM, on torchmetrics.
+
+LPIPS needs two files: torchvision's AlexNet ImageNet weights `alexnet-owt-7be5be79.pth` (from an explicit path or the
+torch hub cache `$TORCH_HOME/hub/checkpoints/`, never downloaded here) and the LPIPS linear heads, which ship inside
+torchmetrics (`torchmetrics/functional/image/lpips_models/alex.pth`). PSNR and SSIM need no weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.image import LearnedPerceptualImagePatchSimilarity, PeakSignalNoiseRatio
+from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+from .common import as_float01, batches, resolve_weights, torch_hub_checkpoint, warn_missing
+
+ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+
+
+def lpips_heads_file() -> Path:
+    """The LPIPS AlexNet linear-head weights bundled with torchmetrics."""
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    return Path(tm_lpips.__file__).parent / "lpips_models" / "alex.pth"
+
+
+def lpips_metric(weights: str | os.PathLike | None = None) -> LearnedPerceptualImagePatchSimilarity | None:
+    """LPIPS (AlexNet backbone, inputs in [0,1]); backbone from `weights` or the torch hub cache; None if absent."""
+    path = resolve_weights(weights, ALEXNET_WEIGHTS)
+    if not path.is_file():
+        warn_missing(
+            "lpips", f"AlexNet weights {path}",
+            f"pass lpips_weights=PATH (--lpips_weights) or put {ALEXNET_WEIGHTS} in {torch_hub_checkpoint('')}",
+        )
+        return None
+    if not lpips_heads_file().is_file():
+        warn_missing("lpips", f"LPIPS linear heads {lpips_heads_file()}", "reinstall torchmetrics")
+        return None
+    with _hub_cache_holding(path):
+        return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+
+
+@contextlib.contextmanager
+def _hub_cache_holding(path: Path) -> Iterator[None]:
+    """Point torch.hub at a temporary cache whose checkpoints/ links to `path`, unless `path` is already the cached file.
+
+    torchvision looks the AlexNet weights up in the hub cache only; this lets a path option feed the same loader.
+    Changes process-wide state for the duration (not thread-safe).
+    """
+    if path.resolve() == torch_hub_checkpoint(ALEXNET_WEIGHTS).resolve():
+        yield
+        return
+    previous = getattr(torch.hub, "_hub_dir", None)  # None means "follow $TORCH_HOME": restore exactly that
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "checkpoints").mkdir()
+        (Path(tmp) / "checkpoints" / ALEXNET_WEIGHTS).symlink_to(path.resolve())
+        torch.hub.set_dir(tmp)
+        try:
+            yield
+        finally:
+            torch.hub._hub_dir = previous
+
+
+def _paired_mean(metric: Metric, images: torch.Tensor, ref_images: torch.Tensor, batch_size: int) -> float:
+    """Run `metric.update(img, ref)` over batches of float [0,1] images on the metric's device; its computed mean."""
+    if images.shape != ref_images.shape:
+        raise ValueError(f"paired metrics need equal shapes, got {tuple(images.shape)} and {tuple(ref_images.shape)}")
+    metric.reset()
+    with torch.no_grad():
+        for sl in batches(len(images), batch_size):
+            metric.update(as_float01(images[sl]).to(metric.device), as_float01(ref_images[sl]).to(metric.device))
+        return float(metric.compute())
+
+
+def lpips_score(
+    metric: LearnedPerceptualImagePatchSimilarity, images: torch.Tensor, ref_images: torch.Tensor, batch_size: int = 16
+) -> float:
+    """Mean LPIPS over image pairs (N,3,H,W) uint8 or float in [0,1]; 0 = identical, higher = more different."""
+    return _paired_mean(metric, images, ref_images, batch_size)
+
+
+def psnr_score(
+    images: torch.Tensor, ref_images: torch.Tensor, batch_size: int = 16, device: str | torch.device = "cpu"
+) -> float:
+    """Mean over images of per-image PSNR in dB, data range 1: 10·log10(1 / MSE); inf when all pairs are identical."""
+    metric = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device)
+    return _paired_mean(metric, images, ref_images, batch_size)
+
+
+def ssim_score(
+    images: torch.Tensor, ref_images: torch.Tensor, batch_size: int = 16, device: str | torch.device = "cpu"
+) -> float:
+    """Mean SSIM (Gaussian 11x11 window, data range 1) over image pairs; 1 = identical. Images need H, W >= 11."""
+    metric = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    return _paired_mean(metric, images, ref_images, batch_size)

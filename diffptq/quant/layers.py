@@ -1,0 +1,235 @@
+"""QuantLinear / QuantConv2d and swap_modules(): put quantized layers into a model in place.
+
+A quant layer is still an nn.Linear / nn.Conv2d (same parameter names, isinstance checks keep working). It keeps
+the float weight (the float stream and calibration need it), an optional input activation quantizer `act_quant`,
+and, once quantized, integer codes with their scale and zero as buffers:
+  weight_codes (out, in·k·k) int8/uint8, weight_scale / weight_zero (out, n_groups) float32 — saved in state dicts;
+  weight_q: the dequantized weight in the layer's shape and dtype (derived, not saved; rebuilt on load).
+forward = act_quant(x), then the layer op with weight_q (if quantized and `quant_weight`) else the float weight.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
+from diffptq.quant.quantizer import QuantSpec, check_group_size, dequantize
+
+log = logging.getLogger(__name__)
+_CODE_BUFFERS = ("weight_codes", "weight_scale", "weight_zero")
+
+
+class QuantLayer:
+    """Mixin with the quantization state shared by QuantLinear and QuantConv2d."""
+
+    weight: nn.Parameter
+
+    def _init_quant(self, act_quant: ActQuantizer | None, weight_spec: QuantSpec | None) -> None:
+        self.act_quant = act_quant
+        self.weight_spec = weight_spec
+        self.quant_weight = True
+        for name in _CODE_BUFFERS:
+            self.register_buffer(name, None)
+        self.register_buffer("weight_q", None, persistent=False)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_codes is not None
+
+    def weight_matrix(self) -> Tensor:
+        """The float weight as a float32 matrix (out, in·k·k), a copy safe to modify."""
+        return self.weight.detach().reshape(self.weight.shape[0], -1).float().clone()
+
+    @torch.no_grad()
+    def set_quantized_weight(self, codes: Tensor, scale: Tensor, zero: Tensor) -> None:
+        """Store codes (out, in·k·k), scale and zero (out, n_groups) and rebuild weight_q from them."""
+        out, cols = self.weight.shape[0], self.weight[0].numel()
+        if tuple(codes.shape) != (out, cols):
+            raise ValueError(f"codes of shape {tuple(codes.shape)} for a weight matrix ({out}, {cols})")
+        dev = self.weight.device
+        self.weight_codes = codes.detach().to(dev)
+        self.weight_scale = scale.detach().float().to(dev)
+        self.weight_zero = zero.detach().float().to(dev)
+        self._rebuild_weight_q()
+
+    def _rebuild_weight_q(self) -> None:
+        w = dequantize(self.weight_codes, self.weight_scale, self.weight_zero)
+        self.weight_q = w.reshape(self.weight.shape).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def drop_float_weight(self) -> None:
+        """Replace the float weight by the dequantized one (frees memory; the float stream is lost)."""
+        if not self.is_quantized:
+            raise RuntimeError("drop_float_weight on a layer that is not quantized yet")
+        self.weight.data = self.weight_q
+        self.weight_q = self.weight.data
+
+    def current_weight(self) -> Tensor:
+        return self.weight_q if (self.quant_weight and self.weight_q is not None) else self.weight
+
+    def quant_input(self, x: Tensor) -> Tensor:
+        """The input as the matmul sees it (after act_quant when present): accumulate H and G from this."""
+        return self.act_quant(x) if self.act_quant is not None else x
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        for name in _CODE_BUFFERS:  # allocate code buffers a fresh (unquantized) layer does not have yet
+            if prefix + name in state_dict and getattr(self, name) is None:
+                t = state_dict[prefix + name]
+                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.weight_codes is not None:
+            self._rebuild_weight_q()
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    """nn.Linear with fake-quant input and integer weight codes. x: (..., in) -> (..., out)."""
+
+    def __init__(self, linear: nn.Linear, act_quant: ActQuantizer | None = None, weight_spec: QuantSpec | None = None):
+        nn.Linear.__init__(self, linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._init_quant(act_quant, weight_spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quant_input(x), self.current_weight(), self.bias)
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    """nn.Conv2d (groups == 1) with fake-quant input and integer weight codes. x: (N, C, H, W).
+
+    The activation quantizer's channel_dim is set to 1, so per-token means per spatial position over channels.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act_quant: ActQuantizer | None = None, weight_spec: QuantSpec | None = None):
+        if conv.groups != 1:
+            raise ValueError(f"QuantConv2d supports groups=1 only, got groups={conv.groups} (one H per group needed)")
+        nn.Conv2d.__init__(self, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=1, bias=conv.bias is not None,
+                           padding_mode=conv.padding_mode, device="meta")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        if act_quant is not None:
+            act_quant.channel_dim = 1
+        self._init_quant(act_quant, weight_spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quant_input(x), self.current_weight(), self.bias)
+
+
+@dataclass
+class QuantConfig:
+    """Which modules swap_modules replaces and what they carry.
+
+    weight: the weight grid, stored on each layer as `weight_spec` (the driver quantizes with it; None: not set).
+    act: the input activation grid; None attaches no activation quantizer.
+    act_kind: "static" (per tensor, calibrated) or "dynamic" (per token). act_factory(name, module), when given,
+      builds the activation quantizer instead (e.g. TimeConditionedActQuantizer with a TDQ MLP); it may return None.
+    include / skip: patterns on qualified module names; glob (fnmatch, e.g. "*.attn1.*"), or a regex searched in
+      the name when prefixed with "re:". A module is swapped if it matches an include and no skip pattern.
+    linear / conv: which module types to swap. Grouped convolutions are skipped with a warning.
+    """
+
+    weight: QuantSpec | None = None
+    act: QuantSpec | None = None
+    act_kind: str = "static"
+    act_factory: Callable[[str, nn.Module], ActQuantizer | None] | None = None
+    include: tuple[str, ...] = ("*",)
+    skip: tuple[str, ...] = ()
+    linear: bool = True
+    conv: bool = True
+
+    def __post_init__(self) -> None:
+        if self.act_kind not in ("static", "dynamic"):
+            raise ValueError(f"QuantConfig.act_kind must be 'static' or 'dynamic', got {self.act_kind!r}")
+
+
+def name_matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """True if `name` matches any glob pattern, or any "re:"-prefixed regex (re.search)."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def _make_act_quant(name: str, module: nn.Module, config: QuantConfig) -> ActQuantizer | None:
+    if config.act_factory is not None:
+        return config.act_factory(name, module)
+    if config.act is None:
+        return None
+    cls = StaticActQuantizer if config.act_kind == "static" else DynamicActQuantizer
+    return cls(config.act)
+
+
+def swap_modules(model: nn.Module, config: QuantConfig) -> dict[str, QuantLayer]:
+    """Replace matching nn.Linear / nn.Conv2d submodules of `model` in place; returns {qualified name: layer}.
+
+    Layers that are already quant layers are returned as they are (swapping twice is a no-op).
+    Raises ValueError naming the layer if config.weight's group_size does not divide its input width.
+    """
+    swapped: dict[str, QuantLayer] = {}
+    for name, module in list(model.named_modules()):
+        if not name or not name_matches(name, config.include) or name_matches(name, config.skip):
+            continue
+        if isinstance(module, QuantLayer):
+            swapped[name] = module
+            continue
+        is_linear = config.linear and type(module) is nn.Linear
+        is_conv = config.conv and type(module) is nn.Conv2d
+        if not (is_linear or is_conv):
+            continue
+        if is_conv and module.groups != 1:
+            log.warning("swap_modules: skipping %s (grouped Conv2d, groups=%d, not supported)", name, module.groups)
+            continue
+        if config.weight is not None:
+            try:
+                check_group_size(module.weight[0].numel(), config.weight.group_size)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        act = _make_act_quant(name, module, config)
+        new = QuantLinear(module, act, config.weight) if is_linear else QuantConv2d(module, act, config.weight)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swapped[name] = new
+    return swapped
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
+    """(name, layer) for every quant layer in `model`."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            yield name, m
+
+
+def set_quant_enabled(model: nn.Module, weights: bool | None = None, acts: bool | None = None) -> None:
+    """Switch quantized weights and/or activation quantizers of every quant layer (None: leave as is)."""
+    for _, layer in quant_layers(model):
+        if weights is not None:
+            layer.quant_weight = weights
+        if acts is not None and layer.act_quant is not None:
+            layer.act_quant.enabled = acts
+
+
+@contextmanager
+def float_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as the float model (float weights, no activation quantization); restores the switches after."""
+    saved = [(layer, layer.quant_weight, layer.act_quant.enabled if layer.act_quant is not None else None)
+             for _, layer in quant_layers(model)]
+    set_quant_enabled(model, weights=False, acts=False)
+    try:
+        yield model
+    finally:
+        for layer, w, a in saved:
+            layer.quant_weight = w
+            if a is not None:
+                layer.act_quant.enabled = a

@@ -1,0 +1,216 @@
+"""Uniform integer grids: QuantSpec, scale/zero fitting, codes, fake-quant with a straight-through gradient.
+
+Grid convention (one for weights and activations):
+  symmetric:  signed codes q in [-2^(b-1), 2^(b-1) - 1], zero = 0, scale = absmax / qmax
+  asymmetric: unsigned codes q in [0, 2^b - 1], zero an integer in that range, scale = (max - min) / qmax,
+              with the range widened to include 0 so that 0 is exactly representable.
+  q = clamp(round(x / scale) + zero, qmin, qmax);  x̂ = scale · (q − zero)   (computed in float32).
+Parameters are per row of a 2-D view: per output channel for a weight (out, 1), or per group of `group_size`
+contiguous input columns (out, in // group_size); activations use the same fitting on their own views.
+Storage: int4 codes packed two per byte (pack_int4 / unpack_int4), 5..8-bit codes one per int8/uint8 byte.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCALE_METHODS = ("minmax", "mse")
+MIN_SCALE = 1e-10  # floor for all-zero rows: keeps x / scale finite, codes of 0 stay exactly 0
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A uniform integer grid.
+
+    bits: 2..8. symmetric: signed codes with zero = 0, else unsigned codes with an integer zero point.
+    group_size: None = one scale per output channel (weights) / per tensor or token (activations);
+      else one scale per `group_size` contiguous input columns.
+    scale_method: "minmax" or "mse" (search over clipping ratios 1 … mse_min_ratio, `mse_steps` candidates,
+      minimising Σ|x − x̂|^mse_norm per row).
+    """
+
+    bits: int
+    symmetric: bool = True
+    group_size: int | None = None
+    scale_method: str = "minmax"
+    mse_steps: int = 80
+    mse_min_ratio: float = 0.2
+    mse_norm: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"QuantSpec.bits must be an integer in 2..8, got {self.bits!r}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(f"QuantSpec.group_size must be a positive integer or None, got {self.group_size!r}")
+        if self.scale_method not in SCALE_METHODS:
+            raise ValueError(f"QuantSpec.scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}")
+        if self.mse_steps < 1:
+            raise ValueError(f"QuantSpec.mse_steps must be >= 1, got {self.mse_steps!r}")
+        if not 0.0 < self.mse_min_ratio <= 1.0:
+            raise ValueError(f"QuantSpec.mse_min_ratio must be in (0, 1], got {self.mse_min_ratio!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """Smallest torch dtype holding every code: int8 (signed) or uint8 (unsigned)."""
+        return torch.int8 if self.symmetric else torch.uint8
+
+
+def check_group_size(in_features: int, group_size: int | None) -> None:
+    """Raise ValueError unless `group_size` (when set) divides `in_features`."""
+    if group_size is not None and in_features % group_size != 0:
+        raise ValueError(f"group_size {group_size} does not divide the input width {in_features}")
+
+
+def expand_params(p: Tensor, width: int) -> Tensor:
+    """Broadcast per-group parameters (..., n_groups) over `width` columns; (..., 1) and (..., width) pass through."""
+    g = p.shape[-1] if p.dim() > 0 else 1
+    if p.dim() == 0 or g in (1, width):
+        return p
+    if width % g != 0:
+        raise ValueError(f"{g} parameter groups do not divide the width {width}")
+    return p.repeat_interleave(width // g, dim=-1)
+
+
+def params_from_range(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero (float32, integer-valued zero) from a range [xmin, xmax] (any matching shapes)."""
+    xmin = torch.minimum(xmin.float(), torch.zeros_like(xmin, dtype=torch.float32))
+    xmax = torch.maximum(xmax.float(), torch.zeros_like(xmax, dtype=torch.float32))
+    if spec.symmetric:
+        scale = (torch.maximum(-xmin, xmax) / spec.qmax).clamp_min(MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    scale = ((xmax - xmin) / spec.qmax).clamp_min(MIN_SCALE)
+    zero = torch.round(-xmin / scale).clamp(spec.qmin, spec.qmax)
+    return scale, zero
+
+
+def _round_to_grid(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """Float codes and dequantized values; the one place the grid formula is written."""
+    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+    return q, scale * (q - zero)
+
+
+def fit_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Fit one (scale, zero) per row of x (rows, cols): min-max, or MSE search over clipping ratios.
+
+    Returns float32 tensors of shape (rows, 1).
+    """
+    x = x.float()
+    xmin, xmax = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    scale, zero = params_from_range(xmin, xmax, spec)
+    if spec.scale_method == "minmax":
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(spec.mse_steps):
+        r = 1.0 - (1.0 - spec.mse_min_ratio) * i / max(spec.mse_steps - 1, 1)
+        s, z = params_from_range(r * xmin, r * xmax, spec)
+        _, xq = _round_to_grid(x, s, z, spec.qmin, spec.qmax)
+        err = (xq - x).abs_().pow_(spec.mse_norm).sum(dim=1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def fit_weight_params(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Per-output-channel or per-group parameters for a weight w (out, in) (conv weights: flatten first).
+
+    Returns (scale, zero), float32, shape (out, 1) or (out, in // group_size).
+    """
+    out, cols = w.shape
+    g = spec.group_size
+    if g is None:
+        return fit_rows(w, spec)
+    check_group_size(cols, g)
+    scale, zero = fit_rows(w.reshape(out * (cols // g), g), spec)
+    return scale.reshape(out, cols // g), zero.reshape(out, cols // g)
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """Integer codes (spec.code_dtype) of x; scale/zero broadcast to x or per-group (..., n_groups)."""
+    s, z = expand_params(scale, x.shape[-1]), expand_params(zero, x.shape[-1])
+    q, _ = _round_to_grid(x.float(), s.float(), z.float(), spec.qmin, spec.qmax)
+    return q.to(spec.code_dtype)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """x̂ = scale · (codes − zero) in float32; scale/zero broadcast to codes or per-group (..., n_groups)."""
+    s, z = expand_params(scale, codes.shape[-1]), expand_params(zero, codes.shape[-1])
+    return s.float() * (codes.float() - z.float())
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
+    """x̂ = scale · (clamp(round(x / scale) + zero) − zero), in x's dtype, values equal to dequantize(quantize_codes).
+
+    Gradient: straight-through (identity) for x inside the grid's range, 0 where clamped; scale receives the
+    LSQ gradient (round(x/s) − x/s inside, qmin/qmax − zero outside), so a scale predictor can be trained.
+    """
+    s = expand_params(scale, x.shape[-1]).float()
+    z = expand_params(zero, x.shape[-1]).float()
+    q = torch.clamp(_RoundSTE.apply(x.float() / s) + z, spec.qmin, spec.qmax)
+    return (s * (q - z)).to(x.dtype)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Pack 4-bit codes (any shape, signed in [-8, 7] or unsigned in [0, 15]) two per uint8, flattened.
+
+    Element 2i goes to the low nibble of byte i, element 2i+1 to the high nibble; an odd count is padded with 0.
+    Returns a 1-D uint8 tensor of ceil(numel / 2) bytes; unpack_int4 needs the shape and signedness back.
+    """
+    flat = codes.reshape(-1).to(torch.int16)
+    if flat.numel() and (int(flat.min()) < -8 or int(flat.max()) > 15):
+        raise ValueError(f"codes out of 4-bit range: [{int(flat.min())}, {int(flat.max())}]")
+    nib = (flat & 0xF).to(torch.uint8)  # two's complement nibble for negative codes
+    if nib.numel() % 2:
+        nib = torch.cat([nib, nib.new_zeros(1)])
+    return nib[0::2] | (nib[1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, shape: tuple[int, ...] | torch.Size, signed: bool) -> Tensor:
+    """Inverse of pack_int4: int8 codes of `shape` (sign-extended when `signed`)."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    b = packed.reshape(-1).to(torch.uint8)
+    if b.numel() != (numel + 1) // 2:
+        raise ValueError(f"{b.numel()} packed bytes do not hold {numel} int4 codes")
+    nib = torch.stack([b & 0xF, b >> 4], dim=1).reshape(-1)[:numel].to(torch.int8)
+    if signed:
+        nib = torch.where(nib > 7, nib - 16, nib)
+    return nib.reshape(tuple(shape))
+
+
+def pack_codes(codes: Tensor, spec: QuantSpec) -> Tensor:
+    """Compact storage for codes of `spec`: int4-packed uint8 (bits <= 4) or one int8/uint8 byte per code."""
+    if spec.bits <= 4:
+        return pack_int4(codes)
+    c = codes.to(torch.int16)
+    if c.numel() and (int(c.min()) < spec.qmin or int(c.max()) > spec.qmax):
+        raise ValueError(f"codes out of range [{spec.qmin}, {spec.qmax}] for {spec.bits}-bit storage")
+    return c.to(spec.code_dtype)
+
+
+def unpack_codes(packed: Tensor, shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> Tensor:
+    """Inverse of pack_codes: codes of `shape` in spec.code_dtype, bit-exact."""
+    if spec.bits <= 4:
+        return unpack_int4(packed, shape, signed=spec.symmetric).to(spec.code_dtype)
+    return packed.reshape(tuple(shape)).to(spec.code_dtype)
