@@ -164,3 +164,69 @@ def run_main(main) -> None:
     except KeyboardInterrupt:
         print("interrupted: no partial result was written under a final name", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def damp_value(text: str) -> float | str:
+    """--damp: a non-negative number (relative to mean diag H) or 'adaptive'."""
+    if text == "adaptive":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--damp takes a number or 'adaptive', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--damp must be >= 0, got {value}")
+    return value
+
+
+def bits_value(text: str) -> int:
+    """Bit width 2..8, or 16/32 meaning 'not quantized'."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer, got {text!r}") from None
+    if value not in (16, 32) and not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"bits must lie in 2..8 (or 16 for float), got {value}")
+    return value
+
+
+def add_quant_args(parser: argparse.ArgumentParser, method_flag: str = "--method") -> None:
+    """Weight/activation quantization and calibration flags shared by the quantization scripts."""
+    parser.add_argument(method_flag, dest="method", default="qronos", choices=["rtn", "gptq", "qronos"],
+                        help="weight quantization method (default: %(default)s)")
+    parser.add_argument("--wbits", type=bits_value, default=4, help="weight bits 2..8 (default: %(default)s)")
+    parser.add_argument("--abits", type=bits_value, default=8,
+                        help="activation bits 2..8, or 16 for float activations (default: %(default)s)")
+    parser.add_argument("--act_quant", default="static", choices=["static", "dynamic"],
+                        help="activation quantizer: static per-tensor or dynamic per-token (default: %(default)s)")
+    parser.add_argument("--group_size", type=positive_int, default=None,
+                        help="weight group size in input columns (default: per output channel)")
+    parser.add_argument("--act_order", action="store_true", help="GPTQ/Qronos columns by decreasing diag(H)")
+    parser.add_argument("--damp", type=damp_value, default=0.01,
+                        help="Hessian damping relative to mean(diag H), or 'adaptive' (default: %(default)s)")
+    parser.add_argument("--n_calib", type=positive_int, default=32, help="calibration prompts (default: %(default)s)")
+    parser.add_argument("--calib_steps", type=positive_int, default=10,
+                        help="sampling steps per calibration trajectory (default: %(default)s)")
+    parser.add_argument("--calib_batch_size", type=positive_int, default=8, help="prompts per calibration batch")
+    parser.add_argument("--prompts", default=None, help="prompt file, one per line (default: bundled captions)")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+
+
+def sequential_config(args: argparse.Namespace, blocks: list[int] | None):
+    """SequentialConfig from the flags of add_quant_args (group size checked against the layers later)."""
+    from diffptq.algo.sequential import SequentialConfig
+    from diffptq.quant.quantizer import QuantSpec
+
+    act = None if args.abits >= 16 else QuantSpec(args.abits, symmetric=False)
+    if args.wbits >= 16:
+        raise DiffptqError("--wbits 16 leaves nothing to quantize; give 2..8")
+    weight = QuantSpec(args.wbits, symmetric=True, group_size=args.group_size)
+    return SequentialConfig(method=args.method, weight=weight, act=act, act_kind=args.act_quant, damp=args.damp,
+                            act_order=args.act_order, blocks=blocks)
+
+
+def calib_config(args: argparse.Namespace):
+    from diffptq.run.quantize import CalibConfig
+
+    return CalibConfig(n_calib=args.n_calib, calib_steps=args.calib_steps, batch_size=args.calib_batch_size,
+                       guidance_scale=args.guidance_scale, prompts=args.prompts, seed=args.seed)

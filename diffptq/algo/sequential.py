@@ -176,7 +176,7 @@ class SequentialQuantizer:
         self.ctx, self.fp, self.q = [], [], []
         with self.timer("forward"):
             for inputs in tqdm(self.calib.batches(self.device, self.dtype), total=len(self.calib),
-                               desc="prologue", disable=not self.progress, leave=False):
+                               desc="prologue", disable=True):
                 h, skips, ctx = self.family.prologue(self.den, inputs)
                 state = (self._store(h), [self._store(s) for s in skips])
                 self.ctx.append({k: self._store(v) if isinstance(v, Tensor) else v for k, v in ctx.items()})
@@ -321,7 +321,7 @@ class SequentialQuantizer:
         den: dict[str, float] = defaultdict(float)
         held = set(self.held) if measure else set()
         new_fp, new_q = [], []
-        for i in tqdm(range(len(self.calib)), desc=f"propagate block {k}", disable=not self.progress, leave=False):
+        for i in tqdm(range(len(self.calib)), desc=f"propagate block {k}", disable=True):
             ctx = self._ctx(i)
             x_fp: dict[str, Tensor] = {}
             grab = (lambda name, mod, x: x_fp.__setitem__(name, x)) if i in held else None

@@ -39,7 +39,9 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype | None = None, device: s
     dtype = dtype or torch.float32
     name = str(name_or_path)
     if name in TINY_MODELS:
-        pipe = build_tiny_pipeline(name).to(dtype=dtype)
+        pipe = build_tiny_pipeline(name)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
     elif name in BUNDLED_MODELS:
         pipe = _load_bundled(name, dtype)
     elif Path(name).expanduser().is_dir():

@@ -1,0 +1,113 @@
+"""The weight-quantization job: calibrate, quantize block by block, measure, and build the result rows."""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from diffptq.algo.sequential import SequentialConfig, SequentialResult, denoiser_output_error, quantize_sequential
+from diffptq.data.calib import CalibrationSet, collect_calibration
+from diffptq.data.prompts import load_prompts
+from diffptq.models.families import family_of
+
+LAYER_COLUMNS = ("block", "layer", "method", "wbits", "abits", "damp", "rel_out_err")
+SUMMARY_COLUMNS = ("method", "wbits", "abits", "act_quant", "group_size", "blocks", "n_layers", "n_fallback",
+                   "calib_time_s", "collect_time_s", "peak_vram_gb", "peak_host_gb", "mean_rel_out_err",
+                   "final_denoiser_err")
+
+
+@dataclass
+class CalibConfig:
+    """Calibration data: `n_calib` prompts (from `prompts` file or the bundled captions) × `calib_steps` sampling
+    steps with CFG, generated in batches of `batch_size`."""
+
+    n_calib: int = 32
+    calib_steps: int = 10
+    batch_size: int = 8
+    guidance_scale: float | None = None
+    prompts: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class QuantizationRun:
+    result: SequentialResult
+    calib: CalibrationSet
+    collect_time_s: float
+    calib_time_s: float
+    final_err_per_step: dict[int, float] = field(default_factory=dict)
+
+    def layer_rows(self) -> list[dict]:
+        return [{"block": r.block, "layer": r.layer, "method": "rtn-fallback" if r.fell_back else r.method,
+                 "wbits": r.wbits, "abits": r.abits, "damp": None if math.isnan(r.damp) else r.damp,
+                 "rel_out_err": None if math.isnan(r.rel_out_err) else r.rel_out_err} for r in self.result.layers]
+
+    def summary_row(self, cfg: SequentialConfig, blocks_text: str) -> dict:
+        errs = [r.rel_out_err for r in self.result.layers if not math.isnan(r.rel_out_err)]
+        final = list(self.final_err_per_step.values())
+        peak = self.result.peak_vram_bytes
+        return {
+            "method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
+            "act_quant": cfg.act_kind if cfg.act else None, "group_size": cfg.weight.group_size,
+            "blocks": blocks_text, "n_layers": len(self.result.layers),
+            "n_fallback": sum(r.fell_back for r in self.result.layers),
+            "calib_time_s": self.calib_time_s, "collect_time_s": self.collect_time_s,
+            "peak_vram_gb": peak / 2**30 if peak is not None else None,
+            "peak_host_gb": peak_host_bytes() / 2**30,
+            "mean_rel_out_err": sum(errs) / len(errs) if errs else None,
+            "final_denoiser_err": sum(final) / len(final) if final else None,
+        }
+
+
+def peak_host_bytes() -> int:
+    """Peak resident memory of this process (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_blocks(text: str, n_blocks: int) -> list[int]:
+    """'4' = the first four blocks; 'all'; a range '0-7'; or a comma list of those ('0-3,8'). Indices checked."""
+    text = str(text).strip()
+    if text == "all":
+        return list(range(n_blocks))
+    if text.isdigit():
+        n = int(text)
+        if not 1 <= n <= n_blocks:
+            raise ValueError(f"--blocks {n}: the model has {n_blocks} blocks (give 1..{n_blocks}, a range or all)")
+        return list(range(n))
+    out: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.partition("-")
+        if not (lo.strip().isdigit() and (not sep or hi.strip().isdigit())):
+            raise ValueError(f"--blocks {text!r}: expected N, all, a range like 0-7, or a comma list")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if a > b or b >= n_blocks:
+            raise ValueError(f"--blocks {text!r}: indices must lie in 0..{n_blocks - 1} with start <= end")
+        out.extend(range(a, b + 1))
+    return sorted(set(out))
+
+
+def collect(pipe, calib_cfg: CalibConfig, num_steps: int, progress: bool = True) -> tuple[CalibrationSet, float]:
+    """Calibration trajectories of the float pipeline; returns (set, seconds)."""
+    prompts = load_prompts(calib_cfg.prompts, calib_cfg.n_calib)
+    t0 = time.perf_counter()
+    calib = collect_calibration(pipe, prompts, num_steps, calib_cfg.guidance_scale, calib_cfg.batch_size,
+                                calib_cfg.seed, progress=progress)
+    return calib, time.perf_counter() - t0
+
+
+def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, device: torch.device,
+                      dtype: torch.dtype, progress: bool = True) -> QuantizationRun:
+    """Collect calibration data, quantize the denoiser in place, and measure the final denoiser-output error vs
+    float over the held-out calibration records (per sampling step)."""
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    calib, collect_s = collect(pipe, calib_cfg, calib_cfg.calib_steps, progress)
+    t0 = time.perf_counter()
+    result = quantize_sequential(denoiser, family, calib, cfg, device, dtype, progress=progress)
+    calib_s = time.perf_counter() - t0
+    _, held = calib.split(cfg.holdout_every) if cfg.holdout_every else (None, calib)
+    final = denoiser_output_error(denoiser, held if len(held) else calib, device, dtype)
+    return QuantizationRun(result, calib, collect_s, calib_s, final)
