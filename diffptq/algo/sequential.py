@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from diffptq.algo.gptq import gptq_quantize_ex
 from diffptq.algo.hessian import GramAccumulator
 from diffptq.algo.qronos import qronos_quantize_ex
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
-from diffptq.data.calib import CalibrationSet, move_inputs
+from diffptq.data.calib import CalibrationSet
 from diffptq.models.families import ModelFamily
 from diffptq.quant.act import StaticActQuantizer
 from diffptq.quant.layers import QuantConfig, QuantLayer, float_mode, set_quant_enabled, swap_modules
@@ -175,18 +176,15 @@ class SequentialQuantizer:
         """Float prologue for every record; both streams start equal (shared tensors until they diverge)."""
         self.ctx, self.fp, self.q = [], [], []
         with self.timer("forward"):
-            for inputs in tqdm(self.calib.batches(self.device, self.dtype), total=len(self.calib),
-                               desc="prologue", disable=True):
+            for inputs in self.calib.batches(self.device, self.dtype):
                 h, skips, ctx = self.family.prologue(self.den, inputs)
                 state = (self._store(h), [self._store(s) for s in skips])
                 self.ctx.append({k: self._store(v) if isinstance(v, Tensor) else v for k, v in ctx.items()})
                 self.fp.append(state)
                 self.q.append(state)
         self.streams_equal = True
-        every = self.cfg.holdout_every
-        idx = range(len(self.calib))
-        self.held = [i for i in idx if every and (i + 1) % every == 0]
-        self.train = [i for i in idx if not (every and (i + 1) % every == 0)] or list(idx)
+        self.held = self.calib.holdout_indices(self.cfg.holdout_every)
+        self.train = [i for i in range(len(self.calib)) if i not in set(self.held)]
 
     def _ctx(self, i: int) -> dict:
         return {k: self._to_dev(v) if isinstance(v, Tensor) else v for k, v in self.ctx[i].items()}
@@ -194,12 +192,6 @@ class SequentialQuantizer:
     def _run(self, k: int, state, ctx) -> tuple[Tensor, list[Tensor]]:
         h, skips = state
         return self.family.run_block(self.den, k, self._to_dev(h), [self._to_dev(s) for s in skips], ctx)
-
-    def _run_block_quiet(self, k: int, state, ctx) -> None:
-        try:
-            self._run(k, state, ctx)
-        except _Stop:
-            pass
 
     def _block_layers(self, k: int) -> dict[str, QuantLayer]:
         prefix = self.blocks[k][0] + "."
@@ -216,7 +208,7 @@ class SequentialQuantizer:
                 h.remove()
 
     @contextmanager
-    def _quant_block(self, layers: dict[str, QuantLayer]):
+    def _quant_block(self):
         """The block's layers in quantized mode (weights where quantized, activation quantizers on)."""
         set_quant_enabled(self.den, weights=True, acts=True)
         try:
@@ -258,40 +250,58 @@ class SequentialQuantizer:
             return
         for aq in static:
             aq.start_calibration()
-        with self._quant_block(layers), self.timer("forward"):
+        with self._quant_block(), self.timer("forward"):
             for i in self.train:
                 self._run(k, self.q[i], self._ctx(i))
         for aq in static:
             aq.finish_calibration()
 
+    def _block_pass(self, k: int, state, ctx: dict, quant: bool, modules: dict | None = None, fn=None,
+                    stop_after: str | None = None):
+        """Run block k on `state` in quantized or float mode, calling fn(name, module, x) before each of `modules`
+        and stopping right after `stop_after` was called. Returns the output state, or None when stopped early."""
+        def hook(name, mod, x):
+            fn(name, mod, x)
+            if name == stop_after:
+                raise _Stop
+        mode = self._quant_block() if quant else float_mode(self.den)
+        with mode, self._hooks(modules if fn else {}, hook), self.timer("forward"):
+            try:
+                return self._run(k, state, ctx)
+            except _Stop:
+                return None
+
+    @staticmethod
+    def _grab(store: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
+        store[name] = x
+
+    def _accumulate(self, k: int, acc: dict, x_fp: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
+        xq = mod.quant_input(x)
+        _check_finite(xq, k, name)
+        with self.timer("accumulate"):
+            acc[name].update(xq, x_fp.get(name))
+
+    @staticmethod
+    def _measure(x_fp: dict, num: dict, den: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
+        ref = _layer_output(mod, x_fp[name], mod.weight)
+        out = _layer_output(mod, mod.quant_input(x), mod.current_weight())
+        num[name] += float((out - ref).float().pow(2).sum())
+        den[name] += float(ref.float().pow(2).sum())
+
     @torch.no_grad()
     def quantize_group(self, k: int, names: list[str]) -> None:
+        """Accumulate H (and G) for the layers `names` of block k over the calibration records, then quantize them."""
         layers = {n: self.layers[n] for n in names}
         method, cfg = self.cfg.method, self.cfg
+        acc: dict[str, GramAccumulator] = {}
         if method != "rtn":
             cross = method == "qronos"
             acc = {n: GramAccumulator(m if isinstance(m, nn.Conv2d) else None, cross=cross) for n, m in layers.items()}
-            last = names[-1]
             for i in self.train:
-                ctx = self._ctx(i)
-                x_fp: dict[str, Tensor] = {}
+                ctx, x_fp = self._ctx(i), {}
                 if cross:
-                    def grab(name, mod, x):
-                        x_fp[name] = x
-                        if name == last:
-                            raise _Stop
-                    with float_mode(self.den), self._hooks(layers, grab), self.timer("forward"):
-                        self._run_block_quiet(k, self.fp[i], ctx)
-
-                def accumulate(name, mod, x):
-                    xq = mod.quant_input(x)
-                    _check_finite(xq, k, name)
-                    with self.timer("accumulate"):
-                        acc[name].update(xq, x_fp.get(name))
-                    if name == last:
-                        raise _Stop
-                with self._quant_block(layers), self._hooks(layers, accumulate), self.timer("forward"):
-                    self._run_block_quiet(k, self.q[i], ctx)
+                    self._block_pass(k, self.fp[i], ctx, False, layers, partial(self._grab, x_fp), names[-1])
+                self._block_pass(k, self.q[i], ctx, True, layers, partial(self._accumulate, k, acc, x_fp), names[-1])
         for name, layer in layers.items():
             W = layer.weight_matrix()
             with self.timer("solve"):
@@ -304,8 +314,7 @@ class SequentialQuantizer:
                                              cfg.block_size)
             layer.set_quantized_weight(res.codes, res.scale, res.zero)
             self._report(k, name, res)
-            if method != "rtn":
-                del acc[name]
+            acc.pop(name, None)
 
     def _report(self, k: int, name: str, res: QuantResult) -> None:
         if res.fell_back:
@@ -321,30 +330,15 @@ class SequentialQuantizer:
         den: dict[str, float] = defaultdict(float)
         held = set(self.held) if measure else set()
         new_fp, new_q = [], []
-        for i in tqdm(range(len(self.calib)), desc=f"propagate block {k}", disable=True):
-            ctx = self._ctx(i)
-            x_fp: dict[str, Tensor] = {}
-            grab = (lambda name, mod, x: x_fp.__setitem__(name, x)) if i in held else None
-            with float_mode(self.den), self.timer("forward"):
-                if grab:
-                    with self._hooks(measure, grab):
-                        fp = self._run(k, self.fp[i], ctx)
-                else:
-                    fp = self._run(k, self.fp[i], ctx)
+        for i in range(len(self.calib)):
+            ctx, x_fp = self._ctx(i), {}
+            grab = partial(self._grab, x_fp) if i in held else None
+            fp = self._block_pass(k, self.fp[i], ctx, False, measure, grab)
             if self.streams_equal and k not in self.selected:
                 q = fp
             else:
-                def err(name, mod, x):
-                    ref = _layer_output(mod, x_fp[name], mod.weight)
-                    out = _layer_output(mod, mod.quant_input(x), mod.current_weight())
-                    num[name] += float((out - ref).float().pow(2).sum())
-                    den[name] += float(ref.float().pow(2).sum())
-                with self._quant_block(self.layers), self.timer("forward"):
-                    if i in held:
-                        with self._hooks(measure, err):
-                            q = self._run(k, self.q[i], ctx)
-                    else:
-                        q = self._run(k, self.q[i], ctx)
+                err = partial(self._measure, x_fp, num, den) if i in held else None
+                q = self._block_pass(k, self.q[i], ctx, True, measure, err)
             fp_state = self._store_state(fp)
             new_fp.append(fp_state)
             new_q.append(fp_state if q is fp else self._store_state(q))

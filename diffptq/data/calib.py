@@ -47,11 +47,20 @@ class CalibrationSet:
         for record in self.records:
             yield move_inputs(record.inputs, device, dtype)
 
+    def holdout_indices(self, holdout_every: int) -> list[int]:
+        """Indices of held-out records: every `holdout_every`-th one (0: none), at least the last one when the set
+        has two or more records."""
+        if not holdout_every:
+            return []
+        held = [i for i in range(len(self.records)) if (i + 1) % holdout_every == 0]
+        return held or ([len(self.records) - 1] if len(self.records) > 1 else [])
+
     def split(self, holdout_every: int) -> tuple["CalibrationSet", "CalibrationSet"]:
-        """(calibration, held-out): every `holdout_every`-th record goes to the held-out set."""
-        keep = [r for i, r in enumerate(self.records) if (i + 1) % holdout_every]
-        held = [r for i, r in enumerate(self.records) if not (i + 1) % holdout_every]
-        return (CalibrationSet(keep, self.prompts, self.num_steps), CalibrationSet(held, self.prompts, self.num_steps))
+        """(calibration, held-out) by `holdout_indices(holdout_every)`."""
+        held = set(self.holdout_indices(holdout_every))
+        keep = [r for i, r in enumerate(self.records) if i not in held]
+        out = [r for i, r in enumerate(self.records) if i in held]
+        return CalibrationSet(keep, self.prompts, self.num_steps), CalibrationSet(out, self.prompts, self.num_steps)
 
 
 def move_inputs(inputs: dict, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> dict:

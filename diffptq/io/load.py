@@ -16,7 +16,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     or project model name). Raises CheckpointError if the base model differs from the one it was made for."""
     meta, tensors = read_checkpoint(path)
     if act_builder is None and any(e.get("act_kind") == "tdq" for e in meta["layers"]):
-        from diffptq.tdq.checkpoint import build_tdq_act as act_builder  # noqa: N813 - optional TDQ support
+        from diffptq.tdq.checkpoint import build_tdq_act as act_builder
     pipe = load_pipeline(base_model or meta["base"]["source"], dtype=dtype, device="cpu")
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)

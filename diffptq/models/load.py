@@ -106,7 +106,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype):
     kwargs = {"dtype": dtype, **_extra_kwargs(cls)}
     try:
         return cls.from_pretrained(repo_id, local_files_only=True, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as cached_err:
+    except (OSError, ValueError) as cached_err:
         log.debug("not in cache: %s", cached_err)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     how = (f"download it with `huggingface-cli download {repo_id}` (or `hf download {repo_id}`) on a machine "

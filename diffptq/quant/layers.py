@@ -79,7 +79,7 @@ class QuantLayer:
         """The input as the matmul sees it (after act_quant when present): accumulate H and G from this."""
         return self.act_quant(x) if self.act_quant is not None else x
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in _CODE_BUFFERS:  # allocate code buffers a fresh (unquantized) layer does not have yet
             if prefix + name in state_dict and getattr(self, name) is None:
                 t = state_dict[prefix + name]
@@ -105,7 +105,7 @@ class QuantLinear(QuantLayer, nn.Linear):
 class QuantConv2d(QuantLayer, nn.Conv2d):
     """nn.Conv2d (groups == 1) with fake-quant input and integer weight codes. x: (N, C, H, W).
 
-    The activation quantizer's channel_dim is set to 1, so per-token means per spatial position over channels.
+    Any activation quantizer assigned to `act_quant` gets channel_dim = 1: per token = per spatial position.
     """
 
     def __init__(self, conv: nn.Conv2d, act_quant: ActQuantizer | None = None, weight_spec: QuantSpec | None = None):
@@ -116,9 +116,12 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
                            padding_mode=conv.padding_mode, device="meta")
         self.weight = conv.weight
         self.bias = conv.bias
-        if act_quant is not None:
-            act_quant.channel_dim = 1
         self._init_quant(act_quant, weight_spec)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "act_quant" and isinstance(value, ActQuantizer):
+            value.channel_dim = 1  # conv inputs (N, C, H, W): channels on dim 1, however the quantizer is attached
+        super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quant_input(x), self.current_weight(), self.bias)

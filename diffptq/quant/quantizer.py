@@ -93,7 +93,7 @@ def params_from_range(xmin: Tensor, xmax: Tensor, spec: QuantSpec) -> tuple[Tens
     return scale, zero
 
 
-def _round_to_grid(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+def round_to_grid(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
     """Float codes and dequantized values; the one place the grid formula is written."""
     q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
     return q, scale * (q - zero)
@@ -113,7 +113,7 @@ def fit_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     for i in range(spec.mse_steps):
         r = 1.0 - (1.0 - spec.mse_min_ratio) * i / max(spec.mse_steps - 1, 1)
         s, z = params_from_range(r * xmin, r * xmax, spec)
-        _, xq = _round_to_grid(x, s, z, spec.qmin, spec.qmax)
+        _, xq = round_to_grid(x, s, z, spec.qmin, spec.qmax)
         err = (xq - x).abs_().pow_(spec.mse_norm).sum(dim=1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
@@ -138,7 +138,7 @@ def fit_weight_params(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """Integer codes (spec.code_dtype) of x; scale/zero broadcast to x or per-group (..., n_groups)."""
     s, z = expand_params(scale, x.shape[-1]), expand_params(zero, x.shape[-1])
-    q, _ = _round_to_grid(x.float(), s.float(), z.float(), spec.qmin, spec.qmax)
+    q, _ = round_to_grid(x.float(), s.float(), z.float(), spec.qmin, spec.qmax)
     return q.to(spec.code_dtype)
 
 
@@ -148,26 +148,37 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return s.float() * (codes.float() - z.float())
 
 
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
-        return torch.round(x)
+class _FakeQuant(torch.autograd.Function):
+    """Forward: the grid values. Backward: straight-through for x inside the range, LSQ gradient for scale."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
-        return grad
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+        q, xq = round_to_grid(x, scale, zero, qmin, qmax)
+        ctx.save_for_backward(x, scale, zero, q)
+        ctx.qrange = (qmin, qmax)
+        return xq
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, scale, zero, q = ctx.saved_tensors
+        y = x / scale + zero
+        inside = (y >= ctx.qrange[0]) & (y <= ctx.qrange[1])
+        gx = grad * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            gs = (grad * torch.where(inside, q - zero - x / scale, q - zero)).sum_to_size(scale.shape)
+        return gx, gs, None, None, None
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """x̂ = scale · (clamp(round(x / scale) + zero) − zero), in x's dtype, values equal to dequantize(quantize_codes).
 
-    Gradient: straight-through (identity) for x inside the grid's range, 0 where clamped; scale receives the
-    LSQ gradient (round(x/s) − x/s inside, qmin/qmax − zero outside), so a scale predictor can be trained.
+    Gradient: straight-through (identity) for x where qmin <= x/scale + zero <= qmax, 0 where clamped; scale gets
+    the LSQ gradient (q − zero − x/scale inside, q − zero outside), so a scale predictor can be trained.
     """
     s = expand_params(scale, x.shape[-1]).float()
     z = expand_params(zero, x.shape[-1]).float()
-    q = torch.clamp(_RoundSTE.apply(x.float() / s) + z, spec.qmin, spec.qmax)
-    return (s * (q - z)).to(x.dtype)
+    return _FakeQuant.apply(x.float(), s, z, spec.qmin, spec.qmax).to(x.dtype)
 
 
 def pack_int4(codes: Tensor) -> Tensor:

@@ -108,6 +108,6 @@ def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, devic
     t0 = time.perf_counter()
     result = quantize_sequential(denoiser, family, calib, cfg, device, dtype, progress=progress)
     calib_s = time.perf_counter() - t0
-    _, held = calib.split(cfg.holdout_every) if cfg.holdout_every else (None, calib)
+    _, held = calib.split(cfg.holdout_every)
     final = denoiser_output_error(denoiser, held if len(held) else calib, device, dtype)
     return QuantizationRun(result, calib, collect_s, calib_s, final)

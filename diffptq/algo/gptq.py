@@ -1,0 +1,119 @@
+"""GPTQ on one weight matrix (Frantar et al. 2023), and the Hessian-based engine Qronos shares.
+
+Groups: static. All group (and channel) scales are fitted up front on the weight after dead-column zeroing, in
+the original column order; act-order then only permutes which column is swept when, each column keeping its
+group's scale. So codes stay on the grid the saved scales describe, with or without act-order.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from diffptq.algo.damping import Damping, as_damping, damped_inverse_cholesky, fp32_matmul
+from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
+from diffptq.quant.quantizer import QuantSpec, dequantize, expand_params, fit_weight_params, round_to_grid
+
+log = logging.getLogger(__name__)
+
+# (v, w_target, H, G, delta, U, s_cols, z_cols, codes, spec) -> None: quantizes column 0 of v in place and updates
+# the later columns (Qronos "correct the past, shape the future"); all tensors already act-order permuted.
+FirstColumn = Callable[..., None]
+
+
+def gptq_sweep(W: Tensor, U: Tensor, s_cols: Tensor, z_cols: Tensor, codes: Tensor, spec: QuantSpec,
+               block_size: int = 128, start: int = 0) -> None:
+    """Quantize columns start.. of W (out, in) in lazy blocks, in place; float codes go to `codes` (out, in).
+
+    U: upper Cholesky factor of the damped H⁻¹ (in, in); s_cols, z_cols: per-column scale/zero (out, in).
+    Column i: q = Q(w_i); e = (w_i − q)/U_ii; w_{>i} −= e·U_{i,>i} (inside the block now, after it once per block).
+    """
+    cols = W.shape[1]
+    for i1 in range(start, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q, wq = round_to_grid(w, s_cols[:, i1 + i], z_cols[:, i1 + i], spec.qmin, spec.qmax)
+            codes[:, i1 + i] = q
+            e = (w - wq) / U1[i, i]
+            W1[:, i + 1:].addr_(e, U1[i, i + 1:], alpha=-1.0)
+            E1[:, i] = e
+        W[:, i1:i2] = W1
+        if i2 < cols:
+            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
+
+
+def _fallback(W: Tensor, spec: QuantSpec, method: str, reason: str, delta: float, rel: float, retries: int):
+    log.warning("%s fell back to RTN: %s", method, reason)
+    res = rtn_quantize_ex(W, spec)
+    res.method, res.fell_back, res.reason = method, True, reason
+    res.delta, res.damp_rel, res.retries = delta, rel, retries
+    return res
+
+
+def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
+                     act_order: bool = False, block_size: int = 128, G: Tensor | None = None,
+                     first_column: FirstColumn | None = None, method: str = "gptq") -> QuantResult:
+    """The shared engine: dead columns, static group scales, act-order, damping, then the column sweep.
+
+    W: (out, in) or a conv weight (out, C, kh, kw) (flattened to (out, C·kh·kw)); H, G: (in, in).
+    With `first_column` (Qronos), column 0 (after act-order) is quantized by it, using G, and the GPTQ sweep
+    continues from column 1 with the same factor U (U[1:, 1:] factors the rank-one-downdated inverse).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    damping = as_damping(damp)
+    with fp32_matmul(), torch.no_grad():
+        v = W.detach().reshape(W.shape[0], -1).float().clone()
+        out, cols = v.shape
+        dev = v.device
+        if tuple(H.shape) != (cols, cols) or (G is not None and tuple(G.shape) != (cols, cols)):
+            raise ValueError(f"H/G must be ({cols}, {cols}) for a weight with {cols} input columns, got "
+                             f"{tuple(H.shape)}" + ("" if G is None else f" and {tuple(G.shape)}"))
+        H = H.detach().to(dev, torch.float32).clone()
+        G = None if G is None else G.detach().to(dev, torch.float32)
+        if not bool(torch.isfinite(H).all()) or (G is not None and not bool(torch.isfinite(G).all())):
+            return _fallback(W, spec, method, "non-finite H or G", float("nan"), float("nan"), 0)
+        w_target = v.clone()  # the float weights the target X·w uses (Qronos)
+        dead = torch.diagonal(H) == 0
+        H[dead, dead] = 1.0
+        v[:, dead] = 0.0
+        scale, zero = fit_weight_params(v, spec)
+        s_cols, z_cols = expand_params(scale, cols).expand(out, cols), expand_params(zero, cols).expand(out, cols)
+        perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+        if perm is not None:
+            v, w_target, s_cols, z_cols = v[:, perm], w_target[:, perm], s_cols[:, perm], z_cols[:, perm]
+            H = H[perm][:, perm]
+            G = None if G is None else G[perm][:, perm]
+        fac = damped_inverse_cholesky(H, damping, live=~dead if perm is None else ~dead[perm])
+        if fac.U is None:
+            return _fallback(W, spec, method, fac.error, fac.delta, fac.damp_rel, fac.retries)
+        codes = torch.zeros_like(v)
+        start = 0
+        if first_column is not None and cols > 0:
+            first_column(v, w_target, H, G, fac.delta, fac.U, s_cols, z_cols, codes, spec)
+            start = 1
+        gptq_sweep(v, fac.U, s_cols, z_cols, codes, spec, block_size, start)
+        if perm is not None:
+            codes = codes[:, torch.argsort(perm)]
+        codes = codes.to(spec.code_dtype)
+        weight = dequantize(codes, scale, zero).reshape(W.shape).to(W.dtype)
+    return QuantResult(weight, codes, scale, zero, method, fac.delta, fac.damp_rel, fac.retries)
+
+
+def gptq_quantize_ex(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
+                     act_order: bool = False, block_size: int = 128) -> QuantResult:
+    """GPTQ with the full record (codes, scale, zero, damping used, RTN fallback). See hessian_quantize."""
+    return hessian_quantize(W, H, spec, damp, act_order, block_size, method="gptq")
+
+
+def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
+                  act_order: bool = False, block_size: int = 128) -> Tensor:
+    """GPTQ-quantized weight (dequantized, W's shape and dtype). H = X̃ᵀX̃/n (in, in); damp relative to mean diag H,
+    or "adaptive" / "lambda_max" / a Damping."""
+    return gptq_quantize_ex(W, H, spec, damp, act_order, block_size).weight

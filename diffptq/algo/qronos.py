@@ -1,0 +1,46 @@
+"""Qronos on one weight matrix (Zhang, Colbert, Lybrand, Saab 2025): min over grid Q of ‖X Wᵀ − X̃ Qᵀ‖.
+
+Column 0 (after act-order) "corrects the past": it is chosen against the float target X·w using G = X̃ᵀX/n, with
+the other columns at their current values, then all later columns are re-solved by ridge least squares against the
+same target ("shape the future"). From column 1 on every step is a GPTQ step on H = X̃ᵀX̃/n; the inverse it needs,
+the rank-one downdate of (H + δI)⁻¹, is factored by U[1:, 1:] of GPTQ's factor U, so the shared sweep continues.
+With G = H this is GPTQ exactly (up to float rounding). Groups, act-order, dead columns, damping: as gptq.py.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from diffptq.algo.damping import Damping
+from diffptq.algo.gptq import hessian_quantize
+from diffptq.algo.rtn import QuantResult
+from diffptq.quant.quantizer import QuantSpec, round_to_grid
+
+
+def qronos_first_column(v: Tensor, w_target: Tensor, H: Tensor, G: Tensor, delta: float, U: Tensor,
+                        s_cols: Tensor, z_cols: Tensor, codes: Tensor, spec: QuantSpec) -> None:
+    """Quantize column 0 of v (out, in) in place and re-solve columns 1.. (QRONOS.md steps 1–2).
+
+    w_target: (out, in) float weights of the target; H: (in, in) undamped (dead columns set to 1); G: (in, in);
+    U: upper Cholesky factor of (H + δI)⁻¹; s_cols, z_cols: per-column grid (out, in); codes: (out, in) float out.
+    """
+    g = w_target @ G.T  # g[r] = G w_r: ⟨X̃_j, X w_r⟩ / n
+    num0 = g[:, 0] + delta * v[:, 0] - v[:, 1:] @ H[0, 1:]
+    q, q0 = round_to_grid(num0 / (H[0, 0] + delta), s_cols[:, 0], z_cols[:, 0], spec.qmin, spec.qmax)
+    codes[:, 0] = q
+    rhs = g[:, 1:] + delta * v[:, 1:] - q0[:, None] * H[1:, 0][None, :]
+    U11 = U[1:, 1:]
+    v[:, 1:] = (rhs @ U11.T) @ U11  # rows of rhs times (H_11 + δI)⁻¹ = U11ᵀ U11
+    v[:, 0] = q0
+
+
+def qronos_quantize_ex(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
+                       act_order: bool = False, block_size: int = 128) -> QuantResult:
+    """Qronos with the full record (codes, scale, zero, damping used, RTN fallback)."""
+    return hessian_quantize(W, H, spec, damp, act_order, block_size, G=G, first_column=qronos_first_column,
+                            method="qronos")
+
+
+def qronos_quantize(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
+                    act_order: bool = False, block_size: int = 128) -> Tensor:
+    """Qronos-quantized weight (dequantized, W's shape and dtype). W: (out, in); H = X̃ᵀX̃/n, G = X̃ᵀX/n (in, in)."""
+    return qronos_quantize_ex(W, H, G, spec, damp, act_order, block_size).weight

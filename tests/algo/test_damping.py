@@ -1,0 +1,128 @@
+import logging
+
+import pytest
+import torch
+
+from diffptq.algo import gptq_quantize_ex, qronos_quantize_ex, rtn_quantize_ex
+from diffptq.algo.damping import Damping, as_damping, damped_inverse_cholesky, fp32_matmul, initial_delta, lambda_max
+from diffptq.quant.quantizer import QuantSpec, dequantize
+
+SPEC = QuantSpec(4)
+
+
+def _check(res, W):
+    assert torch.isfinite(res.weight).all()
+    assert torch.equal(res.weight, dequantize(res.codes, res.scale, res.zero))
+    assert int(res.codes.min()) >= SPEC.qmin and int(res.codes.max()) <= SPEC.qmax
+    assert res.weight.shape == W.shape
+
+
+def _spectrum_H(eigs, seed=0):
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=torch.Generator().manual_seed(seed)))
+    return (q * eigs) @ q.T
+
+
+def test_as_damping():
+    assert as_damping(0.05) == Damping("mean_diag", 0.05)
+    assert as_damping("adaptive").mode == "adaptive"
+    assert as_damping("lambda_max") == Damping("lambda_max", 1e-6)
+    with pytest.raises(ValueError, match="'percent'"):
+        as_damping("percent")
+    with pytest.raises(ValueError, match="mode.*'x'"):
+        Damping("x")
+
+
+def test_lambda_max_matches_eigvalsh():
+    x = torch.randn(200, 24)
+    H = x.T @ x / 200
+    assert lambda_max(H, iters=200) == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
+
+
+def test_mean_diag_delta_is_relative_to_mean_diag():
+    H = _spectrum_H(torch.linspace(1, 3, 16))
+    f = damped_inverse_cholesky(H, as_damping(0.01))
+    assert f.delta == pytest.approx(0.01 * float(torch.diagonal(H).mean()), rel=1e-6)
+    assert f.damp_rel == pytest.approx(0.01) and f.retries == 0
+    Hinv = torch.linalg.inv(H + f.delta * torch.eye(16))
+    torch.testing.assert_close(f.U.T @ f.U, Hinv, rtol=1e-4, atol=1e-5)
+
+
+def test_adaptive_damps_heavy_tailed_h_more():
+    base = torch.randn(400, 32)
+    tail = base.clone()
+    tail[:, :2] *= 100  # two outlier channels: diag spread 1e4
+    rel = {}
+    for name, x in (("base", base), ("tail", tail)):
+        H = x.T @ x / 400
+        rel[name] = initial_delta(H, Damping("adaptive")) / float(torch.diagonal(H).mean())
+    assert rel["base"] == pytest.approx(0.01, rel=1e-6)
+    assert rel["tail"] > 2 * rel["base"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "qronos"])
+@pytest.mark.parametrize("damp", [0.01, "adaptive", "lambda_max"])
+def test_rank_deficient_h(method, damp):
+    x = torch.randn(8, 48)  # 8 samples for 48 inputs: rank 8
+    H = x.T @ x / 8
+    W = torch.randn(16, 48)
+    res = gptq_quantize_ex(W, H, SPEC, damp=damp) if method == "gptq" else qronos_quantize_ex(W, H, H, SPEC, damp=damp)
+    _check(res, W)
+    assert not res.fell_back and res.delta > 0 and res.damp_rel > 0
+
+
+@pytest.mark.parametrize("damp", [0.01, "adaptive"])
+def test_badly_scaled_h(damp):
+    x = torch.randn(256, 32)
+    x[:, ::4] *= 1e6
+    H = x.T @ x / 256
+    W = torch.randn(16, 32)
+    res = gptq_quantize_ex(W, H, SPEC, damp=damp, act_order=True)
+    _check(res, W)
+    assert not res.fell_back and res.delta > 0
+    assert res.damp_rel == pytest.approx(res.delta / float(torch.diagonal(H).mean()), rel=1e-5)
+
+
+def test_indefinite_h_succeeds_after_retries():
+    eigs = torch.linspace(1, 2, 32)
+    eigs[0] = -0.05  # δ = 0.01·mean diag ≈ 0.015 fails, ×10 succeeds
+    H = _spectrum_H(eigs)
+    W = torch.randn(8, 32)
+    res = gptq_quantize_ex(W, H, SPEC, damp=0.01)
+    _check(res, W)
+    assert res.retries == 1 and not res.fell_back
+    assert res.damp_rel == pytest.approx(0.1, rel=1e-5)
+
+
+@pytest.mark.parametrize("damp", [0.01, "adaptive"])
+def test_hopeless_h_falls_back_to_rtn(damp, caplog):
+    eigs = torch.linspace(1, 2, 64)
+    eigs[0] = -90  # mean diag ≈ 0.07: even the largest δ tried (≈ 0.07 · 0.1 · 10^4) stays below 90
+    H = _spectrum_H(eigs)
+    W = torch.randn(8, 64)
+    with caplog.at_level(logging.WARNING):
+        res = qronos_quantize_ex(W, H, H, SPEC, damp=damp)
+    _check(res, W)
+    assert res.fell_back and "Cholesky" in res.reason and res.method == "qronos"
+    assert res.retries == Damping().max_retries
+    assert torch.equal(res.weight, rtn_quantize_ex(W, SPEC).weight)
+    assert "fell back to RTN" in caplog.text
+
+
+def test_non_finite_or_negative_h_falls_back():
+    H = torch.eye(8)
+    H[1, 2] = float("nan")
+    res = gptq_quantize_ex(torch.randn(4, 8), H, SPEC)
+    assert res.fell_back and "non-finite" in res.reason
+    res = gptq_quantize_ex(torch.randn(4, 8), -torch.eye(8), SPEC)
+    assert res.fell_back and "non-positive mean diagonal" in res.reason
+
+
+def test_fp32_matmul_restores_precision():
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with fp32_matmul():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(prev)
