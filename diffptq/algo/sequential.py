@@ -95,6 +95,7 @@ class SequentialResult:
     block_quant_calls: dict[int, int]
     peak_vram_bytes: int | None
     quant_layers: dict[str, QuantLayer]
+    block_peak_vram: dict[int, int] = field(default_factory=dict)  # cumulative peak after each block (CUDA)
 
 
 class _Stop(Exception):
@@ -149,6 +150,7 @@ class SequentialQuantizer:
             raise ValueError(f"blocks {config.blocks} out of range: the model has {n} blocks (0..{n - 1})")
         self.timer = _Timer(self.device)
         self.block_quant_calls: dict[int, int] = defaultdict(int)
+        self.block_peak_vram: dict[int, int] = {}
         self.reports: list[LayerReport] = []
         self._pin = self.device.type == "cuda" and storage == "cpu"
 
@@ -364,17 +366,20 @@ class SequentialQuantizer:
         self.swap()
         self.init_streams()
         last = self.selected[-1]
+        cuda = self.device.type == "cuda"
         for k in tqdm(range(last + 1), desc=f"{self.cfg.method} blocks", disable=not self.progress):
             if k in self.selected:
                 self.quantize_block(k)
                 self.propagate(k, self._block_layers(k))
             elif k < last:
                 self.propagate(k, None)
+            if cuda:
+                self.block_peak_vram[k] = torch.cuda.max_memory_allocated(self.device)
         self.fp = self.q = self.ctx = []  # free the caches
         set_quant_enabled(self.den, weights=True, acts=True)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return SequentialResult(self.reports, dict(self.timer.totals), dict(self.block_quant_calls), peak,
-                                self.layers)
+                                self.layers, dict(self.block_peak_vram))
 
 
 def quantize_sequential(denoiser: nn.Module, family: ModelFamily, calib: CalibrationSet, config: SequentialConfig,

@@ -102,12 +102,16 @@ class _Recorder:
 
 
 @torch.no_grad()
-def collect_calibration(pipe, prompts: list[str], num_inference_steps: int, guidance_scale: float | None = None,
+def collect_calibration(pipe, prompts: list[str] | None, num_inference_steps: int, guidance_scale: float | None = None,
                         batch_size: int = 8, seed: int = 0, storage: str = "cpu", progress: bool = True,
-                        **call_kwargs) -> CalibrationSet:
+                        prompt_embeds: dict | None = None, **call_kwargs) -> CalibrationSet:
     """Run `pipe` on `prompts` (batches of `batch_size`, generator seeded with `seed + batch index`) for
     `num_inference_steps` steps with CFG and record every denoiser call. Returns a CalibrationSet whose records
-    are ordered batch-major, step-minor."""
+    are ordered batch-major, step-minor. Instead of prompts, `prompt_embeds` may give pipeline keyword tensors
+    (prompt_embeds, negative_prompt_embeds, masks; first dim = prompts) that are passed batch by batch."""
+    if prompt_embeds is not None:
+        n = len(prompt_embeds["prompt_embeds"])
+        prompts = [f"<embedding {i}>" for i in range(n)]
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     family = family_of(pipe)
@@ -124,8 +128,14 @@ def collect_calibration(pipe, prompts: list[str], num_inference_steps: int, guid
         for b, chunk in enumerate(tqdm(chunks, desc="calibration trajectories", disable=not progress)):
             start = len(recorder.calls)
             generator = torch.Generator(device="cpu").manual_seed(seed + b)
-            pipe(chunk, num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
-                 **kwargs)
+            if prompt_embeds is None:
+                batch_kwargs = {"prompt": chunk}
+            else:
+                lo = b * batch_size
+                batch_kwargs = {k: v[lo:lo + len(chunk)] if isinstance(v, torch.Tensor) else v
+                                for k, v in prompt_embeds.items()}
+            pipe(num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
+                 **batch_kwargs, **kwargs)
             for step, inputs in enumerate(recorder.calls[start:]):
                 t = inputs["timestep"]
                 t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)

@@ -57,7 +57,7 @@ class ModelFamily:
             return {}
         standard = pipe.transformer.config.sample_size in (32, 64, 128, 256)
         return {"clean_caption": False, "use_resolution_binning": standard,
-                "max_sequence_length": min(120, pipe.tokenizer.model_max_length)}
+                "max_sequence_length": min(120, pipe.tokenizer.model_max_length) if pipe.tokenizer else 120}
 
     # ---- unrolled forward ---------------------------------------------------------------------------------
     def prologue(self, denoiser: nn.Module, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
