@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,9 +34,8 @@ from diffptq.algo.gptq import gptq_quantize_ex
 from diffptq.algo.hessian import GramAccumulator
 from diffptq.algo.qronos import qronos_quantize_ex
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
-from diffptq.data.calib import CalibrationSet
+from diffptq.data.calib import CalibrationSet, CalibRecord
 from diffptq.models.families import ModelFamily
-from diffptq.quant.act import StaticActQuantizer
 from diffptq.quant.layers import QuantConfig, QuantLayer, float_mode, set_quant_enabled, swap_modules
 from diffptq.quant.quantizer import QuantSpec
 
@@ -55,6 +55,10 @@ class SequentialConfig:
     act_kind: static (per tensor, calibrated) | dynamic (per token). damp: relative to mean(diag H), or "adaptive".
     blocks: indices into family.blocks() (None: all). skip: layer-name glob patterns (within the denoiser) kept float.
     holdout_every: every n-th calibration record is held out from H and used for rel_out_err (0: none held out).
+    act_factory(name, module) -> ActQuantizer | None builds the activation quantizers instead of `act`/`act_kind`
+    (e.g. time-conditioned TDQ quantizers); any quantizer with start_calibration/finish_calibration is calibrated
+    block by block on the quantized stream. before_record(record) runs before each pass over a calibration record
+    (e.g. to set the record's timestep condition on time-conditioned quantizers).
     """
 
     method: str = "gptq"
@@ -67,6 +71,8 @@ class SequentialConfig:
     blocks: list[int] | None = None
     skip: tuple[str, ...] = ()
     holdout_every: int = 5
+    act_factory: Callable | None = None
+    before_record: Callable[[CalibRecord], None] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -158,7 +164,7 @@ class SequentialQuantizer:
     def swap(self) -> dict[str, QuantLayer]:
         include = tuple(f"{self.blocks[k][0]}.*" for k in self.selected)
         qcfg = QuantConfig(weight=self.cfg.weight, act=self.cfg.act, act_kind=self.cfg.act_kind, include=include,
-                           skip=self.cfg.skip)
+                           skip=self.cfg.skip, act_factory=self.cfg.act_factory)
         self.layers = swap_modules(self.den, qcfg)
         set_quant_enabled(self.den, weights=False, acts=False)
         return self.layers
@@ -189,6 +195,8 @@ class SequentialQuantizer:
         self.train = [i for i in range(len(self.calib)) if i not in set(self.held)]
 
     def _ctx(self, i: int) -> dict:
+        if self.cfg.before_record is not None:
+            self.cfg.before_record(self.calib.records[i])
         return {k: self._to_dev(v) if isinstance(v, Tensor) else v for k, v in self.ctx[i].items()}
 
     def _run(self, k: int, state, ctx) -> tuple[Tensor, list[Tensor]]:
@@ -247,7 +255,7 @@ class SequentialQuantizer:
 
     @torch.no_grad()
     def calibrate_acts(self, k: int, layers: dict[str, QuantLayer]) -> None:
-        static = [m.act_quant for m in layers.values() if isinstance(m.act_quant, StaticActQuantizer)]
+        static = [m.act_quant for m in layers.values() if hasattr(m.act_quant, "start_calibration")]
         if not static:
             return
         for aq in static:

@@ -1,0 +1,78 @@
+"""Log-SNR TDQ: activation step sizes predicted from the noise level (So et al. 2023, conditioned on λ instead of t).
+
+schedule   scheduler → λ(t), the normalised condition for static | timestep | logsnr
+fourier    Fourier features of the scalar condition
+scale_mlp  ScaleMLP: condition → positive scale(s), initialised at the static scale
+fit        per-condition optimal scales (MSE search) → trained ScaleMLP, with fit errors
+condition  denoiser pre-hook: current timestep → set_condition(c) on every conditioned quantizer
+"""
+from .condition import (
+    ConditionHook,
+    apply_condition,
+    attach_condition_hook,
+    detach_condition_hook,
+    find_conditioned_quantizers,
+)
+from .fit import (
+    TdqFit,
+    TdqFitConfig,
+    collect_samples,
+    evaluate_scale_fn,
+    evaluate_scales,
+    fit_condition_scales,
+    fit_static_scale,
+    fit_tdq,
+    fit_zero_rule,
+    predict_scales,
+    quant_mse,
+    train_scale_mlp,
+    zero_for_scale,
+)
+from .fourier import FourierFeatures, fourier_features, fourier_frequencies
+from .scale_mlp import ScaleMLP, softplus_inverse
+from .schedule import (
+    AffineNormalizer,
+    ConditionFn,
+    ConditionKind,
+    log_snr_at,
+    log_snr_bounds,
+    log_snr_from_alphas_cumprod,
+    log_snr_from_sigma,
+    log_snr_table,
+    make_condition_fn,
+)
+
+__all__ = [
+    "AffineNormalizer",
+    "ConditionFn",
+    "ConditionHook",
+    "ConditionKind",
+    "FourierFeatures",
+    "ScaleMLP",
+    "TdqFit",
+    "TdqFitConfig",
+    "apply_condition",
+    "attach_condition_hook",
+    "collect_samples",
+    "detach_condition_hook",
+    "evaluate_scale_fn",
+    "evaluate_scales",
+    "find_conditioned_quantizers",
+    "fit_condition_scales",
+    "fit_static_scale",
+    "fit_tdq",
+    "fit_zero_rule",
+    "fourier_features",
+    "fourier_frequencies",
+    "log_snr_at",
+    "log_snr_bounds",
+    "log_snr_from_alphas_cumprod",
+    "log_snr_from_sigma",
+    "log_snr_table",
+    "make_condition_fn",
+    "predict_scales",
+    "quant_mse",
+    "softplus_inverse",
+    "train_scale_mlp",
+    "zero_for_scale",
+]

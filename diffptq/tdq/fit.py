@@ -6,23 +6,31 @@ normalised condition of ``schedule.make_condition_fn``) and gets back a trained 
 Grid and MSE search are those of ``diffptq.quant.quantizer`` (``QuantSpec``, ``fit_rows``, ``fake_quant``): clipping
 ratios 1 … ``spec.mse_min_ratio`` in ``spec.mse_steps`` steps (``scale_method="minmax"`` gives min-max scales).
 
-* symmetric: zero = 0; the optimum per condition is ``fit_rows`` on that condition's samples.
-* asymmetric: the MLP predicts only the scale, so the zero point is static: fitted once on all conditions pooled,
-  then each condition's optimal scale is searched with that zero fixed (``_search_scale_fixed_zero``).
-* static baseline: one ``fit_rows`` on the pooled samples, every condition weighted equally (equal-size subsamples).
+* per-condition optimum: ``fit_rows`` on that condition's samples (scale and, if asymmetric, zero point).
+* static baseline: one ``fit_rows`` on all conditions pooled, each weighted equally (equal-size subsamples).
+* the MLP predicts the scale only; symmetric grids have z = 0. On an asymmetric grid the zero point follows the
+  predicted scale by a rule with one static parameter p (``zero_for_scale``):
+  ``offset``: z(c) = round(p / s(c)) — the lowest codable value −p stays put, as the floor of GELU/SiLU outputs
+  (≈ −0.17 / −0.28) does while their positive range drifts with the noise level;
+  ``integer``: z(c) = p — the whole distribution scales with s(c), keeping its shape.
+  ``fit_zero_rule`` picks p (and, with ``auto``, the rule) among the per-condition optima's own values (s_c·z_c,
+  resp. z_c) by the lowest mean MSE relative to the optimum, at the optimal scales.
+  ``TimeConditionedActQuantizer`` is symmetric-only for now; the asymmetric fit is here for when it is not.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from diffptq.quant.quantizer import MIN_SCALE, QuantSpec, fake_quant, fit_rows
+from diffptq.quant.quantizer import QuantSpec, fake_quant, fit_rows
 
 from .scale_mlp import ScaleMLP
 
+ZeroRule = Literal["auto", "offset", "integer"]
 Samples = Mapping[float, Tensor | Sequence[Tensor]] | Iterable[tuple[float, Tensor | Sequence[Tensor]]]
 
 
@@ -63,22 +71,49 @@ def quant_mse(x: Tensor, scale: float | Tensor, zero: float | Tensor, spec: Quan
         return float((fake_quant(x.reshape(1, -1), s, z, spec) - x.reshape(1, -1)).pow(2).mean())
 
 
-def _search_scale_fixed_zero(x: Tensor, zero: float, spec: QuantSpec) -> float:
-    """Best scale for flat x with the integer zero point fixed: the range [xmin, xmax] (widened to hold 0) shrunk by
-    the same ratios as ``fit_rows``; the largest scale that keeps both ends on the grid is the ratio-1 candidate."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    top = hi / (spec.qmax - zero) if spec.qmax > zero else 0.0
-    bottom = lo / (spec.qmin - zero) if zero > spec.qmin else 0.0
-    full = max(top, bottom, MIN_SCALE)
-    if spec.scale_method == "minmax":
-        return full
-    best, best_err = full, float("inf")
-    for i in range(spec.mse_steps):
-        r = 1.0 - (1.0 - spec.mse_min_ratio) * i / max(spec.mse_steps - 1, 1)
-        err = quant_mse(x, max(r * full, MIN_SCALE), zero, spec)
-        if err < best_err:
-            best, best_err = max(r * full, MIN_SCALE), err
-    return best
+def zero_for_scale(scales: Tensor, spec: QuantSpec, rule: ZeroRule = "offset", param: float = 0.0) -> Tensor:
+    """Integer zero points (N,) for conditioned scales (N,) on an asymmetric grid (module doc); zeros if symmetric."""
+    if spec.symmetric:
+        return torch.zeros_like(scales)
+    if rule == "integer":
+        return torch.full_like(scales, float(param))
+    if rule == "offset":
+        return torch.round(param / scales).clamp(spec.qmin, spec.qmax)
+    raise ValueError(f"unknown zero rule {rule!r}; expected offset or integer")
+
+
+def _candidates(values: Tensor, k: int) -> list[float]:
+    """The distinct values, or k quantiles of them (bounds the search to k evaluations per condition)."""
+    distinct = values.double().unique()
+    if distinct.numel() > k:
+        distinct = distinct.quantile(torch.linspace(0, 1, k, dtype=torch.float64), interpolation="nearest")
+    return distinct.tolist()
+
+
+def fit_zero_rule(
+    xs: Sequence[Tensor],
+    scales: Tensor,
+    zeros: Tensor,
+    spec: QuantSpec,
+    rule: ZeroRule = "auto",
+    max_candidates: int = 16,
+) -> tuple[ZeroRule, float]:
+    """(rule, p) of the zero-point rule, from per-condition optimal scales and zeros (N,) (module doc).
+
+    Candidates are the optima's own s_c·z_c (offset) and z_c (integer), at most ``max_candidates`` quantiles of
+    each; the one with the lowest mean of MSE / optimal MSE over the conditions wins. Symmetric → ("offset", 0).
+    """
+    if spec.symmetric:
+        return "offset", 0.0
+    opt = evaluate_scales(xs, scales, zeros, spec).clamp_min(1e-30)
+    rules = ("offset", "integer") if rule == "auto" else (rule,)
+    cands = [(r, p) for r in rules for p in _candidates(scales * zeros if r == "offset" else zeros, max_candidates)]
+
+    def cost(cand: tuple[ZeroRule, float]) -> float:
+        z = zero_for_scale(scales, spec, *cand)
+        return float((evaluate_scales(xs, scales, z, spec) / opt).mean())
+
+    return min(cands, key=cost)
 
 
 def fit_static_scale(xs: Sequence[Tensor], spec: QuantSpec, seed: int = 0) -> tuple[float, float]:
@@ -90,16 +125,17 @@ def fit_static_scale(xs: Sequence[Tensor], spec: QuantSpec, seed: int = 0) -> tu
     return float(scale), float(zero)
 
 
-def fit_condition_scales(xs: Sequence[Tensor], spec: QuantSpec, zero: float = 0.0) -> Tensor:
-    """Optimal per-tensor scale of each condition's samples: (N,) float32. ``zero`` is used only when asymmetric."""
-    if spec.symmetric:
-        return torch.stack([fit_rows(x.reshape(1, -1), spec)[0].reshape(()).cpu() for x in xs])
-    return torch.tensor([_search_scale_fixed_zero(x, zero, spec) for x in xs], dtype=torch.float32)
+def fit_condition_scales(xs: Sequence[Tensor], spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Optimal per-tensor (scale, zero) of each condition's flat samples: two (N,) float32 CPU tensors."""
+    params = [fit_rows(x.reshape(1, -1), spec) for x in xs]
+    return torch.stack([p[0].reshape(()).cpu() for p in params]), torch.stack([p[1].reshape(()).cpu() for p in params])
 
 
-def evaluate_scales(xs: Sequence[Tensor], scales: Tensor | Sequence[float], spec: QuantSpec, zero: float = 0.0) -> Tensor:
-    """Quantization MSE of each condition's samples at its scale: (N,) float32."""
-    return torch.tensor([quant_mse(x, float(s), zero, spec) for x, s in zip(xs, scales, strict=True)])
+def evaluate_scales(
+    xs: Sequence[Tensor], scales: Tensor | Sequence[float], zeros: Tensor | Sequence[float], spec: QuantSpec
+) -> Tensor:
+    """Quantization MSE of each condition's samples on its grid (scale, zero): (N,) float32."""
+    return torch.tensor([quant_mse(x, float(s), float(z), spec) for x, s, z in zip(xs, scales, zeros, strict=True)])
 
 
 @torch.no_grad()
@@ -109,15 +145,22 @@ def predict_scales(scale_fn: torch.nn.Module, conds: Tensor) -> Tensor:
 
 
 def evaluate_scale_fn(
-    scale_fn: torch.nn.Module, samples: Samples, spec: QuantSpec, zero: float = 0.0, max_per_condition: int = 1 << 16
+    scale_fn: torch.nn.Module,
+    samples: Samples,
+    spec: QuantSpec,
+    zeros_for: Callable[[Tensor], Tensor] | None = None,
+    max_per_condition: int = 1 << 16,
 ) -> tuple[Tensor, Tensor]:
     """Quantization MSE of a scale function on (held-out) samples: returns conds (N,) and MSE (N,).
 
     Use it on conditions that were not calibrated (other samplers, step counts, noise levels beyond the training
-    bounds) to measure how the MLP generalises.
+    bounds) to measure how the MLP generalises. zeros_for: scales (N,) → zero points (N,), e.g. ``TdqFit.zeros_for``;
+    None → 0 (symmetric).
     """
     conds, xs = collect_samples(samples, max_per_condition)
-    return conds, evaluate_scales(xs, predict_scales(scale_fn, conds), spec, zero)
+    scales = predict_scales(scale_fn, conds)
+    zeros = torch.zeros_like(scales) if zeros_for is None else zeros_for(scales)
+    return conds, evaluate_scales(xs, scales, zeros, spec)
 
 
 def train_scale_mlp(mlp: ScaleMLP, conds: Tensor, scales: Tensor, steps: int = 300, lr: float = 1e-2) -> Tensor:
@@ -146,32 +189,50 @@ def train_scale_mlp(mlp: ScaleMLP, conds: Tensor, scales: Tensor, steps: int = 3
 
 @dataclass
 class TdqFitConfig:
-    """Sampling, MLP shape and training of one TDQ fit (the grid and MSE search come from the QuantSpec)."""
+    """Sampling, MLP shape and training of one TDQ fit (the grid and MSE search come from the QuantSpec).
+
+    n_freqs = 3 (top frequency 2π over c ∈ [−1, 1]): with ~10–50 calibrated conditions whose optima carry sampling
+    noise, 4+ frequencies start to interpolate that noise (worse on held-out conditions); 2 underfits sharp drifts.
+    """
 
     max_per_condition: int = 1 << 16
-    n_freqs: int = 4
+    n_freqs: int = 3
     hidden: int = 32
     depth: int = 2
     act: str = "silu"
     steps: int = 300
     lr: float = 1e-2
     seed: int = 0
+    zero_rule: ZeroRule = "auto"
 
 
 @dataclass
 class TdqFit:
-    """Result of ``fit_tdq`` for one quantizer; per-condition tensors are (N,) over ``conds``."""
+    """Result of ``fit_tdq`` for one quantizer; per-condition tensors are (N,) over ``conds`` (ascending).
 
+    mlp: the quantizer's ``scale_fn``; zero_rule, zero_param: its zero points (``zeros_for``, asymmetric only).
+    static_*: the single-scale baseline. opt_*: per-condition optimum.
+    *_mse: quantization MSE per condition of the static, optimal and MLP grids.
+    """
+
+    spec: QuantSpec
     mlp: ScaleMLP
     conds: Tensor
-    zero: float
     static_scale: float
+    static_zero: float
+    zero_rule: ZeroRule
+    zero_param: float
     opt_scales: Tensor
+    opt_zeros: Tensor
     mlp_scales: Tensor
     static_mse: Tensor
     opt_mse: Tensor
     mlp_mse: Tensor
     losses: Tensor = field(repr=False)
+
+    def zeros_for(self, scales: Tensor) -> Tensor:
+        """Zero points (N,) for scales (N,) predicted by ``mlp`` (see ``zero_for_scale``)."""
+        return zero_for_scale(scales, self.spec, self.zero_rule, self.zero_param)
 
     def summary(self) -> dict[str, float]:
         """Scalar fit errors for a layers.csv row: log-scale RMSE vs the per-condition optimum, and the
@@ -192,26 +253,33 @@ def fit_tdq(samples: Samples, spec: QuantSpec, cfg: TdqFitConfig | None = None) 
     """Static fit → per-condition optimal scales → ScaleMLP initialised at the static scale, trained on log-scale.
 
     samples: activation samples per normalised condition (see ``collect_samples``), for one quantizer.
-    The returned ``mlp`` is the quantizer's ``scale_fn``; with an asymmetric spec, ``zero`` is its static zero point.
+    Deterministic for a given ``cfg.seed`` (subsampling and MLP initialisation; training is full-batch).
     """
     cfg = cfg or TdqFitConfig()
     conds, xs = collect_samples(samples, cfg.max_per_condition, cfg.seed)
-    static_scale, zero = fit_static_scale(xs, spec, cfg.seed)
-    opt_scales = fit_condition_scales(xs, spec, zero)
+    static_scale, static_zero = fit_static_scale(xs, spec, cfg.seed)
+    opt_scales, opt_zeros = fit_condition_scales(xs, spec)
+    zero_rule, zero_param = fit_zero_rule(xs, opt_scales, opt_zeros, spec, cfg.zero_rule)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         mlp = ScaleMLP(static_scale, cfg.n_freqs, cfg.hidden, cfg.depth, cfg.act)
     losses = train_scale_mlp(mlp, conds, opt_scales, cfg.steps, cfg.lr)
     mlp_scales = predict_scales(mlp, conds)
+    mlp_zeros = zero_for_scale(mlp_scales, spec, zero_rule, zero_param)
+    n = len(xs)
     return TdqFit(
+        spec=spec,
         mlp=mlp,
         conds=conds,
-        zero=zero,
         static_scale=static_scale,
+        static_zero=static_zero,
+        zero_rule=zero_rule,
+        zero_param=zero_param,
         opt_scales=opt_scales,
+        opt_zeros=opt_zeros,
         mlp_scales=mlp_scales,
-        static_mse=evaluate_scales(xs, [static_scale] * len(xs), spec, zero),
-        opt_mse=evaluate_scales(xs, opt_scales, spec, zero),
-        mlp_mse=evaluate_scales(xs, mlp_scales, spec, zero),
+        static_mse=evaluate_scales(xs, [static_scale] * n, [static_zero] * n, spec),
+        opt_mse=evaluate_scales(xs, opt_scales, opt_zeros, spec),
+        mlp_mse=evaluate_scales(xs, mlp_scales, mlp_zeros, spec),
         losses=losses,
     )

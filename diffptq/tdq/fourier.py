@@ -10,9 +10,9 @@ from torch import Tensor, nn
 def fourier_frequencies(n_freqs: int, base: float = math.pi / 2) -> Tensor:
     """Fixed angular frequencies base·2^k, k = 0..F−1: (F,) float32.
 
-    With c ∈ [−1, 1], the lowest, π/2, keeps sin(f c) monotone over the range (its two ends don't alias); F = 4 goes
-    up to 4π, a period of a quarter of the range: fine enough to follow scales between the calibrated noise levels of
-    a 10–50 step sampler, coarse enough that the MLP interpolates smoothly rather than memorising them.
+    With c ∈ [−1, 1], the lowest, π/2, keeps sin(f c) monotone over the range (its two ends don't alias). F = 3 (the
+    TDQ default) goes up to 2π, a period of half the range: enough to follow a scale that drifts over the noise
+    levels, coarse enough that the MLP interpolates between calibrated conditions instead of memorising them.
     """
     return base * 2.0 ** torch.arange(n_freqs, dtype=torch.float32)
 
@@ -27,7 +27,7 @@ def fourier_features(c: Tensor, freqs: Tensor) -> Tensor:
 class FourierFeatures(nn.Module):
     """Module form of ``fourier_features`` with the frequencies as a (non-trained) buffer."""
 
-    def __init__(self, n_freqs: int = 4, base: float = math.pi / 2):
+    def __init__(self, n_freqs: int = 3, base: float = math.pi / 2):
         super().__init__()
         self.register_buffer("freqs", fourier_frequencies(n_freqs, base))
 

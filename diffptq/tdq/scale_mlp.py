@@ -44,7 +44,7 @@ class ScaleMLP(nn.Module):
     def __init__(
         self,
         init_scale: float | Sequence[float] | Tensor,
-        n_freqs: int = 4,
+        n_freqs: int = 3,
         hidden: int = 32,
         depth: int = 2,
         act: str = "silu",
@@ -57,6 +57,7 @@ class ScaleMLP(nn.Module):
         if depth < 1:
             raise ValueError("depth must be >= 1")
         self.n_out = init.numel()
+        self._config = {"n_freqs": n_freqs, "hidden": hidden, "depth": depth, "act": act, "relative": relative}
         self.fourier = FourierFeatures(n_freqs)
         layers: list[nn.Module] = []
         width = self.fourier.out_dim
@@ -67,6 +68,16 @@ class ScaleMLP(nn.Module):
         self.head = nn.Linear(width, self.n_out)
         self.register_buffer("unit", init.clone() if relative else torch.ones_like(init))
         self.reset_to(init)
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments (with n_out); ``from_config`` + ``load_state_dict`` rebuild the MLP."""
+        return {"n_out": self.n_out, **self._config}
+
+    @classmethod
+    def from_config(cls, config: dict) -> ScaleMLP:
+        """An MLP of the recorded shape, initialised to scale 1: load its state dict next."""
+        cfg = dict(config)
+        return cls([1.0] * int(cfg.pop("n_out")), **cfg)
 
     @torch.no_grad()
     def reset_to(self, scale: float | Sequence[float] | Tensor) -> None:
@@ -93,6 +104,7 @@ class ScaleMLP(nn.Module):
         for i in range(self.n_out):
             m = copy.deepcopy(self)
             m.n_out = 1
+            m._config = dict(self._config)
             m.head = nn.Linear(self.head.in_features, 1).to(self.head.weight)
             with torch.no_grad():
                 m.head.weight.copy_(self.head.weight[i : i + 1])

@@ -8,7 +8,10 @@ denoiser: DDPM, DDIM and DPMSolver pass integers, Euler passes floats (fractiona
   custom) this recovers the scheduler's σ exactly. Euler's default timesteps interpolate σ itself linearly; the gap
   to log-linear is second order in one step of the table (< 1e-3 in λ for the usual schedules).
 * σ² = (1 − ᾱ)/ᾱ ⇒ λ = −2 log σ, so both tables agree by construction.
-* ᾱ is floored at 2**-24 (what diffusers' Euler does for zero terminal SNR), so λ ≥ −16.64 stays finite.
+* DPMSolver with Karras sigmas rounds its timesteps, so λ(t) of the t the denoiser gets can be ~0.1 off its σ
+  (SD 1.5 betas, 20 steps); calibration goes through the same map, so the two stay consistent.
+* squaredcos_cap_v2: diffusers clips the last beta at 0.999, so λ(T−1) = −19.8 sits far below λ(T−2) = −12.9.
+* A zero ᾱ (zero terminal SNR) is replaced by 2**-24, what diffusers' Euler does, so λ stays finite (−16.64).
 * Euler with ``timestep_type="continuous"`` and v-prediction passes t = log(σ)/4, so λ = −8 t.
 
 Normalisation (one code path for the three TDQ conditions, see ``make_condition_fn``):
@@ -36,7 +39,7 @@ import torch
 from torch import Tensor
 
 ConditionKind = Literal["static", "timestep", "logsnr"]
-ALPHA_BAR_FLOOR = 2.0**-24
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' Euler stand-in for ᾱ = 0
 
 
 def _as_float64(x: float | Tensor) -> Tensor:
@@ -47,12 +50,13 @@ def _as_float64(x: float | Tensor) -> Tensor:
 def log_snr_from_alphas_cumprod(alphas_cumprod: Tensor, t: float | Tensor | None = None) -> Tensor:
     """λ = log ᾱ − log(1 − ᾱ) of a training schedule, at integer or fractional timesteps.
 
-    alphas_cumprod: (T,) ᾱ at integer timesteps 0..T−1 (any float dtype); floored at 2**-24.
+    alphas_cumprod: (T,) ᾱ at integer timesteps 0..T−1 (any float dtype); ᾱ = 0 is read as 2**-24.
     t: timesteps in [0, T−1], float or tensor of any shape; ``None`` → the whole table.
     Returns float64 CPU, shape of ``t`` (or (T,)). Between integers λ is interpolated linearly; outside [0, T−1]
     it is extrapolated from the end segments.
     """
-    acp = _as_float64(alphas_cumprod).clamp_min(ALPHA_BAR_FLOOR)
+    acp = _as_float64(alphas_cumprod)
+    acp = torch.where(acp > 0, acp, torch.full_like(acp, ZERO_SNR_ALPHA_BAR))
     table = acp.log() - torch.log1p(-acp)
     if t is None:
         return table
@@ -72,7 +76,8 @@ def log_snr_from_sigma(sigma: float | Tensor) -> Tensor:
 def _alphas_cumprod(scheduler: Any) -> Tensor:
     acp = getattr(scheduler, "alphas_cumprod", None)
     if acp is None:
-        raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod (flow-matching schedulers are not supported)")
+        name = type(scheduler).__name__
+        raise TypeError(f"{name} has no alphas_cumprod (flow-matching schedulers are not supported)")
     return acp
 
 
