@@ -42,20 +42,20 @@ class _TensorFeatures(nn.Module):
 
 
 def load_clip(name_or_dir: str | os.PathLike) -> tuple[nn.Module, Any] | None:
-    """(model, processor) of a CLIP hub id or local directory from local files only; None (and one warning) if absent."""
+    """(model, processor) of a CLIP hub id or local directory, from local files only; None and a warning if absent."""
     from transformers import CLIPModel, CLIPProcessor
 
     try:
         model = CLIPModel.from_pretrained(str(name_or_dir), local_files_only=True)
         processor = CLIPProcessor.from_pretrained(str(name_or_dir), local_files_only=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError):
         from huggingface_hub.constants import HF_HUB_CACHE
 
         where = f"directory {name_or_dir}" if Path(name_or_dir).is_dir() else f"HF cache {HF_HUB_CACHE}"
         warn_missing(
             "clip_score",
             f"CLIP model {str(name_or_dir)!r} (config.json, model.safetensors, tokenizer and preprocessor files) "
-            f"in {where} [{type(err).__name__}]",
+            f"in {where}",
             "pass clip_model=DIR (--clip_model, a save_pretrained folder) or fill the HF cache on a networked machine",
         )
         return None

@@ -40,12 +40,12 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def torch_hub_checkpoint(filename: str) -> Path:
-    """Where torch.hub.load_state_dict_from_url keeps `filename`: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch)."""
+    """Where torch.hub.load_state_dict_from_url keeps `filename`: $TORCH_HOME/hub/checkpoints/ (~/.cache/torch)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
 def resolve_weights(explicit: str | os.PathLike | None, filename: str) -> Path:
-    """The weight file to use: `explicit` when given, else `filename` in the torch hub cache. Existence is not checked."""
+    """The weight file to use: `explicit` when given, else `filename` in the torch hub cache (existence unchecked)."""
     return Path(explicit).expanduser() if explicit else torch_hub_checkpoint(filename)
 
 

@@ -33,7 +33,7 @@ class FeatureExtractor(nn.Module):
         self.num_features = int(num_features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fn(images).flatten(1)
+        return self.fn(images).flatten(1).to(images.device)  # e.g. an evaluator that returns CPU features
 
 
 def inception_fid_metric(weights: str | os.PathLike | None = None) -> FrechetInceptionDistance | None:

@@ -14,12 +14,16 @@ from pathlib import Path
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.image import LearnedPerceptualImagePatchSimilarity, PeakSignalNoiseRatio
-from torchmetrics.image import StructuralSimilarityIndexMeasure
+from torchmetrics.image import (
+    LearnedPerceptualImagePatchSimilarity,
+    PeakSignalNoiseRatio,
+    StructuralSimilarityIndexMeasure,
+)
 
-from .common import as_float01, batches, resolve_weights, torch_hub_checkpoint, warn_missing
+from .common import as_float01, batches, log, resolve_weights, torch_hub_checkpoint, warn_missing
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
+LPIPS_MIN_SIZE = 32  # AlexNet's pooling stack leaves no pixels below this
 
 
 def lpips_heads_file() -> Path:
@@ -47,7 +51,7 @@ def lpips_metric(weights: str | os.PathLike | None = None) -> LearnedPerceptualI
 
 @contextlib.contextmanager
 def _hub_cache_holding(path: Path) -> Iterator[None]:
-    """Point torch.hub at a temporary cache whose checkpoints/ links to `path`, unless `path` is already the cached file.
+    """Point torch.hub at a temporary cache whose checkpoints/ links to `path` (unless `path` is the cached file).
 
     torchvision looks the AlexNet weights up in the hub cache only; this lets a path option feed the same loader.
     Changes process-wide state for the duration (not thread-safe).
@@ -79,8 +83,15 @@ def _paired_mean(metric: Metric, images: torch.Tensor, ref_images: torch.Tensor,
 
 def lpips_score(
     metric: LearnedPerceptualImagePatchSimilarity, images: torch.Tensor, ref_images: torch.Tensor, batch_size: int = 16
-) -> float:
-    """Mean LPIPS over image pairs (N,3,H,W) uint8 or float in [0,1]; 0 = identical, higher = more different."""
+) -> float | None:
+    """Mean LPIPS over image pairs (N,3,H,W) uint8 or float in [0,1]; 0 = identical, higher = more different.
+
+    None (and a warning) for images smaller than LPIPS_MIN_SIZE pixels a side, which AlexNet cannot take.
+    """
+    if min(images.shape[-2:]) < LPIPS_MIN_SIZE:
+        log.warning("lpips skipped (value empty): images of %s px; AlexNet LPIPS needs at least %d px a side",
+                    "x".join(map(str, images.shape[-2:])), LPIPS_MIN_SIZE)
+        return None
     return _paired_mean(metric, images, ref_images, batch_size)
 
 
@@ -95,6 +106,6 @@ def psnr_score(
 def ssim_score(
     images: torch.Tensor, ref_images: torch.Tensor, batch_size: int = 16, device: str | torch.device = "cpu"
 ) -> float:
-    """Mean SSIM (Gaussian 11x11 window, data range 1) over image pairs; 1 = identical. Images need H, W >= 11."""
+    """Mean SSIM (Gaussian window 11, sigma 1.5, data range 1) over image pairs; 1 = identical."""
     metric = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     return _paired_mean(metric, images, ref_images, batch_size)

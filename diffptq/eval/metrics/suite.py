@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .clip import DEFAULT_CLIP, clip_score, clip_score_metric
-from .common import log
+from .common import as_float01, batches, log
 from .fid import custom_fid_metric, fid_feature_dim, frechet_distance, inception_fid_metric, load_image_dir
 from .similarity import lpips_metric, lpips_score, psnr_score, ssim_score
 
@@ -41,9 +41,10 @@ class BundledEvaluator(Protocol):
 class MetricOptions:
     """Where each metric finds its weights, and what to compute.
 
-    fid_weights: Inception-v3 FID weights file; None: $TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth.
+    fid_weights: Inception-v3 FID weights file; None: weights-inception-2015-12-05-6726825d.pth in the torch hub cache
+        ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints).
     clip_model: CLIP hub id (looked up in the HF cache only) or save_pretrained directory.
-    lpips_weights: torchvision AlexNet weights file; None: $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth.
+    lpips_weights: torchvision AlexNet weights file; None: alexnet-owt-7be5be79.pth in the torch hub cache.
     ref_dir: folder of real PNG/JPG images as FID reference (resized to the generated size); None: the FP images.
     fid_extractor: replaces Inception for `fid`: an nn.Module, float (N,3,H,W) in [0,1] -> (N, d).
     evaluator: a BundledEvaluator; adds `prompt_acc` and `fid_bundled`.
@@ -146,13 +147,15 @@ class ImageMetrics:
     def _bundled(
         self, images: torch.Tensor, ref: torch.Tensor | None, prompts: Sequence[str]
     ) -> dict[str, float | None]:
-        from .common import as_float01
-
         opts, evaluator = self.options, self.options.evaluator
-        floats = as_float01(images).to(opts.device)
-        out: dict[str, float | None] = {"prompt_acc": float(evaluator.prompt_accuracy(floats, list(prompts)))}
+        correct = 0.0
+        for sl in batches(len(images), opts.batch_size):
+            batch = as_float01(images[sl]).to(opts.device)
+            correct += float(evaluator.prompt_accuracy(batch, list(prompts[sl]))) * len(batch)
+        out: dict[str, float | None] = {"prompt_acc": correct / len(images)}
         if ref is not None:
-            metric = self._get("fid_bundled", lambda: custom_fid_metric(evaluator.features, floats[:2]))
+            probe = as_float01(images[:2]).to(opts.device)
+            metric = self._get("fid_bundled", lambda: custom_fid_metric(evaluator.features, probe))
             out["fid_bundled"] = frechet_distance(metric, images, ref, opts.batch_size, "fid_bundled")
         return out
 
