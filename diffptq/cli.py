@@ -1,12 +1,14 @@
 """What every script shares: common flags, device/dtype resolution, the run folder and its config.json.
 
-Scripts call `add_common_args(parser, family)` then `start_run(args, script)`; `run_main(main)` turns a
+Scripts call `add_common_args(parser, family)`, `start_run(args, script)`, then `finish_run(run, ...)` once the
+results exist (config.json is written last, so a failed run leaves no config); `run_main(main)` turns a
 DiffptqError (or a bad value) into one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +69,7 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     args: argparse.Namespace
+    script: str = ""
 
     @property
     def dtype_name(self) -> str:
@@ -92,8 +95,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def start_run(args: argparse.Namespace, script: str) -> Run:
-    """Resolve device/dtype, create the output folder (refusing a non-empty one without --overwrite), write
-    config.json (arguments, package versions, git commit), set the seed and logging."""
+    """Resolve device/dtype, create the output folder (refusing a non-empty one without --overwrite), set the seed
+    and logging. Nothing is written yet: `finish_run` writes config.json once the results exist."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -102,8 +105,26 @@ def start_run(args: argparse.Namespace, script: str) -> Run:
         raise OutDirExistsError(f"--out_dir {out_dir} already holds files; pass --overwrite or choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    write_json(out_dir / "config.json", run_config(args, script, device, dtype))
-    return Run(out_dir, device, dtype, args)
+    return Run(out_dir, device, dtype, args, script)
+
+
+def finish_run(run: Run, **extra) -> Path:
+    """Write <out_dir>/config.json: arguments, package versions, git commit, plus `extra` (e.g. file hashes)."""
+    path = run.out_dir / "config.json"
+    write_json(path, {**run_config(run.args, run.script, run.device, run.dtype), **extra})
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file (or of the files under a folder, in sorted order)."""
+    h = hashlib.sha256()
+    path = Path(path)
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 def default_out_dir(script: str) -> Path:
@@ -161,6 +182,11 @@ def run_main(main) -> None:
     except DiffptqError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except torch.OutOfMemoryError:
+        print("error: CUDA out of memory. Try fewer calibration prompts or a smaller batch (--n_calib, "
+              "--calib_batch_size), fewer --blocks at a time, or --device cpu; calibration caches already live in "
+              "CPU memory. Nothing was written under a final name.", file=sys.stderr)
+        raise SystemExit(3) from None
     except KeyboardInterrupt:
         print("interrupted: no partial result was written under a final name", file=sys.stderr)
         raise SystemExit(130) from None

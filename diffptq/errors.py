@@ -11,3 +11,7 @@ class ModelNotFoundError(DiffptqError):
 
 class UnknownModelError(DiffptqError):
     """A --model value that is neither a known name, a hub id nor an existing directory."""
+
+
+class ConfigError(DiffptqError):
+    """Flag values that do not fit the model (e.g. a group size that does not divide a layer's input width)."""

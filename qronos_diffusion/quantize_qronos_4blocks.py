@@ -10,7 +10,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from diffptq.cli import add_common_args, add_quant_args, calib_config, run_main, sequential_config, start_run
+from diffptq.cli import (
+    add_common_args,
+    add_quant_args,
+    calib_config,
+    file_sha256,
+    finish_run,
+    run_main,
+    sequential_config,
+    start_run,
+)
 from diffptq.errors import DiffptqError
 from diffptq.eval.report import write_csv, write_markdown
 from diffptq.io.checkpoint import save_quantized
@@ -42,7 +51,6 @@ def main(argv=None) -> None:
     except ValueError as err:
         raise DiffptqError(str(err)) from None
     calib_cfg = calib_config(args)
-    calib_cfg.calib_steps = args.calib_steps
     q = quantize_pipeline(pipe, cfg, calib_cfg, run.device, run.dtype)
     save_path = Path(args.save_path) if args.save_path else run.out_dir / "checkpoint.safetensors"
     quant_meta = {"method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
@@ -57,6 +65,7 @@ def main(argv=None) -> None:
     write_markdown(layers, run.out_dir / "layers.md", LAYER_COLUMNS, title="Per-layer results")
     write_csv(summary, run.out_dir / "summary.csv", SUMMARY_COLUMNS)
     write_markdown(summary, run.out_dir / "summary.md", SUMMARY_COLUMNS, title="Summary")
+    finish_run(run, checkpoint=str(save_path), checkpoint_sha256=file_sha256(save_path))
     print((run.out_dir / "summary.md").read_text())
     print(f"checkpoint: {save_path}\nresults: {run.out_dir}")
 

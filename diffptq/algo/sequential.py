@@ -35,6 +35,7 @@ from diffptq.algo.hessian import GramAccumulator
 from diffptq.algo.qronos import qronos_quantize_ex
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
 from diffptq.data.calib import CalibrationSet, CalibRecord
+from diffptq.errors import DiffptqError
 from diffptq.models.families import ModelFamily
 from diffptq.quant.layers import QuantConfig, QuantLayer, float_mode, set_quant_enabled, swap_modules
 from diffptq.quant.quantizer import QuantSpec
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 METHODS = ("rtn", "gptq", "qronos")
 
 
-class NonFiniteActivationError(RuntimeError):
+class NonFiniteActivationError(DiffptqError, RuntimeError):
     """NaN/Inf reached a layer's input during calibration."""
 
 

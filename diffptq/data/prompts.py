@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffptq.errors import DiffptqError
+
 EVERYDAY_PROMPTS = Path(__file__).with_name("prompts_everyday.txt")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(DiffptqError, ValueError):
     """A prompt file that is missing, unreadable or empty."""
 
 

@@ -89,8 +89,12 @@ def save_quantized(path: str | Path, denoiser: nn.Module, base: dict, quant: dic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"diffptq": json.dumps(meta, default=str)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"diffptq": json.dumps(meta, default=str)})
+        os.replace(tmp, path)
+    except BaseException:  # interrupted or failed: leave nothing behind, not even the temporary file
+        tmp.unlink(missing_ok=True)
+        raise
     return meta
 
 

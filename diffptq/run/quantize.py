@@ -11,6 +11,7 @@ import torch
 from diffptq.algo.sequential import SequentialConfig, SequentialResult, denoiser_output_error, quantize_sequential
 from diffptq.data.calib import CalibrationSet, collect_calibration
 from diffptq.data.prompts import load_prompts
+from diffptq.errors import ConfigError
 from diffptq.models.families import family_of
 
 LAYER_COLUMNS = ("block", "layer", "method", "wbits", "abits", "damp", "rel_out_err")
@@ -89,6 +90,20 @@ def parse_blocks(text: str, n_blocks: int) -> list[int]:
     return sorted(set(out))
 
 
+def check_group_size(pipe, blocks: list[int], group_size: int | None) -> None:
+    """Raise ConfigError before any work if `group_size` does not divide the input width of a layer to quantize."""
+    if group_size is None:
+        return
+    family = family_of(pipe)
+    units = family.blocks(family.denoiser(pipe))
+    for k in blocks:
+        for name, mod in family.quantizable_layers(units[k][1]):
+            width = mod.weight[0].numel()
+            if width % group_size:
+                raise ConfigError(f"--group_size {group_size} does not divide the input width {width} of layer "
+                                  f"{units[k][0]}.{name}; choose a divisor (e.g. 32, 64, 128) or per-channel scales")
+
+
 def collect(pipe, calib_cfg: CalibConfig, num_steps: int, progress: bool = True) -> tuple[CalibrationSet, float]:
     """Calibration trajectories of the float pipeline; returns (set, seconds)."""
     prompts = load_prompts(calib_cfg.prompts, calib_cfg.n_calib)
@@ -104,6 +119,8 @@ def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, devic
     float over the held-out calibration records (per sampling step)."""
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
+    blocks = cfg.blocks if cfg.blocks is not None else list(range(len(family.blocks(denoiser))))
+    check_group_size(pipe, blocks, cfg.weight.group_size)
     calib, collect_s = collect(pipe, calib_cfg, calib_cfg.calib_steps, progress)
     t0 = time.perf_counter()
     result = quantize_sequential(denoiser, family, calib, cfg, device, dtype, progress=progress)
