@@ -139,7 +139,8 @@ def damped_inverse_cholesky(H: Tensor, damping: Damping, live: Tensor | None = N
     if not bool(torch.isfinite(H).all()):
         return DampedFactor(None, float("nan"), float("nan"), 0, "H has non-finite entries")
     if not mean_diag > 0:
-        return DampedFactor(None, float("nan"), float("nan"), 0, f"H has a non-positive mean diagonal ({mean_diag:.3g})")
+        reason = f"H has a non-positive mean diagonal ({mean_diag:.3g})"
+        return DampedFactor(None, float("nan"), float("nan"), 0, reason)
     delta = initial_delta(H, damping, live)
     if not (math.isfinite(delta) and delta > 0):
         delta = damping.value * mean_diag
