@@ -29,8 +29,14 @@ from diffptq.run.quantize import peak_host_bytes
 GiB = 2**30
 
 
-def inference_peak(pipe, calib, device) -> float:
+def _gib(nbytes: int | None) -> float | None:
+    return nbytes / GiB if nbytes is not None else None
+
+
+def inference_peak(pipe, calib, device) -> float | None:
     """Peak VRAM (GiB) of one FP16 denoiser forward at the calibration batch, model weights included."""
+    if device.type != "cuda":
+        return None
     den = family_of(pipe).denoiser(pipe)
     inputs = next(calib.batches(device))
     torch.cuda.synchronize()
@@ -42,14 +48,16 @@ def inference_peak(pipe, calib, device) -> float:
 
 
 def run_method(args, method: str) -> dict:
-    device = torch.device("cuda")
-    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
-    pipe = full_size_pipeline(args.family, dtype, "cuda", seed=0)
-    emb = random_text_embeddings(args.family, args.n_prompts, dtype, "cuda")
-    torch.cuda.synchronize()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    pipe = full_size_pipeline(args.family, dtype, args.device, seed=0, num_layers=args.num_layers)
+    emb = random_text_embeddings(args.family, args.n_prompts, dtype, args.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     calib = collect_calibration(pipe, None, args.steps, batch_size=args.batch, prompt_embeds=emb, progress=False)
-    torch.cuda.synchronize()
+    sync()
     collect_s = time.perf_counter() - t0
     fp_peak = inference_peak(pipe, calib, device)
     fam = family_of(pipe)
@@ -59,16 +67,17 @@ def run_method(args, method: str) -> dict:
     res = quantize_sequential(fam.denoiser(pipe), fam, calib, cfg, device, dtype, progress=True)
     total = time.perf_counter() - t0
     n_blocks = len(fam.blocks(fam.denoiser(pipe)))
-    marks = [m for m in (4, 8, 16, 28, n_blocks) if m <= n_blocks]
+    marks = [m for m in (4, 8, 16, 28, n_blocks) if m <= n_blocks] if cuda else []
     return {
         "family": args.family, "method": method, "n_prompts": args.n_prompts, "steps": args.steps,
         "batch": args.batch * 2, "records": len(calib), "collect_s": collect_s, "quantize_s": total,
-        "phases": res.timings, "peak_vram_gib": res.peak_vram_bytes / GiB, "fp16_inference_peak_gib": fp_peak,
+        "phases": res.timings, "peak_vram_gib": _gib(res.peak_vram_bytes), "fp16_inference_peak_gib": fp_peak,
         "peak_vram_after_blocks_gib": {m: res.block_peak_vram[m - 1] / GiB for m in sorted(set(marks))},
         "peak_host_gib": peak_host_bytes() / GiB, "n_layers": len(res.layers),
         "mean_rel_out_err": sum(r.rel_out_err for r in res.layers) / len(res.layers),
         "n_fallback": sum(r.fell_back for r in res.layers),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": dt.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "date": dt.date.today().isoformat(),
     }
 
 
@@ -112,7 +121,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="prompts per denoiser call (×2 with CFG)")
     p.add_argument("--damp", type=damp_value, default=0.01)
     p.add_argument("--holdout_every", type=int, default=5)
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--num_layers", type=int, default=None, help="fewer PixArt blocks (smoke tests)")
     p.add_argument("--out", default="results/calibration_scale")
     p.add_argument("--report", default=None, help="merge the JSON files of this folder into markdown and exit")
     p.add_argument("--markdown", default=None)
@@ -129,7 +140,8 @@ def main() -> None:
         result = run_method(args, method)
         (out / f"{args.family}_{method}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result), flush=True)
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
