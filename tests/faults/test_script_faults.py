@@ -34,18 +34,27 @@ def _run(args, **kw):
     (["--blocks", "0-9"], "indices must lie in 0..1"),
     (["--damp", "lots"], "--damp takes a number or 'adaptive'"),
 ])
-def test_bad_flag_values_give_one_line(tmp_path, flags, message):
-    res = _run(["--model", "tiny-dit", *SMALL, "--out_dir", str(tmp_path / "o"), *flags])
-    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+def test_bad_flag_values_give_one_line(tmp_path, flags, message, capsys):
+    code, err = _main_in_process(["--model", "tiny-dit", *SMALL, "--out_dir", str(tmp_path / "o"), *flags], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_empty_and_missing_prompt_file(tmp_path):
+def test_empty_and_missing_prompt_file(tmp_path, capsys):
     empty = tmp_path / "p.txt"
     empty.write_text("\n\n")
     for path, message in [(empty, "holds no prompt"), (tmp_path / "none.txt", "prompt file not found")]:
-        res = _run(["--model", "tiny-dit", *SMALL, "--prompts", str(path), "--out_dir", str(tmp_path / path.stem)])
-        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+        args = ["--model", "tiny-dit", *SMALL, "--prompts", str(path), "--out_dir", str(tmp_path / path.stem)]
+        code, err = _main_in_process(args, capsys)
+        assert code == 2 and message in err and "Traceback" not in err
+
+
+def _main_in_process(argv, capsys) -> tuple[int, str]:
+    """Run the script's main through run_main as the command line would; returns (exit code, stderr)."""
+    mod = _script_module()
+    with pytest.raises(SystemExit) as exit_info:
+        mod.run_main(lambda: mod.main(argv))
+    return exit_info.value.code, capsys.readouterr().err
 
 
 def test_nan_activations_name_layer_and_block_and_write_nothing(tmp_path):
