@@ -1,0 +1,47 @@
+"""The committed bundled pipelines: load offline from their save_pretrained directories (fp16 files as float32),
+sample on the CPU, and follow their prompts (prompt_acc at 20 steps with classifier-free guidance).
+
+The committed weights do NOT reach the 0.7 prompt_acc bar yet (GPU, 400 prompts: dit 0.068, unet 0.073; see
+diffptq/models/bundled/README.md): the bar test is a strict xfail, so it turns into a failure, as a reminder to
+drop the marker, once retrained weights pass it.
+"""
+import pytest
+import torch
+
+from diffptq.models.bundled.evaluator import load_evaluator
+from diffptq.models.bundled.sampling import eval_prompts, generate, load_bundled
+from diffptq.models.bundled.specs import SAMPLING
+
+N_PROMPTS = 16
+PROMPT_ACC_BAR = 0.7
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is as fast, and far faster on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return load_evaluator("cpu")
+
+
+@pytest.mark.parametrize("which", ["dit", "unet"])
+def test_loads_offline_and_samples(which):
+    pipe = load_bundled(which, dtype=torch.float32)
+    assert next(pipe.text_encoder.parameters()).dtype == torch.float32
+    images = generate(pipe, eval_prompts(2), num_inference_steps=2)
+    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+
+
+@pytest.mark.xfail(strict=True, reason="committed bundled weights are under-trained: prompt_acc ~0.07 < 0.7")
+@pytest.mark.parametrize("which", ["dit", "unet"])
+def test_prompt_acc_at_20_steps_with_cfg(which, evaluator):
+    pipe = load_bundled(which, dtype=torch.float32)
+    prompts = eval_prompts(N_PROMPTS)
+    assert SAMPLING[which]["num_inference_steps"] == 20 and SAMPLING[which]["guidance_scale"] > 1
+    acc = evaluator.prompt_accuracy(generate(pipe, prompts, batch_size=N_PROMPTS), prompts)
+    assert acc >= PROMPT_ACC_BAR, acc
