@@ -1,0 +1,716 @@
+"""Real low-bit inference on the GPU: step latency, peak VRAM and size of the quantized paths at full scale.
+
+Full-size random-weight PixArt-XL-2-512 and SD 1.5 UNet (diffptq.models.fullsize), 512 px, batches 16, 1 and 4.
+Rows: FP16 eager, BF16 + torch.compile, fake-quant W4A8 (int8 per-token activations, eager), the W4A8 speed path
+(FP8 GEMMs, eager and compiled; also with static per-tensor activation scales), the W4 memory path (packed int4,
+eager and compiled), torchao FP8 dynamic row-wise + compile as the peer. Weights: RTN W4 of every block layer (per
+channel for W4A8 and fake-quant; groups of 128, or 64 where 128 does not divide, for the memory path). Also: model
+size on disk and in memory, a profiler breakdown of W4A8 steps, and the quality of the exact W4A8 numerics on
+bundled-dit (tiny-dit when its weights are absent; prompt_acc too with the bundled evaluator).
+
+Scheduling: every (variant, batch) is measured in its own try block (a failure is recorded, the run goes on) and
+the JSON is rewritten after every row. `--budget_s` bounds the run (counted from process start): a first pass
+measures every variant of PixArt, then of the UNet, eager ones at all batches and compiled ones at the headline
+batch 16 (`--first_pass`); later passes the compiled variants at batch 1, then 4; what would not finish in time is
+marked skipped (each compiled batch costs a compilation: tens of seconds for PixArt's block, about a minute for
+the whole UNet).
+On the CPU (`--device cpu`, smoke tests) the real modules run their reference kernels and "compiled" rows eagerly.
+
+  python benchmarks/inference_speed.py --out results/inference_speed --report benchmarks/results/inference_speed.md
+  python benchmarks/inference_speed.py --render results/inference_speed --report x.md     (markdown from the JSON)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from diffptq.algo.rtn import rtn_quantize_ex
+from diffptq.data.calib import collect_calibration, move_inputs
+from diffptq.data.prompts import load_prompts
+from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
+from diffptq.io.checkpoint import save_quantized
+from diffptq.kernels import InferenceConfig, Int4WeightOnly, convert_for_inference, fp8_support, set_profile_scopes
+from diffptq.kernels.profiling import CATEGORIES, breakdown, kernel_records
+from diffptq.models import BUNDLED_MODELS, family_of, load_pipeline
+from diffptq.models.families import FAMILIES
+from diffptq.models.fullsize import full_size_pipeline, random_text_embeddings
+from diffptq.quant.layers import QuantConfig, quant_layers, set_quant_enabled, swap_modules
+from diffptq.quant.quantizer import QuantSpec
+
+GiB, MB = 2**30, 1e6
+W4 = QuantSpec(4)
+A8 = QuantSpec(8)  # fake-quant activations: int8 symmetric, dynamic per token
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    dtype: torch.dtype
+    compiled: bool
+    build: str  # float | fake | w4a8 | w4 | torchao
+
+
+VARIANTS = {v.key: v for v in (
+    Variant("fp16", "FP16 eager", torch.float16, False, "float"),
+    Variant("bf16_compile", "BF16 + compile", torch.bfloat16, True, "float"),
+    Variant("fake", "fake-quant W4A8 (int8 per token), eager FP16", torch.float16, False, "fake"),
+    Variant("w4a8", "W4A8 speed path, eager", torch.bfloat16, False, "w4a8"),
+    Variant("w4a8_compile", "W4A8 speed path + compile", torch.bfloat16, True, "w4a8"),
+    Variant("w4", "W4 memory path, eager FP16", torch.float16, False, "w4"),
+    Variant("w4_compile", "W4 memory path + compile (BF16)", torch.bfloat16, True, "w4"),
+    Variant("torchao_compile", "torchao FP8 dynamic row-wise + compile", torch.bfloat16, True, "torchao"),
+    Variant("w4a8s_compile", "W4A8 speed path, static per-tensor activations + compile", torch.bfloat16, True,
+            "w4a8s"),
+)}
+# measurement priority: the cheap eager rows, then the compilations the goals need first
+ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8_compile", "torchao_compile", "w4_compile",
+                    "w4a8s_compile"),
+         "sd": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4_compile", "w4a8_compile", "torchao_compile",
+                "w4a8s_compile")}
+QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
+                  "fake_int8_token": "fake-quant W4A8: int8 per-token activations",
+                  "w4_only": "W4 weights only", "fp8_token": "W4A8 speed path: e4m3 per-token activations (timed)",
+                  "fp8_tensor": "W4A8 speed path: e4m3 per-tensor activations"}
+TITLES = {"pixart": "PixArt-XL-2-512 (PixArtTransformer2DModel)", "sd": "SD 1.5 UNet (UNet2DConditionModel)"}
+
+
+# ---- quantized models from precomputed RTN codes -----------------------------------------------------------------
+def block_layers(family, den: nn.Module) -> list[str]:
+    """Qualified names of the quantizable layers inside the family's blocks (what the project quantizes)."""
+    return [f"{b}.{n}" for b, block in family.blocks(den) for n, _ in family.quantizable_layers(block)]
+
+
+def group_spec(cols: int) -> QuantSpec:
+    """W4 groups of 128 columns, 64 where 128 does not divide (SD's 320-channel layers), else per channel."""
+    g = next((g for g in (128, 64) if cols % g == 0), None)
+    return QuantSpec(4, group_size=g)
+
+
+def rtn_codes(den: nn.Module, names: list[str], grouped: bool) -> dict:
+    """{name: (spec, codes, scale, zero)} on the CPU: round-to-nearest W4 of each layer, computed where it lives."""
+    out = {}
+    for name in names:
+        w = den.get_submodule(name).weight.detach()
+        spec = group_spec(w[0].numel()) if grouped else W4
+        r = rtn_quantize_ex(w.float(), spec)
+        out[name] = (spec, r.codes.cpu(), r.scale.cpu(), r.zero.cpu())
+    return out
+
+
+def install_codes(den: nn.Module, codes: dict, act: QuantSpec | None, act_kind: str = "dynamic") -> None:
+    """Swap the layers of `codes` for quant layers holding them, with `act` activation quantizers of `act_kind`."""
+    layers = swap_modules(den, QuantConfig(act=act, act_kind=act_kind, include=tuple(codes)))
+    dev = next(den.parameters()).device
+    for name, layer in layers.items():
+        spec, c, s, z = codes[name]
+        layer.weight_spec = spec
+        layer.set_quantized_weight(c.to(dev), s.to(dev), z.to(dev))
+
+
+def torchao_quantize(den: nn.Module, names: list[str]) -> str:
+    """torchao FP8 dynamic activations + FP8 weights, row-wise, on the same layers. Returns torchao's version."""
+    import torchao
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    wanted = set(names)
+    try:  # keep torchao from changing inductor settings for the rows measured after it
+        cfg = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    except TypeError:
+        cfg = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    quantize_(den, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in wanted)
+    return torchao.__version__
+
+
+# ---- one family ---------------------------------------------------------------------------------------------------
+def denoiser_inputs(family: str, batch: int, dtype: torch.dtype, device: str, latent: int) -> dict:
+    """Keyword inputs of one denoiser step: random latents, timestep 500, random text states of the real shape."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
+    t = torch.full((batch,), 500, dtype=torch.long, device=device)
+    emb = random_text_embeddings(family, batch, dtype, device)
+    if family == "pixart":
+        return {"hidden_states": x, "timestep": t, "encoder_hidden_states": emb["prompt_embeds"],
+                "encoder_attention_mask": emb["prompt_attention_mask"],
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    return {"sample": x, "timestep": t, "encoder_hidden_states": emb["prompt_embeds"]}
+
+
+class FamilyRun:
+    """Builds and measures the variants of one family, recording into `self.result`."""
+
+    def __init__(self, name: str, args, tmp: Path):
+        self.name, self.args, self.tmp, self.dev = name, args, tmp, args.device
+        self.family = FAMILIES[name]
+        pipe = full_size_pipeline(name, torch.float16, self.dev, num_layers=args.num_layers)
+        den = self.family.denoiser(pipe)
+        self.names = block_layers(self.family, den)
+        t0 = time.perf_counter()
+        self.codes = {"w4a8": rtn_codes(den, self.names, grouped=False), "w4": rtn_codes(den, self.names, True)}
+        self.master = den.to("cpu")
+        del pipe
+        q_params = sum(self.master.get_submodule(n).weight.numel() for n in self.names)
+        self.compile_est = 20.0  # seconds one compilation is expected to take (updated as they are measured)
+        self.result = {"family": name, "title": TITLES[name], "rows": [], "sizes": {}, "profiles": {},
+                       "params": sum(p.numel() for p in self.master.parameters()), "quantized_params": q_params,
+                       "quantized_layers": len(self.names), "rtn_s": time.perf_counter() - t0,
+                       "compile_scope": self.compile_scope(), "groups": self._group_counts()}
+
+    def _group_counts(self) -> dict:
+        counts: dict = {}
+        for spec, *_ in self.codes["w4"].values():
+            counts[str(spec.group_size)] = counts.get(str(spec.group_size), 0) + 1
+        return counts
+
+    def compile_scope(self) -> str:
+        if self.args.compile_scope != "auto":
+            return self.args.compile_scope
+        return "blocks" if self.name == "pixart" else "full"
+
+    def build(self, v: Variant) -> nn.Module:
+        den = copy.deepcopy(self.master).to(self.dev, v.dtype)
+        if v.build == "torchao":
+            self.result["torchao"] = torchao_quantize(den, self.names)
+        elif v.build != "float":
+            kind = "w4" if v.build == "w4" else "w4a8"
+            install_codes(den, self.codes[kind], A8 if v.build in ("fake", "w4a8s") else None,
+                          "static" if v.build == "w4a8s" else "dynamic")
+            if v.build == "w4a8s":
+                self.calibrate_static(den, v.dtype)
+            if v.build == "fake":
+                for _, layer in quant_layers(den):
+                    layer.drop_float_weight()
+                    layer._size_exclude = ("weight_q",)  # an alias of the weight now: count it once
+            else:
+                self.record_checkpoint(den, kind)
+                mode = "static" if v.build == "w4a8s" else self.args.act_mode
+                cfg = InferenceConfig(act_mode=mode, others=self.args.others,
+                                      force=(torch.device(self.dev).type == "cpu"))
+                conv = convert_for_inference(den, "w4" if v.build == "w4" else "w4a8", self.dev, cfg)
+                self.result.setdefault("conversion", {})[v.build] = {"path": conv.path, "reason": conv.reason,
+                                                                     "counts": conv.counts(), "kept": len(conv.kept),
+                                                                     "fused_attention": conv.fused_attention}
+        den.eval().requires_grad_(False)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.record_size(v, den)
+        if v.compiled and torch.device(self.dev).type == "cuda":  # CPU smoke runs measure these rows eagerly
+            self.compile(den)
+        return den
+
+    def calibrate_static(self, den: nn.Module, dtype: torch.dtype) -> None:
+        """Fit the static int8 activation ranges on one batch of 2 (what the FP8 static scales derive from)."""
+        quantizers = [layer.act_quant for _, layer in quant_layers(den)]
+        for aq in quantizers:
+            aq.start_calibration()
+        with torch.no_grad():
+            den(**denoiser_inputs(self.name, 2, dtype, self.dev, self.args.latent), return_dict=False)
+        for aq in quantizers:
+            aq.finish_calibration()
+
+    def compile(self, den: nn.Module) -> None:
+        mode = self.args.compile_mode
+        if self.compile_scope() == "blocks":
+            for _, block in self.family.blocks(den):
+                block.compile(mode=mode)
+        else:
+            den.compile(mode=mode)
+
+    def record_checkpoint(self, den: nn.Module, kind: str) -> None:
+        """Size of the diffptq checkpoint of the quantized layers (packed int4 codes, fp32 scale and zero)."""
+        if kind in self.result["sizes"].get("checkpoint", {}):
+            return
+        path = self.tmp / f"{self.name}_{kind}.safetensors"
+        save_quantized(path, den, {"source": f"fullsize-{self.name}", "family": self.name,
+                                   "pipeline_class": self.family.pipeline_class}, {"method": "rtn", "kind": kind})
+        self.result["sizes"].setdefault("checkpoint", {})[kind] = checkpoint_bytes(path)
+        path.unlink()
+
+    def record_size(self, v: Variant, den: nn.Module) -> None:
+        """In-memory bytes of each variant's weights; on disk, the FP16 and memory-path state as safetensors."""
+        sizes = self.result["sizes"]
+        sizes.setdefault("memory", {})[v.key] = module_bytes(den)
+        if torch.cuda.is_available() and torch.device(self.dev).type == "cuda":  # what the GPU really holds
+            sizes.setdefault("allocated", {})[v.key] = torch.cuda.memory_allocated(self.dev)
+        if v.build == "w4":
+            mods = [m for m in den.modules() if isinstance(m, Int4WeightOnly)]
+            stored = sum(t.numel() * t.element_size() for m in mods for t in (m.packed, m.scale, m.zero)
+                         if t is not None)
+            sizes["w4_bits_per_weight"] = 8 * stored / max(1, sum(2 * m.packed.numel() for m in mods))
+        if v.key in ("fp16", "w4") and v.key not in sizes.get("disk", {}):
+            path = self.tmp / f"{self.name}_{v.key}_state.safetensors"
+            save_file({k: t.detach().contiguous() for k, t in den.state_dict().items()}, str(path))
+            sizes.setdefault("disk", {})[v.key] = checkpoint_bytes(path)
+            path.unlink()
+        if v.key == "fp16":
+            sizes["fp16_quantized_weights"] = sum(den.get_submodule(n).weight.numel() * 2 for n in self.names)
+
+    def measure(self, v: Variant, den: nn.Module, batch: int, profile: bool) -> dict:
+        inputs = denoiser_inputs(self.name, batch, v.dtype, self.dev, self.args.latent)
+
+        def step():
+            return den(**inputs, return_dict=False)
+
+        row = {"variant": v.key, "label": v.label, "batch": batch, "dtype": str(v.dtype).replace("torch.", "")}
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            row["first_call_s"] = time.perf_counter() - t0  # includes compilation for compiled rows
+            lat = measure_latency(step, 1, warmup=self.args.warmup, repeats=self.args.repeats, device=self.dev)
+            row["latency_ms"] = None if lat is None else lat * 1e3
+            row["resident_gib"] = torch.cuda.memory_allocated() / GiB if torch.cuda.is_available() else None
+            peak = measure_peak_vram(step, self.dev)
+            row["peak_vram_gib"] = None if peak is None else peak / GiB
+            if profile:
+                self.result["profiles"][f"{v.key}@{batch}"] = profile_step(step)
+        return row
+
+
+def profile_step(step) -> dict:
+    """GPU time of one step by category (diffptq.kernels.profiling), module scopes on in eager mode."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    set_profile_scopes(True)
+    try:
+        with torch.profiler.profile(activities=acts) as prof:
+            step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    finally:
+        set_profile_scopes(False)
+    return breakdown(kernel_records(prof.events()))
+
+
+def run_pass(run: FamilyRun, batches_of, deadline: float, save) -> None:
+    """Measure the selected variants of one family at `batches_of(variant)` until `deadline` (time.monotonic())."""
+    res, args = run.result, run.args
+    top = max(int(b) for b in args.batches.split(","))
+    for key in [k for k in ORDER[run.name] if k in args.variants.split(",")]:
+        v, batches = VARIANTS[key], batches_of(VARIANTS[key])
+        if not batches:
+            continue
+        skip = _skip_reason(v, args, deadline, run.compile_est)
+        if skip:
+            res["rows"] += [{"variant": key, "label": v.label, "batch": b, "skipped": skip} for b in batches]
+            continue
+        try:
+            den = run.build(v)
+        except Exception as err:  # noqa: BLE001 - any failure of one variant is recorded, the run goes on
+            res["rows"] += [{"variant": key, "label": v.label, "batch": b, "error": _err(err)} for b in batches]
+            _free()
+            save()
+            continue
+        for batch in batches:
+            if deadline - time.monotonic() < (run.compile_est if v.compiled else 5.0):
+                res["rows"].append({"variant": key, "label": v.label, "batch": batch, "skipped": "time budget"})
+                continue
+            try:
+                row = run.measure(v, den, batch, profile=(batch == top and key in args.profile.split(",")))
+                if v.compiled:
+                    run.compile_est = max(run.compile_est, row["first_call_s"])
+            except Exception as err:  # noqa: BLE001
+                row = {"variant": key, "label": v.label, "batch": batch, "error": _err(err)}
+            res["rows"].append(row)
+            save()
+        del den
+        _free()
+
+
+def run_all(families: list[str], args, tmp: Path, results: dict, save, start: float) -> None:
+    """Passes over the families: first every variant, eager ones at all batches and compiled ones at the leading
+    `--first_pass` batches; then one pass per remaining batch for the compiled variants (each compiled batch costs a
+    compilation). The first family may use half of the first pass's time, the first pass 90% of the budget."""
+    batches = [int(b) for b in args.batches.split(",")]
+    first, later = batches[:args.first_pass], batches[args.first_pass:]
+    passes = [(lambda v: first if v.compiled else batches, 0.9)]
+    passes += [(lambda v, b=b: [b] if v.compiled else [], 1.0) for b in later]
+    runs: dict[str, FamilyRun] = {}
+    for batches_of, share in passes:
+        for i, name in enumerate(families):
+            part = share * (0.5 if (share < 1 and i == 0 and len(families) > 1) else 1.0)
+            try:
+                if name not in runs:
+                    runs[name] = FamilyRun(name, args, tmp)
+                    results[name] = runs[name].result
+                    save()
+                run_pass(runs[name], batches_of, start + args.budget_s * part, save)
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory building the model: keep what exists
+                results.setdefault(name, {"family": name, "title": TITLES[name], "rows": [], "sizes": {}})
+                results[name]["error"] = _err(err)
+            save()
+            _free()
+
+
+def _skip_reason(v: Variant, args, deadline: float, compile_est: float) -> str | None:
+    if v.build == "torchao":
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            return "torchao not installed"
+    if v.build in ("w4a8", "w4a8s") and torch.device(args.device).type == "cuda" and not fp8_support(args.device)[0]:
+        return f"no FP8 GEMM: {fp8_support(args.device)[1]}"
+    if deadline - time.monotonic() < (2 * compile_est if v.compiled else 15.0):
+        return "time budget"
+    return None
+
+
+def _err(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"[:400]
+
+
+def _free() -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- quality of the timed W4A8 numerics -----------------------------------------------------------------------------
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR (dB) of x against ref over all elements, peak = ref's range."""
+    mse = float(((x.float() - ref.float()) ** 2).mean())
+    peak = float(ref.max() - ref.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def quality_pipelines(pipe, fam, dev: str) -> tuple[dict, dict]:
+    """({numerics: (pipeline, dtype)}, {act mode: GEMM used}) for the FP, BF16, fake-quant, W4-only and W4A8 rows."""
+    q = copy.deepcopy(pipe)
+    den = fam.denoiser(q)
+    install_codes(den, rtn_codes(den, block_layers(fam, den), grouped=False), A8)
+    w4 = copy.deepcopy(q)
+    set_quant_enabled(fam.denoiser(w4), acts=False)
+    pipes = {"fp32": (pipe, torch.float32), "bf16": (copy.deepcopy(pipe).to(dtype=torch.bfloat16), torch.bfloat16),
+             "fake_int8_token": (q, torch.float32), "w4_only": (w4, torch.float32)}
+    kernels = {}
+    for mode in ("token", "tensor"):
+        speed = copy.deepcopy(q)  # convert in fp32, then cast: the fp8 codes and fp32 scales keep their dtype
+        cfg = InferenceConfig(act_mode=mode, force=True)  # off an FP8 GPU the reference GEMM computes the same
+        conv = convert_for_inference(fam.denoiser(speed), "w4a8", dev, cfg)
+        kernels[mode] = "fp32 reference" if "forced" in conv.reason else "torch._scaled_mm"
+        pipes[f"fp8_{mode}"] = (speed.to(dtype=torch.bfloat16), torch.bfloat16)
+    return pipes, kernels
+
+
+def quality(args) -> dict:
+    """Denoiser outputs of FP, BF16, fake-quant W4A8 (int8), W4 only and the W4A8 FP8 path vs FP and vs fake-quant,
+    on recorded calibration inputs of bundled-dit (tiny-dit when its weights are absent); with the bundled
+    evaluator also prompt_acc of each pipeline (its own sampling settings)."""
+    name = args.quality_model or ("bundled-dit" if BUNDLED_MODELS["bundled-dit"].is_dir() else "tiny-dit")
+    dev = args.device
+    pipe = load_pipeline(name, device=dev)
+    fam = family_of(pipe)
+    kwargs = {}
+    if name.startswith("bundled"):
+        from diffptq.models.bundled.specs import SAMPLING
+
+        kwargs = {k: v for k, v in SAMPLING["dit"].items() if k != "num_inference_steps"}
+    calib = collect_calibration(pipe, load_prompts(n=args.quality_prompts), args.quality_steps,
+                                batch_size=args.quality_prompts, progress=False, **kwargs)
+    records = list(calib.records)[-args.quality_records:]
+    channels = fam.denoiser(pipe).config.in_channels  # the noise prediction (PixArt also predicts a variance)
+    pipes, kernels = quality_pipelines(pipe, fam, dev)
+    outs = {}
+    with torch.no_grad():
+        for key, (p, dtype) in pipes.items():
+            den = fam.denoiser(p).eval()
+            outs[key] = torch.cat([den(**move_inputs(r.inputs, dev, dtype)).sample[:, :channels].float().cpu()
+                                   for r in records])
+    ref, fake = outs["fp32"], outs["fake_int8_token"]
+    rows = [{"numerics": k, "psnr_vs_fp_db": psnr(o, ref), "psnr_vs_fake_db": psnr(o, fake),
+             "rel_err_vs_fp": float((o - ref).norm() / ref.norm())} for k, o in outs.items() if k != "fp32"]
+    result = {"model": name, "records": len(records), "batch": int(records[0].inputs["hidden_states"].shape[0]),
+              "kernel": kernels, "rows": rows}
+    if name.startswith("bundled") and args.prompt_acc:
+        result["prompt_acc"] = bundled_prompt_acc(pipes, args)
+    return result
+
+
+def bundled_prompt_acc(pipes: dict, args) -> dict:
+    """Sampled images of every pipeline with the bundled evaluator: {numerics: {prompt_acc, psnr_db, lpips}} (image
+    PSNR / LPIPS against the FP32 pipeline's images; LPIPS empty without the AlexNet weights), or {'error': ...}."""
+    from diffptq.eval.metrics.similarity import lpips_metric, lpips_score, psnr_score
+    from diffptq.models.bundled.evaluator import load_evaluator
+    from diffptq.models.bundled.sampling import eval_prompts, prompt_acc
+
+    try:
+        evaluator = load_evaluator(args.device)
+    except FileNotFoundError as err:
+        return {"error": str(err)}
+    prompts = eval_prompts(args.prompt_acc)
+    lpips = lpips_metric()
+    out, ref = {}, None
+    for key, (p, _) in pipes.items():
+        acc, images = prompt_acc(p, evaluator, prompts)
+        ref = images if ref is None else ref  # fp32 comes first
+        out[key] = {"prompt_acc": acc, "psnr_db": psnr_score(images, ref),
+                    "lpips": None if lpips is None else lpips_score(lpips, images, ref)}
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+def _cell(row: dict | None, key: str, fmt: str) -> str:
+    if row is None:
+        return ""
+    if "error" in row:
+        return "error"
+    if "skipped" in row:
+        return "skipped"
+    return "n/a" if row.get(key) is None else format(row[key], fmt)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a and b else "n/a"
+
+
+def _lookup(fam: dict, key: str, batch: int) -> dict | None:
+    return next((r for r in fam["rows"] if r["variant"] == key and r["batch"] == batch), None)
+
+
+def _value(fam: dict | None, key: str, batch: int, field: str) -> float | None:
+    r = _lookup(fam, key, batch) if fam else None
+    return None if r is None else r.get(field)
+
+
+def goals(res: dict) -> list[str]:
+    """The issue's goals with measured ratios side by side (met / missed / not measured)."""
+    p, s = res["families"].get("pixart"), res["families"].get("sd")
+    lines = ["| goal | measured | target | met |", "| --- | --- | --- | --- |"]
+
+    def add(goal, num, den, target, higher=True, unit="×"):
+        ok = None if not (num and den) else (num / den >= target if higher else num / den <= target)
+        measured = "n/a" if ok is None else f"{num / den:.2f}{unit}"
+        lines.append(f"| {goal} | {measured} | {'≥' if higher else '≤'} {target}{unit} | "
+                     f"{'n/a' if ok is None else 'yes' if ok else 'no'} |")
+
+    lat = "latency_ms"
+    add("PixArt W4A8 + compile vs BF16 + compile, batch 16 (speed-up)", _value(p, "bf16_compile", 16, lat),
+        _value(p, "w4a8_compile", 16, lat), 1.15)
+    add("PixArt W4A8 + compile vs FP16 eager, batch 16 (speed-up)", _value(p, "fp16", 16, lat),
+        _value(p, "w4a8_compile", 16, lat), 1.4)
+    for key in ("w4a8s_compile", "torchao_compile"):  # for comparison: static scales, and the peer
+        num, den = _value(p, "bf16_compile", 16, lat), _value(p, key, 16, lat)
+        lines.append(f"| (context) PixArt {VARIANTS[key].label} vs BF16 + compile, batch 16 | {_ratio(num, den)} "
+                     "| - | - |")
+    if p and "disk" in p["sizes"]:
+        d = p["sizes"]["disk"]
+        add("PixArt W4 transformer on disk, memory-path tensors / FP16", d.get("w4"), d.get("fp16"), 0.3, False)
+        rest = (d.get("fp16") or 0) - p["sizes"].get("fp16_quantized_weights", 0)
+        ck = p["sizes"].get("checkpoint", {}).get("w4")
+        add("PixArt W4 diffptq checkpoint + float remainder / FP16", ck and ck + rest, d.get("fp16"), 0.3, False)
+        lines.append(f"| PixArt W4 transformer on disk (MB): memory-path tensors / checkpoint + remainder | "
+                     f"{(d.get('w4') or 0) / MB:.0f} / {((ck or 0) + rest) / MB:.0f} | ≤ 350 | "
+                     f"{'yes' if d.get('w4') and d['w4'] <= 350 * MB else 'no'} |")
+    for fam, label in ((p, "PixArt"), (s, "UNet")):
+        for key in ("w4", "w4_compile"):
+            ref = "fp16" if key == "w4" else "bf16_compile"
+            add(f"{label} {VARIANTS[key].label} peak VRAM at batch 1 / {VARIANTS[ref].label}",
+                _value(fam, key, 1, "peak_vram_gib"), _value(fam, ref, 1, "peak_vram_gib"), 0.5, False)
+    for key, ref in (("w4", "fp16"), ("w4_compile", "bf16_compile"), ("w4a8_compile", "bf16_compile")):
+        for b in (16, 1):
+            add(f"UNet {VARIANTS[key].label} vs {VARIANTS[ref].label}, batch {b} (speed-up)",
+                _value(s, ref, b, lat), _value(s, key, b, lat), 1.0)
+    return lines
+
+
+def family_section(fam: dict, batches: list[int]) -> list[str]:
+    if "params" not in fam:
+        return [f"## {fam['title']}", "", f"failed before any measurement: {fam.get('error')}", ""]
+    head = "| variant | " + " | ".join(f"batch {b}" for b in batches)
+    sep = "| --- |" + " --- |" * len(batches)
+    keys = [k for k in ORDER[fam["family"]] if any(r["variant"] == k for r in fam["rows"])]
+    lines = [f"## {fam['title']}", "",
+             f"{fam['params'] / 1e6:.1f}M parameters, {fam['quantized_params'] / 1e6:.1f}M in "
+             f"{fam['quantized_layers']} quantized block layers; memory-path group sizes (layers): {fam['groups']}; "
+             f"compile scope: {fam['compile_scope']}.", "", "Denoiser step latency (ms, median):", "",
+             head + " | first call s (batch " + str(batches[0]) + ") |", sep + " --- |"]
+    for k in keys:
+        cells = [_cell(_lookup(fam, k, b), "latency_ms", ".1f") for b in batches]
+        cells.append(_cell(_lookup(fam, k, batches[0]), "first_call_s", ".1f"))
+        lines.append(f"| {VARIANTS[k].label} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak VRAM during one step (GiB, weights and inputs included):", "", head + " |", sep]
+    for k in keys:
+        lines.append(f"| {VARIANTS[k].label} | " + " | ".join(_cell(_lookup(fam, k, b), "peak_vram_gib", ".2f")
+                                                         for b in batches) + " |")
+    sz = fam["sizes"]
+    lines += ["", "Model size (MB): parameters and buffers at their stored size; GPU memory allocated after building "
+              "(before any step; torchao's tensor subclasses count correctly only there); on disk as safetensors.",
+              "", "| variant | in memory | GPU allocated | on disk |", "| --- | --- | --- | --- |"]
+    for k, b in sz.get("memory", {}).items():
+        alloc, disk = sz.get("allocated", {}).get(k), sz.get("disk", {}).get(k)
+        lines.append(f"| {VARIANTS[k].label} | {b / MB:.0f} | {'' if alloc is None else f'{alloc / MB:.0f}'} | "
+                     f"{'' if disk is None else f'{disk / MB:.0f}'} |")
+    if "w4_bits_per_weight" in sz:
+        lines.append(f"| memory-path layers alone: packed codes + scales (+ zeros) | "
+                     f"{sz['w4_bits_per_weight']:.3f} bits/weight | | |")
+    for kind, b in sz.get("checkpoint", {}).items():
+        lines.append(f"| diffptq checkpoint of the {kind} codes (quantized layers only; packed int4, fp32 scale and "
+                     f"zero) | | | {b / MB:.0f} ({8 * b / fam['quantized_params']:.2f} bits/weight) |")
+    for key, prof in fam.get("profiles", {}).items():
+        v, b = key.split("@")
+        lines += ["", f"GPU time of one {VARIANTS[v].label} step at batch {b} ({prof['total_ms']:.1f} ms of kernels):",
+                  "", "| " + " | ".join(CATEGORIES) + " |", "|" + " --- |" * len(CATEGORIES),
+                  "| " + " | ".join(f"{prof['ms'][c]:.1f} ms ({100 * prof['share'][c]:.0f}%)" for c in CATEGORIES)
+                  + " |", "", "Top kernels: " + "; ".join(f"`{n[:60]}` {t:.2f} ms ({c})" for n, t, c in
+                                                          prof["top"][:5])]
+    problems = [r for r in fam["rows"] if "error" in r or "skipped" in r]
+    if fam.get("error"):
+        problems.append({"label": "the family run", "batch": "-", "error": fam["error"]})
+    if problems:
+        lines += ["", "Not measured:", ""] + [f"- {r['label']}, batch {r['batch']}: {r.get('error') or r['skipped']}"
+                                              for r in problems]
+    return lines + [""]
+
+
+def render(res: dict) -> str:
+    m = res["meta"]
+    batches = m["batches"]
+    lines = ["# Inference speed and memory: W4A8 speed path and W4 memory path", "",
+             f"Card: {m['gpu']}; torch {m['torch']}; diffusers {m['diffusers']}; torchao {m['torchao']}; {m['date']}. "
+             f"Full-size random-weight denoisers at 512 px ({m['latent']}×{m['latent']} latents), one denoiser step "
+             f"per call at the given batch. Weights: RTN W4 symmetric of the block layers (embedders and final "
+             f"projections stay in float). W4A8: per-channel weights as exact e4m3, {m['act_mode']} e4m3 activations, "
+             f"torch._scaled_mm row-wise (fast accumulation), q/k/v fused; layers the FP8 GEMM cannot take: "
+             f"{m['others']}. Memory path: packed int4, fp16 group scales, dequantized per call. torch.compile mode "
+             f"{m['compile_mode']}, static shapes per batch. Latency: median of {m['repeats']} CUDA-event-timed "
+             f"steps after {m['warmup']} warm-up steps. Wall time of this run: {m.get('wall_s', 0):.0f} s.", "",
+             "## Goals", ""] + goals(res) + [""]
+    for fam in res["families"].values():
+        lines += family_section(fam, batches)
+    q = res.get("quality")
+    if q and "rows" in q:
+        gemm = ", ".join(f"{k}: {v}" for k, v in q["kernel"].items())
+        lines += [f"## Quality of the timed W4A8 numerics ({q['model']})", "",
+                  f"Denoiser noise predictions on {q['records']} recorded calibration inputs (batch {q['batch']}); "
+                  f"FP8 GEMM ({gemm}). The reference is the fp32 model; the fake-quant model has the same W4 codes.",
+                  "", "| numerics | PSNR vs FP (dB) | PSNR vs fake-quant A8 (dB) | rel. error vs FP |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {QUALITY_LABELS.get(r['numerics'], r['numerics'])} | {r['psnr_vs_fp_db']:.1f} | "
+                  f"{r['psnr_vs_fake_db']:.1f} | {r['rel_err_vs_fp']:.4f} |" for r in q["rows"]]
+        acc = q.get("prompt_acc")
+        if acc and "error" in acc:
+            lines += ["", f"prompt_acc: {acc['error']}"]
+        elif acc:
+            lines += ["", "Sampled images (bundled pipelines, their own sampling settings): prompt_acc with the "
+                      "bundled evaluator; image PSNR and LPIPS against the FP32 pipeline's images.", "",
+                      "| numerics | prompt_acc | image PSNR (dB) | LPIPS |", "| --- | --- | --- | --- |"]
+            lines += [f"| {QUALITY_LABELS.get(k, k)} | {v['prompt_acc']:.3f} | {v['psnr_db']:.1f} | "
+                      f"{'' if v['lpips'] is None else format(v['lpips'], '.4f')} |" for k, v in acc.items()]
+    elif q:
+        lines += ["## Quality", "", f"failed: {q.get('error')}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---- main -----------------------------------------------------------------------------------------------------------
+def meta(args) -> dict:
+    try:
+        import torchao
+
+        tao = torchao.__version__
+    except ImportError:
+        tao = "not installed"
+    cuda = torch.cuda.is_available() and torch.device(args.device).type == "cuda"
+    return {"gpu": torch.cuda.get_device_name() if cuda else "CPU (smoke run)", "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "torchao": tao, "date": dt.date.today().isoformat(),
+            "batches": [int(b) for b in args.batches.split(",")], "latent": args.latent, "act_mode": args.act_mode,
+            "others": args.others, "compile_mode": args.compile_mode, "warmup": args.warmup, "repeats": args.repeats}
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (0 when psutil is not installed)."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except ImportError:
+        return 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", default="pixart,sd", help="comma list of pixart, sd (empty: quality only)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--batches", default="16,1,4", help="measured in this order (the first is the headline)")
+    p.add_argument("--first_pass", type=int, default=1,
+                   help="compiled variants measure the first N batches in the first pass, each other one in a pass of "
+                        "its own after every family's first pass")
+    p.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
+    p.add_argument("--num_layers", type=int, default=None, help="shorten PixArt (smoke tests)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--act_mode", default="token", choices=["token", "tensor"])
+    p.add_argument("--others", default="dequant", choices=["dequant", "w4", "fake"],
+                   help="W4A8: what layers the FP8 GEMM cannot take (the UNet's convolutions) become")
+    p.add_argument("--compile_mode", default="default")
+    p.add_argument("--compile_scope", default="auto", choices=["auto", "blocks", "full"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--profile", default="w4a8,w4a8_compile,bf16_compile", help="variants profiled at the top batch")
+    p.add_argument("--budget_s", type=float, default=480.0, help="stop starting new measurements after this")
+    p.add_argument("--quality_model", default=None, help="default: bundled-dit, tiny-dit when absent")
+    p.add_argument("--quality_prompts", type=int, default=4)
+    p.add_argument("--quality_steps", type=int, default=4)
+    p.add_argument("--quality_records", type=int, default=4)
+    p.add_argument("--prompt_acc", type=int, default=64, help="bundled models: prompts for prompt_acc (0: none)")
+    p.add_argument("--skip_quality", action="store_true")
+    p.add_argument("--out", default="results/inference_speed", help="folder for results.json")
+    p.add_argument("--report", default=None, help="markdown report to write")
+    p.add_argument("--render", default=None, help="only re-render the markdown from this folder's results.json")
+    args = p.parse_args()
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("diffptq.kernels").setLevel(logging.INFO)  # the path each conversion chose, and why
+    if args.render:
+        text = render(json.loads((Path(args.render) / "results.json").read_text()))
+        if args.report:
+            Path(args.report).write_text(text)
+        print(text)
+        return
+    start = time.monotonic() - process_age_s()  # the budget counts the imports and CUDA start-up too
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
+    cfg.automatic_dynamic_shapes = False  # one static-shape compile per batch size
+    torch.backends.cudnn.benchmark = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"meta": meta(args), "families": {}}
+
+    def save():
+        res["meta"]["wall_s"] = time.monotonic() - start
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+
+    if not args.skip_quality:
+        try:
+            res["quality"] = quality(args)
+        except Exception as err:  # noqa: BLE001
+            res["quality"] = {"error": _err(err)}
+        save()
+    families = [f for f in args.families.split(",") if f]
+    with tempfile.TemporaryDirectory(prefix="diffptq_bench_") as tmp:
+        run_all(families, args, Path(tmp), res["families"], save, start)
+    save()
+    text = render(res)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""benchmarks/inference_speed.py: a CPU smoke run (one PixArt block, tiny latents, eager rows) and the report."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "inference_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("inference_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["inference_speed"] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("inference_speed", None)
+
+
+def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
+    out, report = tmp_path / "out", tmp_path / "r.md"
+    monkeypatch.setattr(sys, "argv", [
+        "inference_speed.py", "--families", "pixart", "--num_layers", "1", "--latent", "8", "--batches", "1",
+        "--device", "cpu", "--variants", "fp16,w4,w4a8,w4a8s_compile", "--quality_model", "tiny-dit",
+        "--quality_prompts", "2", "--quality_steps", "2", "--quality_records", "1", "--warmup", "0",
+        "--repeats", "1", "--profile", "", "--out", str(out), "--report", str(report)])
+    bench.main()
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["variant"]: r for r in res["families"]["pixart"]["rows"]}
+    assert set(rows) == {"fp16", "w4", "w4a8", "w4a8s_compile"}  # compiled rows run eagerly on the CPU
+    assert all("error" not in r and r["latency_ms"] is None for r in rows.values())
+    sizes = res["families"]["pixart"]["sizes"]
+    assert sizes["memory"]["w4"] < 0.7 * sizes["memory"]["fp16"] and sizes["disk"]["w4"] < sizes["disk"]["fp16"]
+    assert set(sizes["checkpoint"]) == {"w4", "w4a8"}
+    conv = res["families"]["pixart"]["conversion"]
+    assert conv["w4a8"]["counts"] == {"Fp8W4A8Linear": 10} and conv["w4a8"]["fused_attention"] == 2
+    assert conv["w4a8s"]["fused_attention"] == 0  # static scales differ per layer: q/k/v stay apart
+    quality = {r["numerics"]: r for r in res["quality"]["rows"]}
+    assert quality["fp8_token"]["psnr_vs_fp_db"] > 30 and quality["fake_int8_token"]["psnr_vs_fake_db"] == float("inf")
+    text = report.read_text()
+    assert "Card: CPU (smoke run)" in text and "## Goals" in text and "W4A8 speed path" in text
+
+
+def _row(variant, batch, ms=None, peak=None):
+    return {"variant": variant, "batch": batch, "label": variant, "latency_ms": ms, "peak_vram_gib": peak}
+
+
+def test_goals_report_measured_ratios(bench):
+    pixart = {"family": "pixart", "title": "PixArt", "params": 611e6, "quantized_params": 594e6,
+              "quantized_layers": 224, "groups": {"128": 224}, "compile_scope": "blocks", "profiles": {},
+              "sizes": {"disk": {"fp16": 1222e6, "w4": 340e6}, "checkpoint": {"w4": 334e6},
+                        "fp16_quantized_weights": 1188e6, "memory": {"fp16": 1222e6}},
+              "rows": [_row("fp16", 16, 57.7), _row("bf16_compile", 16, 46.3), _row("w4a8_compile", 16, 38.0),
+                       _row("fp16", 1, 5.0, 1.4), _row("w4", 1, 6.0, 0.5), {"variant": "w4", "batch": 16,
+                                                                           "label": "w4", "error": "OOM"}]}
+    res = {"meta": {"gpu": "H100", "torch": "2.11", "diffusers": "0.42", "torchao": "0.17", "date": "2026-11-25",
+                    "batches": [16, 1], "latent": 64, "act_mode": "token", "others": "dequant",
+                    "compile_mode": "default", "warmup": 3, "repeats": 10}, "families": {"pixart": pixart}}
+    text = bench.render(res)
+    assert "| PixArt W4A8 + compile vs BF16 + compile, batch 16 (speed-up) | 1.22× | ≥ 1.15× | yes |" in text
+    assert "| PixArt W4A8 + compile vs FP16 eager, batch 16 (speed-up) | 1.52× | ≥ 1.4× | yes |" in text
+    assert "memory-path tensors / FP16 | 0.28× | ≤ 0.3× | yes |" in text
+    assert "peak VRAM at batch 1 / FP16 eager | 0.36× | ≤ 0.5× | yes |" in text
+    assert "W4 memory path, eager FP16 vs FP16 eager, batch 16 (speed-up) | n/a" in text
+    assert "- w4, batch 16: OOM" in text
