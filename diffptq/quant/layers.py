@@ -31,6 +31,9 @@ class QuantLayer:
     """Mixin with the quantization state shared by QuantLinear and QuantConv2d."""
 
     weight: nn.Parameter
+    # weight_q is a dequantized cache of the codes (after drop_float_weight it is the weight itself): model-size
+    # accounting (diffptq.eval.hardware.module_bytes) must not count it.
+    _size_exclude = ("weight_q",)
 
     def _init_quant(self, act_quant: ActQuantizer | None, weight_spec: QuantSpec | None) -> None:
         self.act_quant = act_quant
@@ -200,6 +203,8 @@ def swap_modules(model: nn.Module, config: QuantConfig) -> dict[str, QuantLayer]
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         act = _make_act_quant(name, module, config)
+        if act is not None:
+            act.to(module.weight.device)
         new = QuantLinear(module, act, config.weight) if is_linear else QuantConv2d(module, act, config.weight)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
