@@ -53,11 +53,15 @@ class ModelFamily:
 
     def call_kwargs(self, pipe) -> dict:
         """Extra keyword arguments for calling the pipeline so that it runs offline at the model's own size."""
+        defaults = dict(getattr(pipe, "diffptq_sampling", {}))  # a model's own recommended settings
         if self.name != "pixart":
-            return {}
-        standard = pipe.transformer.config.sample_size in (32, 64, 128, 256)
+            return defaults
+        # PixArt's aspect-ratio bins exist for 256/512/1024/2048 px with its 8x VAE only
+        pixels = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        standard = pipe.vae_scale_factor == 8 and pixels in (256, 512, 1024, 2048)
         return {"clean_caption": False, "use_resolution_binning": standard,
-                "max_sequence_length": min(120, pipe.tokenizer.model_max_length) if pipe.tokenizer else 120}
+                "max_sequence_length": min(120, pipe.tokenizer.model_max_length) if pipe.tokenizer else 120,
+                **defaults}
 
     # ---- unrolled forward ---------------------------------------------------------------------------------
     def prologue(self, denoiser: nn.Module, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor], dict]:

@@ -96,7 +96,12 @@ def _load_bundled(name: str, dtype: torch.dtype):
             f"bundled model {name} has no weights at {path}; train them with "
             f"`python -m diffptq.models.bundled.train --which {which}` (or use tiny-{which} for a random-weight model)"
         )
-    return _load_directory(path, dtype)
+    pipe = _load_directory(path, dtype)
+    from diffptq.models.bundled.specs import SAMPLING
+
+    # guidance scale the bundled models were tuned for; steps and sizes come from the pipeline and the flags
+    pipe.diffptq_sampling = {"guidance_scale": SAMPLING[name.split("-")[1]]["guidance_scale"]}
+    return pipe
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype):
