@@ -30,3 +30,16 @@ def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[s
             raise ValueError(f"number of prompts must be positive, got {n}")
         prompts = [prompts[i % len(prompts)] for i in range(n)]
     return prompts
+
+
+CALIBRATION_SEED = 1_000  # bundled models: calibration captions are drawn apart from the evaluation captions
+
+
+def default_prompts(pipe, n: int, purpose: str = "calibration") -> list[str]:
+    """n prompts suited to `pipe`: a project model's own caption generator when it has one (`diffptq_prompts`,
+    set by load_pipeline for the bundled models; `purpose` 'calibration' or 'evaluation' picks disjoint seeds),
+    else the bundled everyday captions."""
+    make = getattr(pipe, "diffptq_prompts", None)
+    if make is None:
+        return load_prompts(None, n)
+    return make(n, purpose)

@@ -59,6 +59,9 @@ def load_pipeline(name_or_path: str, dtype: torch.dtype | None = None, device: s
             f"directory, or one of {', '.join(PROJECT_MODELS)}"
         )
     pipe.to(device or "cpu")
+    for component in pipe.components.values():  # models built in code start in train mode (dropout on)
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     pipe.set_progress_bar_config(disable=True)
     pipe.diffptq_source = name
     return pipe
@@ -101,7 +104,16 @@ def _load_bundled(name: str, dtype: torch.dtype):
 
     # guidance scale the bundled models were tuned for; steps and sizes come from the pipeline and the flags
     pipe.diffptq_sampling = {"guidance_scale": SAMPLING[name.split("-")[1]]["guidance_scale"]}
+    pipe.diffptq_prompts = _bundled_prompts
     return pipe
+
+
+def _bundled_prompts(n: int, purpose: str) -> list[str]:
+    """Captions of random scenes of the bundled data set (the words the bundled models know)."""
+    from diffptq.data.prompts import CALIBRATION_SEED
+    from diffptq.models.bundled.sampling import EVAL_PROMPT_SEED, eval_prompts
+
+    return eval_prompts(n, EVAL_PROMPT_SEED if purpose == "evaluation" else CALIBRATION_SEED)
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype):

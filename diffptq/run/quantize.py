@@ -10,7 +10,7 @@ import torch
 
 from diffptq.algo.sequential import SequentialConfig, SequentialResult, denoiser_output_error, quantize_sequential
 from diffptq.data.calib import CalibrationSet, collect_calibration
-from diffptq.data.prompts import load_prompts
+from diffptq.data.prompts import default_prompts, load_prompts
 from diffptq.errors import ConfigError
 from diffptq.models.families import family_of
 
@@ -106,7 +106,10 @@ def check_group_size(pipe, blocks: list[int], group_size: int | None) -> None:
 
 def collect(pipe, calib_cfg: CalibConfig, num_steps: int, progress: bool = True) -> tuple[CalibrationSet, float]:
     """Calibration trajectories of the float pipeline; returns (set, seconds)."""
-    prompts = load_prompts(calib_cfg.prompts, calib_cfg.n_calib)
+    if calib_cfg.prompts is not None:
+        prompts = load_prompts(calib_cfg.prompts, calib_cfg.n_calib)
+    else:
+        prompts = default_prompts(pipe, calib_cfg.n_calib, "calibration")
     t0 = time.perf_counter()
     calib = collect_calibration(pipe, prompts, num_steps, calib_cfg.guidance_scale, calib_cfg.batch_size,
                                 calib_cfg.seed, progress=progress)

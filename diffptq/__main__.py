@@ -1,0 +1,83 @@
+"""Command line: `python -m diffptq generate --checkpoint PATH --prompt "..." [--n 4 --seed 0 --steps 20 --out DIR]`.
+
+Loads the quantized pipeline (its base model as recorded in the checkpoint, or --base_model) and writes one PNG
+per image into --out (`<index>_seed<seed>.png`) plus `prompts.txt`; each file appears under its final name only
+once complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from diffptq.cli import DTYPES, positive_int, resolve_device, resolve_dtype, run_main
+from diffptq.data.prompts import load_prompts
+from diffptq.errors import DiffptqError
+from diffptq.models.schedulers import SCHEDULERS, set_scheduler
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m diffptq", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate images from a quantized checkpoint")
+    g.add_argument("--checkpoint", required=True, help="diffptq checkpoint (safetensors; a .pt name is accepted)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="a file with one prompt per line")
+    g.add_argument("--n", type=positive_int, default=4, help="images per prompt (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    g.add_argument("--steps", type=positive_int, default=20)
+    g.add_argument("--guidance_scale", type=float, default=None)
+    g.add_argument("--scheduler", default="default", choices=["default", *SCHEDULERS])
+    g.add_argument("--batch_size", type=positive_int, default=4)
+    g.add_argument("--base_model", default=None, help="load the checkpoint onto this base model instead")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    g.add_argument("--out", default="generated", help="output folder (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def generate_command(args: argparse.Namespace) -> list[Path]:
+    import diffptq
+    from diffptq.eval.sample import generate
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.prompt is not None and not args.prompt.strip():
+        raise DiffptqError("--prompt is empty")
+    prompts = [args.prompt] if args.prompt is not None else load_prompts(args.prompts)
+    pipe = diffptq.load_quantized(args.checkpoint, device=device, dtype=dtype, base_model=args.base_model)
+    set_scheduler(pipe, args.scheduler)
+    all_prompts = [p for p in prompts for _ in range(args.n)]
+    seeds = [args.seed + i for i in range(len(all_prompts))]
+    images = generate(pipe, all_prompts, seeds, batch_size=args.batch_size, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale)
+    return save_images(images, seeds, all_prompts, Path(args.out))
+
+
+def save_images(images, seeds: list[int], prompts: list[str], out: Path) -> list[Path]:
+    """Write images (N,3,H,W) in [0,1] as PNGs, each to a temporary name first, then renamed."""
+    from torchvision.utils import save_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, seed) in enumerate(zip(images, seeds, strict=True)):
+        path = out / f"{i:04d}_seed{seed}.png"
+        tmp = path.with_name(path.stem + ".partial.png")
+        save_image(img, tmp)
+        os.replace(tmp, path)
+        paths.append(path)
+    (out / "prompts.txt").write_text("".join(f"{p.name}\t{t}\n" for p, t in zip(paths, prompts, strict=True)))
+    return paths
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.command == "generate":
+        paths = generate_command(args)
+        print(f"wrote {len(paths)} images to {paths[0].parent}")
+
+
+if __name__ == "__main__":
+    run_main(main)
