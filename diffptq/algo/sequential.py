@@ -233,10 +233,12 @@ class SequentialQuantizer:
         """Layer names of block k grouped by shared input tensor, in the order the forward pass calls them."""
         calls: list[tuple[str, int]] = []
         seen: set[str] = set()
+        alive: list[Tensor] = []  # keep inputs alive: a freed tensor's id can be reused by a later, different one
 
         def record(name, mod, x):
             if name not in seen:
                 seen.add(name)
+                alive.append(x)
                 calls.append((name, id(x)))
         i = self.train[0]
         with float_mode(self.den), self._hooks(layers, record):

@@ -40,15 +40,20 @@ def _columns(rows: Sequence[Row], columns: Sequence[str] | None) -> list[str]:
 
 
 def write_csv(rows: Sequence[Row], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
-    """Write `rows` as CSV with `columns` in that order (keys not in `columns` are left out; missing keys -> '')."""
+    """Write `rows` as CSV with `columns` in that order (keys not in `columns` are left out; missing keys -> '').
+
+    Atomic: written to a temporary name beside `path`, then renamed, so `path` never holds a partial table.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = _columns(rows, columns)
-    with path.open("w", newline="") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(cols)
         for row in rows:
             writer.writerow([format_value(row.get(col)) for col in cols])
+    os.replace(tmp, path)
     return path
 
 
@@ -67,11 +72,13 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None, pr
 def write_markdown(
     rows: Sequence[Row], path: str | os.PathLike, columns: Sequence[str] | None = None, title: str | None = None
 ) -> Path:
-    """Write `markdown_table(rows, columns)` to `path`, under a `# title` heading if given."""
+    """Write `markdown_table(rows, columns)` to `path`, under a `# title` heading if given (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     head = f"# {title}\n\n" if title else ""
-    path.write_text(head + markdown_table(rows, columns))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(head + markdown_table(rows, columns))
+    os.replace(tmp, path)
     return path
 
 

@@ -1,0 +1,365 @@
+"""The final benchmark: the float model vs RTN / GPTQ-Sequential / Qronos at several bit widths, one row each.
+
+For every variant (method × bits; `fp` once) the denoiser starts from a fresh copy of the float denoiser, is
+quantized block by block (the sequential driver, on one calibration set collected from the float model) or loaded
+from a saved checkpoint, and the pipeline generates the same prompts with the same per-image seeds. Each row holds
+image metrics vs the FP images (diffptq.eval.metrics), per-image latency and peak VRAM (CUDA only: empty on CPU),
+the in-memory size of the denoiser's weights and the calibration time. Tables and figures: benchmark_report.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffptq.errors import ConfigError
+from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
+from diffptq.eval.metrics import MetricOptions
+from diffptq.eval.metrics.common import as_uint8
+from diffptq.eval.sample import generate, image_seeds
+from diffptq.models import family_of, load_pipeline
+from diffptq.models.schedulers import set_scheduler
+from diffptq.quant.layers import quant_layers
+from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
+from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, score
+
+__all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "QuantSettings",
+           "Variant", "denoiser_size_bytes", "parse_bits", "parse_methods", "run_benchmark", "variants"]
+log = logging.getLogger("diffptq.benchmark")
+
+GIB = 2**30
+METHODS = ("fp", "rtn", "gptq", "qronos")
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: `method` (fp | rtn | gptq | qronos) at wbits/abits (None for fp; abits 16 = float activations)."""
+
+    method: str
+    wbits: int | None = None
+    abits: int | None = None
+
+    @property
+    def bits_name(self) -> str:
+        return "" if self.method == "fp" else f"w{self.wbits}a{self.abits}"
+
+    @property
+    def label(self) -> str:
+        return self.method if self.method == "fp" else f"{self.method} {self.bits_name}"
+
+
+def parse_methods(text: str) -> list[str]:
+    """'fp,rtn,gptq,qronos' -> the listed methods in that order (each once)."""
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not methods or any(m not in METHODS for m in methods):
+        raise ConfigError(f"--methods {text!r}: choose a comma list of {', '.join(METHODS)}")
+    return methods
+
+
+def parse_bits(text: str) -> list[tuple[int, int]]:
+    """'w4a8,w4a4' -> [(4, 8), (4, 4)]; 'w4' or 'w4a16' = float activations (abits 16)."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        w, sep, a = part.removeprefix("w").partition("a")
+        if not part.startswith("w") or not w.isdigit() or (sep and not a.isdigit()):
+            raise ConfigError(f"--bits {text!r}: expected a comma list like w4a8,w4a4 (w4 = float activations)")
+        wbits, abits = int(w), int(a) if sep else 16
+        if not 2 <= wbits <= 8 or not (2 <= abits <= 8 or abits == 16):
+            raise ConfigError(f"--bits {part}: weight bits 2..8, activation bits 2..8 or 16")
+        out.append((wbits, abits))
+    if not out:
+        raise ConfigError("--bits: give at least one setting, e.g. w4a8")
+    return list(dict.fromkeys(out))
+
+
+def variants(methods: Sequence[str], bits: Sequence[tuple[int, int]]) -> list[Variant]:
+    """fp first (once, if listed), then for each bit setting every quantization method in the given order."""
+    out = [Variant("fp")] if "fp" in methods else []
+    return out + [Variant(m, w, a) for w, a in bits for m in methods if m != "fp"]
+
+
+@dataclass
+class QuantSettings:
+    """How the quantized variants are made besides method and bits (the flags of diffptq.cli.add_quant_args)."""
+
+    act_quant: str = "static"
+    group_size: int | None = None
+    act_order: bool = False
+    damp: float | str = 0.01
+    blocks: str = "all"
+
+
+@dataclass
+class BenchmarkConfig:
+    """One benchmark run: n_images prompts (from `prompts_file`, else evaluation_prompts), image i with seed
+    `seed + i` in every variant. guidance_scale None: the model's own (family.call_kwargs). checkpoints: a folder of
+    saved checkpoints to evaluate instead of quantizing (variants without one are quantized); save_checkpoints: write
+    `<out_dir>/checkpoints/<method>_w<W>a<A>.safetensors`. latency_repeats: timed pipeline calls (CUDA only).
+    """
+
+    model: str
+    variants: list[Variant]
+    n_images: int = 64
+    prompts_file: str | None = None
+    seed: int = 0
+    num_inference_steps: int = 20
+    scheduler: str = "default"
+    guidance_scale: float | None = None
+    batch_size: int = 8
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    calib: Any = None  # diffptq.run.quantize.CalibConfig
+    checkpoints: str | None = None
+    save_checkpoints: bool = False
+    latency_repeats: int = 3
+    grid_columns: int = 8
+    progress: bool = True
+
+
+@dataclass
+class BenchmarkResult:
+    """rows: one dict per variant (ALL_COLUMNS and `label`); grid: each row's first images (uint8 (C,3,H,W));
+    prompts: the evaluation prompts (the grid's columns are the first C)."""
+
+    rows: list[dict[str, Any]]
+    grid: list[torch.Tensor]
+    prompts: list[str]
+
+
+def evaluation_prompts(pipe, path: str | None, n: int) -> list[str]:
+    """The n evaluation prompts: `path` (first n, cycling); else the model's own evaluation captions (bundled models,
+    diffptq.data.prompts.default_prompts); else the last n everyday captions, since calibration takes the first."""
+    from diffptq.data.prompts import default_prompts, load_prompts
+
+    if path is not None:
+        return load_prompts(path, n)
+    if getattr(pipe, "diffptq_prompts", None) is not None:
+        return default_prompts(pipe, n, "evaluation")
+    everyday = load_prompts()
+    return [everyday[-1 - (i % len(everyday))] for i in range(n)]
+
+
+def run_benchmark(cfg: BenchmarkConfig, out_dir: Path, device: torch.device, dtype: torch.dtype,
+                  metric_options: MetricOptions, accelerator: Any = None) -> BenchmarkResult:
+    """Evaluate every variant of `cfg` (see the module docstring).
+
+    Two phases: every process makes (its share of) every variant's images; then the process group is released and
+    the main process scores them (torchmetrics would otherwise sync its states with processes that are not
+    scoring). Images are kept as 8-bit between the phases (what a PNG holds), and all metrics see those.
+    Returns the rows on the main process, an empty result elsewhere.
+    """
+    main = accelerator is None or getattr(accelerator, "is_main_process", True)
+    pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
+    set_scheduler(pipe, cfg.scheduler)
+    prompts = evaluation_prompts(pipe, cfg.prompts_file, cfg.n_images)
+    made = list(_make_all(pipe, prompts, cfg, out_dir, device, dtype, accelerator, main))
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        accelerator.wait_for_everyone()
+        accelerator.destroy_process_group()
+    if not main:
+        return BenchmarkResult([], [], prompts)
+    passes = metric_passes(metric_options)
+    fp_images = next(images for variant, images, _ in made if variant.method == "fp")
+    rows, grid = [], []
+    for variant, images, fields in made:
+        if variant in cfg.variants:
+            rows.append({**fields, **score(passes, images, fp_images, prompts, variant.label, cfg.progress)})
+            grid.append(images[:cfg.grid_columns])
+    return BenchmarkResult(rows, grid, prompts)
+
+
+def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, device: torch.device,
+              dtype: torch.dtype, accelerator: Any, main: bool) -> Iterator[tuple[Variant, torch.Tensor, dict]]:
+    """For fp (always: the reference) and every variant: (variant, uint8 images (N,3,H,W), row fields but metrics).
+    Processes other than the main one yield no images."""
+    family = family_of(pipe)
+    fp_cpu = copy.deepcopy(family.denoiser(pipe)).to("cpu")  # the pristine float weights every variant starts from
+    ckpts = index_checkpoints(cfg.checkpoints, fp_cpu, family.name) if cfg.checkpoints else {}
+    calib = _Calibration(pipe, cfg.calib, cfg.progress and main)
+    seeds = image_seeds(len(prompts), cfg.seed)
+    n_time = min(cfg.batch_size, len(prompts))
+    wanted = cfg.variants if Variant("fp") in cfg.variants else [Variant("fp"), *cfg.variants]
+    for variant in wanted:
+        if variant.method == "fp":
+            denoiser, info = family.denoiser(pipe), {"source": "fp"}
+        else:
+            family.denoiser(pipe).to("cpu")  # the float weights leave the GPU: VRAM is measured per variant
+            denoiser, info = prepare_variant(pipe, fp_cpu, variant, cfg, calib, ckpts, out_dir, device, dtype, main)
+        make_all = partial(_generate, pipe, cfg, prompts, seeds, cfg.progress and main, accelerator,
+                           f"generate {variant.label}")
+        make_batch = partial(_generate, pipe, cfg, prompts[:n_time], seeds[:n_time], False)
+        with swapped_denoiser(pipe, denoiser):
+            images, peak = _measured(make_all, device)
+            latency = measure_latency(make_batch, images_per_call=n_time, repeats=cfg.latency_repeats, device=device)
+            den_latency = denoiser_latency(pipe, cfg, prompts[:n_time], device)
+            size = denoiser_size_bytes(denoiser)
+        if variant.method != "fp":
+            del denoiser
+            family.denoiser(pipe).to(device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        fields = {"method": variant.method, "label": variant.label, "dtype": DTYPE_NAMES[dtype],
+                  "wbits": variant.wbits, "abits": variant.abits, "model": cfg.model, "n_images": len(images),
+                  "latency_s": latency, "peak_vram_gb": None if peak is None else peak / GIB,
+                  "model_size_gb": size / GIB, "denoiser_latency_s": den_latency, "calib_time_s": None, **info}
+        yield variant, as_uint8(images) if main else images[:0], fields
+
+
+# ---- one variant --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def swapped_denoiser(pipe, denoiser: nn.Module) -> Iterator[nn.Module]:
+    """Run `pipe` with `denoiser` in place of its own; the original is put back afterwards.
+
+    A denoiser with TDQ activation quantizers (from a TDQ checkpoint) gets the per-step condition hook while in
+    place, as diffptq.io.load_quantized gives it.
+    """
+    attr = family_of(pipe).denoiser_attr
+    original = getattr(pipe, attr)
+    setattr(pipe, attr, denoiser)
+    tdq = any(getattr(layer.act_quant, "checkpoint_kind", None) == "tdq" for _, layer in quant_layers(denoiser))
+    if tdq:
+        from diffptq.tdq.inference import attach_tdq
+
+        attach_tdq(pipe)
+    try:
+        yield denoiser
+    finally:
+        if tdq:
+            from diffptq.tdq.inference import detach_tdq
+
+            detach_tdq(pipe)
+        setattr(pipe, attr, original)
+
+
+class _Calibration:
+    """The calibration set, collected from the float pipeline on first use and shared by all quantized variants."""
+
+    def __init__(self, pipe, calib_cfg, progress: bool) -> None:
+        self.pipe, self.cfg, self.progress, self._set = pipe, calib_cfg, progress, None
+
+    def get(self):
+        if self._set is None:
+            from diffptq.run.quantize import collect
+
+            self._set, seconds = collect(self.pipe, self.cfg, self.cfg.calib_steps, self.progress)
+            log.info("calibration set: %d records in %.1f s", len(self._set), seconds)
+        return self._set
+
+
+def quantize_variant(denoiser: nn.Module, pipe, variant: Variant, cfg: BenchmarkConfig, calib: _Calibration,
+                     device: torch.device, dtype: torch.dtype, progress: bool = True) -> float:
+    """Quantize `denoiser` (a float copy, on `device`, in place in `pipe`) with the sequential driver; returns
+    calib_time_s, the driver's wall time (the shared calibration set's collection excluded)."""
+    from diffptq.algo.sequential import quantize_sequential
+    from diffptq.cli import sequential_config
+    from diffptq.run.quantize import parse_blocks
+
+    family, q = family_of(pipe), cfg.quant
+    try:
+        blocks = parse_blocks(q.blocks, len(family.blocks(denoiser)))
+        flags = argparse.Namespace(method=variant.method, wbits=variant.wbits, abits=variant.abits,
+                                   group_size=q.group_size, act_quant=q.act_quant, damp=q.damp, act_order=q.act_order)
+        seq_cfg = sequential_config(flags, blocks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    calib_set = calib.get()
+    t0 = time.perf_counter()
+    quantize_sequential(denoiser, family, calib_set, seq_cfg, device, dtype, progress=progress)
+    return time.perf_counter() - t0
+
+
+def prepare_variant(pipe, fp_cpu: nn.Module, variant: Variant, cfg: BenchmarkConfig, calib: _Calibration,
+                    ckpts: dict[tuple, VariantCheckpoint], out_dir: Path, device: torch.device, dtype: torch.dtype,
+                    main: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh copy of the float denoiser on `device`, loaded or quantized for `variant`; and its row fields.
+    main: this is the main process, which writes the checkpoint (cfg.save_checkpoints) and shows progress."""
+    denoiser = copy.deepcopy(fp_cpu).to(device)
+    found = ckpts.get((variant.method, variant.wbits, variant.abits))
+    if found is not None:
+        load_into(denoiser, found, family_of(pipe).name)
+        return denoiser, {"calib_time_s": found.meta["quant"].get("calib_time_s"), "source": found.path.name,
+                          "checkpoint_gb": checkpoint_bytes(found.path) / GIB}
+    if cfg.checkpoints:
+        log.info("no checkpoint for %s in %s: quantizing", variant.label, cfg.checkpoints)
+    with swapped_denoiser(pipe, denoiser):
+        calib_s = quantize_variant(denoiser, pipe, variant, cfg, calib, device, dtype, cfg.progress and main)
+    info: dict[str, Any] = {"calib_time_s": calib_s, "source": "quantized", "checkpoint_gb": None}
+    if cfg.save_checkpoints:
+        path = out_dir / "checkpoints" / f"{variant.method}_{variant.bits_name}.safetensors"
+        if main:
+            save_variant(path, denoiser, pipe, cfg, variant, calib_s)
+            info["checkpoint_gb"] = checkpoint_bytes(path) / GIB
+    for _, layer in quant_layers(denoiser):  # as a loaded checkpoint: same outputs, no float copy of the weights
+        if layer.is_quantized:
+            layer.drop_float_weight()
+    return denoiser, info
+
+
+# ---- measurements -------------------------------------------------------------------------------------------------
+def denoiser_size_bytes(denoiser: nn.Module) -> int:
+    """Bytes of the denoiser's weights in memory as deployed.
+
+    Counted: every parameter/buffer at its stored dtype (float parts, biases, scales, zeros, activation quantizer
+    state); for each quantized layer its integer codes at their packed size (bits <= 4: two codes per byte, else one
+    byte per code: the checkpoint's format). Not counted (marked through the `_size_exclude` convention of
+    diffptq.eval.hardware): a quantized layer's float `weight` and its dequantized cache `weight_q`, and the unpacked
+    one-byte-per-code `weight_codes` kept in memory (replaced by the packed size).
+    """
+    packed = 0
+    for _, layer in quant_layers(denoiser):
+        if layer.is_quantized:
+            layer._size_exclude = ("weight", "weight_q", "weight_codes")
+            n = layer.weight_codes.numel()
+            packed += (n + 1) // 2 if layer.weight_spec.bits <= 4 else n
+    return module_bytes(denoiser) + packed
+
+
+class _Captured(Exception):
+    pass
+
+
+def denoiser_latency(pipe, cfg: BenchmarkConfig, prompts: Sequence[str], device: torch.device) -> float | None:
+    """Seconds per image spent in the denoiser: median of one forward on a captured CFG batch × steps / images.
+    None off CUDA (nothing is run)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    denoiser, captured = family_of(pipe).denoiser(pipe), {}
+
+    def grab(module, args, kwargs):
+        captured.update(args=args, kwargs=kwargs)
+        raise _Captured  # one call's inputs are enough: stop the pipeline
+
+    handle = denoiser.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        _generate(pipe, cfg, prompts, image_seeds(len(prompts), cfg.seed), progress=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        per_call = measure_latency(lambda: denoiser(*captured["args"], **captured["kwargs"]),
+                                   repeats=cfg.latency_repeats, device=device)
+    return None if per_call is None else per_call * cfg.num_inference_steps / len(prompts)
+
+
+def _generate(pipe, cfg: BenchmarkConfig, prompts: Sequence[str], seeds: Sequence[int], progress: bool,
+              accelerator: Any = None, desc: str = "generate") -> torch.Tensor:
+    return generate(pipe, prompts, seeds, cfg.batch_size, cfg.num_inference_steps, cfg.guidance_scale,
+                    accelerator=accelerator, progress=progress, desc=desc)
+
+
+def _measured(fn, device: torch.device) -> tuple[Any, int | None]:
+    """(fn(), peak VRAM bytes while it ran); the peak is None off CUDA (fn then runs unmeasured)."""
+    out: list[Any] = []
+    peak = measure_peak_vram(lambda: out.append(fn()), device)
+    return (out[0], peak) if out else (fn(), None)

@@ -1,0 +1,136 @@
+"""benchmark_final.py on tiny-dit: the metrics.csv columns and rows, empty cells where nothing can be measured, and
+--checkpoints reproducing the numbers of the run that quantized and saved them."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from diffptq.errors import ConfigError
+from diffptq.quant.layers import QuantConfig, swap_modules
+from diffptq.quant.quantizer import QuantSpec
+from diffptq.run.benchmark import (
+    ALL_COLUMNS,
+    COLUMNS,
+    Variant,
+    denoiser_size_bytes,
+    parse_bits,
+    parse_methods,
+    variants,
+)
+
+ISSUE_COLUMNS = ["method", "dtype", "wbits", "abits", "model", "n_images", "fid", "fid_features", "clip_score", "lpips",
+                 "psnr", "ssim", "prompt_acc", "latency_s", "peak_vram_gb", "model_size_gb", "calib_time_s"]
+N_IMAGES = 4
+
+
+def test_column_order_is_the_issues():
+    assert list(COLUMNS) == ISSUE_COLUMNS and list(ALL_COLUMNS[:len(COLUMNS)]) == ISSUE_COLUMNS
+    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled"
+
+
+def test_parse_methods_bits_and_variant_order():
+    assert parse_methods("fp, rtn,qronos,rtn") == ["fp", "rtn", "qronos"]
+    assert parse_bits("w4a8,W4A4,w3") == [(4, 8), (4, 4), (3, 16)]
+    for bad in ("w4x8", "a8", "w9a8", "w4a1", ""):
+        with pytest.raises(ConfigError):
+            parse_bits(bad)
+    with pytest.raises(ConfigError):
+        parse_methods("fp,awq")
+    got = variants(["fp", "rtn", "gptq"], [(4, 8), (4, 4)])
+    assert got == [Variant("fp"), Variant("rtn", 4, 8), Variant("gptq", 4, 8), Variant("rtn", 4, 4),
+                   Variant("gptq", 4, 4)]
+    assert got[0].label == "fp" and got[1].label == "rtn w4a8" and got[1].bits_name == "w4a8"
+
+
+def test_size_counts_packed_codes_not_float_caches():
+    model = nn.Sequential(nn.Linear(8, 4))
+    assert denoiser_size_bytes(model) == (8 * 4 + 4) * 4  # float32 weight + bias
+    (layer,) = swap_modules(model, QuantConfig(weight=QuantSpec(4))).values()
+    layer.set_quantized_weight(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), torch.zeros(4, 1))
+    # bias 16 + scale 16 + zero 16 (float32) + 32 int4 codes packed two per byte = 16; weight, weight_q excluded
+    assert denoiser_size_bytes(model) == 16 + 16 + 16 + 16
+
+
+def _run(args, tmp_path, name):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), "HF_HOME": str(tmp_path / "hf_home")}
+    out = tmp_path / name
+    cmd = [sys.executable, "qronos_diffusion/benchmark_final.py", "--model", "tiny-dit", "--n_images", str(N_IMAGES),
+           "--num_inference_steps", "2", "--n_calib", "2", "--calib_steps", "2", "--calib_batch_size", "2",
+           "--batch_size", "4", "--out_dir", str(out), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with (out / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out, rows, res
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run 1 quantizes and saves every variant; run 2 evaluates the saved checkpoints (a fake bundled evaluator)."""
+    from diffptq.models.bundled.evaluator import EvalNet, EvaluatorSpec, save_evaluator
+    from diffptq.models.bundled.sampling import eval_prompts
+
+    tmp = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    save_evaluator(EvalNet(EvaluatorSpec()), tmp / "evaluator")
+    (tmp / "scenes.txt").write_text("\n".join(eval_prompts(N_IMAGES)) + "\n")
+    common = ["--prompts", str(tmp / "scenes.txt"), "--evaluator", str(tmp / "evaluator")]
+    first = _run([*common, "--save_checkpoints"], tmp, "run1")
+    second = _run([*common, "--checkpoints", str(first[0])], tmp, "run2")
+    return first, second
+
+
+def test_one_row_per_method_and_bits_with_the_issues_columns(runs):
+    (out, rows, _), _ = runs
+    with (out / "metrics.csv").open(newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:len(ISSUE_COLUMNS)] == ISSUE_COLUMNS and header == list(ALL_COLUMNS)
+    assert [(r["method"], r["wbits"], r["abits"]) for r in rows] == [
+        ("fp", "", ""), ("rtn", "4", "8"), ("gptq", "4", "8"), ("qronos", "4", "8"),
+        ("rtn", "4", "4"), ("gptq", "4", "4"), ("qronos", "4", "4")]
+    assert {r["dtype"] for r in rows} == {"fp32"} and {r["model"] for r in rows} == {"tiny-dit"}
+    assert {r["n_images"] for r in rows} == {str(N_IMAGES)}
+    for name in ("metrics.md", "grid.png", "metrics.png", "config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "metrics.md").read_text().count("\n| ") == 2 + 7  # header, separator, 7 rows
+    assert json.loads((out / "config.json").read_text())["args"]["bits"] == "w4a8,w4a4"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(
+        f"{m}_{b}.safetensors" for m in ("rtn", "gptq", "qronos") for b in ("w4a8", "w4a4"))
+
+
+def test_cpu_leaves_latency_and_vram_empty_not_zero(runs):
+    (_, rows, _), _ = runs
+    for row in rows:
+        assert row["latency_s"] == "" and row["peak_vram_gb"] == "" and row["denoiser_latency_s"] == ""
+        assert float(row["model_size_gb"]) > 0
+    fp, quantized = rows[0], rows[1:]
+    assert fp["calib_time_s"] == "" and all(float(r["calib_time_s"]) > 0 for r in quantized)
+    assert all(float(r["model_size_gb"]) < float(fp["model_size_gb"]) for r in quantized)
+
+
+def test_skipped_metrics_are_empty_with_a_message(runs):
+    (_, rows, res), _ = runs
+    for metric in ("fid", "clip_score", "lpips"):
+        assert all(r[metric] == "" for r in rows), metric
+        assert f"{metric} skipped (value empty)" in res.stderr, metric
+    assert all(r["fid_features"] == "" for r in rows)
+    assert rows[0]["psnr"] == "inf" and rows[0]["ssim"] == "1"
+    assert all(0 < float(r["psnr"]) < float("inf") and 0 < float(r["ssim"]) < 1 for r in rows[1:])
+    # the injected (here random) bundled evaluator fills prompt_acc and fid_bundled
+    assert all(0 <= float(r["prompt_acc"]) <= 1 and r["fid_bundled"] != "" for r in rows)
+
+
+def test_checkpoints_reproduce_the_quantizing_run(runs):
+    (_, first, _), (_, second, res) = runs
+    assert "quantizing" not in res.stderr  # every variant came from a checkpoint
+    assert [r["source"] for r in second] == ["fp"] + [f"{r['method']}_w{r['wbits']}a{r['abits']}.safetensors"
+                                                      for r in second[1:]]
+    for a, b in zip(first, second, strict=True):
+        same = {k: v for k, v in a.items() if k != "source"}
+        assert same == {k: v for k, v in b.items() if k != "source"}, a["method"]  # psnr, ssim, calib_time_s ...
