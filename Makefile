@@ -23,7 +23,7 @@ demo: env
 	$(BIN)/python -m diffptq.demo
 
 test: env
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -p no:cacheprovider tests
 
 lint: env
 	$(BIN)/python -m ruff check diffptq tests qronos_diffusion LogSnr-DiT LogSnr-Unet benchmarks
