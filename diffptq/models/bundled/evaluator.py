@@ -2,9 +2,9 @@
 
 Its pooled trunk features (96-d, mean over the 8x8 map after the last ReLU) are the feature space of FID on the
 bundled models (`features`), and its heads read a scene back: the background colour from the pooled features, and
-for each of the 4 grid cells (2x2) whether an object is there and its shape, colour and size. `prompt_accuracy` counts an
-image right when every attribute of the caption's scene is read back (background, and for every cell: presence,
-and where an object is, its shape, colour and size), so a missing, extra or wrong object fails it.
+for each of the 4 cells of the 2x2 grid whether an object is there and its shape, colour and size. `prompt_accuracy`
+counts an image right when every attribute of the caption's scene is read back (background, and for every cell:
+presence, and where an object is, its shape, colour and size), so a missing, extra or wrong object fails it.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@
 `--out` defaults to diffptq/models/bundled/weights/<which> (vae: weights/vae, not committed: the pipelines carry it
 as their `vae` subfolder); `--vae` defaults to the committed weights/dit/vae. Training stops by itself after
 `--minutes` of wall clock (or `--steps`) and saves fp16 safetensors. Prints loss and steps/s as it goes.
+`--init DIR` continues a dit/unet from a saved pipeline. train_all.sh runs the whole recipe of the committed weights.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from diffptq.models.bundled.train_common import log
 DEFAULTS = {  # minutes, batch size, peak lr per model
     "vae": (1.25, 256, 1e-3),
     "evaluator": (1.0, 256, 2e-3),
-    "dit": (5.5, 1024, 1e-3),
-    "unet": (5.5, 1024, 8e-4),
+    "dit": (6.25, 1024, 1e-3),
+    "unet": (6.25, 1024, 8e-4),
 }
 
 
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", required=True, choices=tuple(DEFAULTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--minutes", type=float, help="wall-clock budget (default per model: vae 1.25, evaluator 1, dit 5.5, unet 5.5)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget (default: vae 1.25, evaluator 1, dit/unet 6.25)")
     p.add_argument("--steps", type=int, default=1_000_000, help="stop after this many steps at the latest")
     p.add_argument("--batch_size", type=int)
     p.add_argument("--lr", type=float)
