@@ -25,5 +25,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     for layer in layers.values():
         layer.drop_float_weight()
     pipe.to(device)
+    if any(e.get("act_kind") == "tdq" for e in meta["layers"]):
+        from diffptq.tdq.inference import attach_tdq
+
+        attach_tdq(pipe)  # per-step TDQ scales inside the pipeline's own sampling loop
     pipe.diffptq_checkpoint = meta
     return pipe

@@ -105,7 +105,7 @@ class StaticActQuantizer(ActQuantizer):
 
     def params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if not self.calibrated:
-            raise RuntimeError("StaticActQuantizer used before calibration: observe batches and call finish_calibration")
+            raise RuntimeError("StaticActQuantizer used before calibration: observe batches, then finish_calibration")
         return self.scale, self.zero
 
     def forward(self, x: Tensor) -> Tensor:
@@ -125,21 +125,25 @@ class DynamicActQuantizer(ActQuantizer):
 
 
 class TimeConditionedActQuantizer(ActQuantizer):
-    """Per-tensor symmetric scale predicted from a condition (timestep, log-SNR, ...), cached per sampling step.
+    """Per-tensor scale predicted from a condition (timestep, log-SNR, ...), cached per sampling step.
 
     scale_fn: nn.Module mapping a condition tensor (1,) to a positive scale (1,) (e.g. the TDQ MLP).
+    zero_fn: for asymmetric specs (required there), maps (condition, predicted scale), both (1,) or (B,), to integer
+    zero points of the same shape (e.g. the TDQ offset model); symmetric specs have zero 0.
     `set_condition(c)` evaluates scale_fn once (in the ambient grad mode) and caches the scale; forward reuses it.
     c may also be a 1-D tensor (B,) of per-sample conditions (mixed-timestep calibration batches): scale_fn runs
     once per distinct value and the scales broadcast over x's first dimension, which must then be B.
     Using the quantizer before any condition is set raises RuntimeError (there is no silent static fallback).
     """
 
-    def __init__(self, spec: QuantSpec, scale_fn: nn.Module, channel_dim: int = -1):
-        if not spec.symmetric:
-            raise ValueError("TimeConditionedActQuantizer supports symmetric specs only (the scale_fn predicts a scale)")
+    def __init__(self, spec: QuantSpec, scale_fn: nn.Module, channel_dim: int = -1, zero_fn: nn.Module | None = None):
+        if not spec.symmetric and zero_fn is None:
+            raise ValueError("TimeConditionedActQuantizer: an asymmetric spec needs zero_fn (symmetric specs do not)")
         super().__init__(spec, channel_dim)
         self.scale_fn = scale_fn
+        self.zero_fn = zero_fn
         self._scale: Tensor | None = None
+        self._zero: Tensor | None = None
         self._per_sample = False
 
     def _cond_tensor(self, c: Tensor | float) -> Tensor:
@@ -152,10 +156,15 @@ class TimeConditionedActQuantizer(ActQuantizer):
         ct = self._cond_tensor(c)
         if ct.numel() == 1:
             self._scale, self._per_sample = self._predict(ct.reshape(1)), False
-            return
-        values, inverse = torch.unique(ct.reshape(-1), return_inverse=True)
-        scales = torch.cat([self._predict(v.reshape(1)) for v in values])
-        self._scale, self._per_sample = scales[inverse], True
+        else:
+            values, inverse = torch.unique(ct.reshape(-1), return_inverse=True)
+            scales = torch.cat([self._predict(v.reshape(1)) for v in values])
+            self._scale, self._per_sample = scales[inverse], True
+        zero_fn = self.zero_fn
+        if zero_fn is None:
+            self._zero = torch.zeros_like(self._scale)
+        else:
+            self._zero = zero_fn(ct.reshape(-1), self._scale.detach()).float().reshape(self._scale.shape)
 
     def _predict(self, c: Tensor) -> Tensor:
         return self.scale_fn(c).reshape(1).float().clamp_min(MIN_SCALE)
@@ -171,4 +180,4 @@ class TimeConditionedActQuantizer(ActQuantizer):
             if x.shape[0] != scale.shape[0]:
                 raise ValueError(f"{scale.shape[0]} per-sample conditions for a batch of {x.shape[0]}")
             scale = scale.reshape(-1, *([1] * (x.dim() - 1)))
-        return scale, torch.zeros_like(scale)
+        return scale, self._zero.reshape(scale.shape)

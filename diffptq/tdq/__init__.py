@@ -5,7 +5,19 @@ fourier    Fourier features of the scalar condition
 scale_mlp  ScaleMLP: condition → positive scale(s), initialised at the static scale
 fit        per-condition optimal scales (MSE search) → trained ScaleMLP, with fit errors
 condition  denoiser pre-hook: current timestep → set_condition(c) on every conditioned quantizer
+calibrate  TdqActQuantizer (calibrated by the sequential driver), calibrate_tdq_pipeline
+inference  attach_tdq(pipe): the condition hook on a pipeline's denoiser, for any scheduler
+checkpoint build_tdq_act(entry): rebuild a TdqActQuantizer when loading a checkpoint
 """
+from .calibrate import (
+    CONDITIONS,
+    OffsetZero,
+    TdqActQuantizer,
+    TdqCalibration,
+    TdqConfig,
+    calibrate_tdq_pipeline,
+    tdq_quantizers,
+)
 from .condition import (
     ConditionHook,
     apply_condition,
@@ -29,6 +41,7 @@ from .fit import (
     zero_for_scale,
 )
 from .fourier import FourierFeatures, fourier_features, fourier_frequencies
+from .inference import attach_tdq, detach_tdq
 from .scale_mlp import ScaleMLP, softplus_inverse
 from .schedule import (
     AffineNormalizer,
@@ -43,6 +56,15 @@ from .schedule import (
 )
 
 __all__ = [
+    "CONDITIONS",
+    "TdqActQuantizer",
+    "TdqCalibration",
+    "TdqConfig",
+    "OffsetZero",
+    "attach_tdq",
+    "calibrate_tdq_pipeline",
+    "detach_tdq",
+    "tdq_quantizers",
     "AffineNormalizer",
     "ConditionFn",
     "ConditionHook",
