@@ -82,15 +82,16 @@ class _Recorder:
         self.signature = inspect.signature(denoiser.forward)
         self.storage, self.pin = storage, pin
         self.calls: list[dict] = []
-        self._shared: dict[tuple, torch.Tensor] = {}
+        self._shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _store(self, v):
         if isinstance(v, torch.Tensor):
             key = (v.data_ptr(), tuple(v.shape), v.dtype, v._version)
             if key not in self._shared:
                 t = v.detach().to(self.storage, copy=True)
-                self._shared[key] = t.pin_memory() if self.pin else t
-            return self._shared[key]
+                # keep the original alive: a freed tensor's address could be reused by a later, different tensor
+                self._shared[key] = (v, t.pin_memory() if self.pin else t)
+            return self._shared[key][1]
         if isinstance(v, dict):
             return {k: self._store(x) for k, x in v.items()}
         return v

@@ -29,5 +29,8 @@ def set_scheduler(pipe, name: str | None) -> None:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls, overrides = SCHEDULERS[name]
-    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    # always start from the pipeline's own scheduler config, so an earlier switch's overrides do not leak
+    if not hasattr(pipe, "diffptq_base_scheduler_config"):
+        pipe.diffptq_base_scheduler_config = dict(pipe.scheduler.config)
+    config = {k: v for k, v in pipe.diffptq_base_scheduler_config.items() if not k.startswith("_")}
     pipe.scheduler = cls.from_config({**config, **overrides})
