@@ -23,14 +23,16 @@ SCHEDULERS = {
 
 
 def set_scheduler(pipe, name: str | None) -> None:
-    """Replace `pipe.scheduler` by scheduler `name` (one of SCHEDULERS) on the same betas; None keeps it."""
-    if name is None or name == "default":
-        return
-    if name not in SCHEDULERS:
+    """Replace `pipe.scheduler` by scheduler `name` (one of SCHEDULERS) on the same betas. Every switch starts from
+    the pipeline's own scheduler, so an earlier switch's overrides do not leak; None or 'default' restores it."""
+    if name is not None and name != "default" and name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if not hasattr(pipe, "diffptq_base_scheduler"):
+        pipe.diffptq_base_scheduler = pipe.scheduler
+    base = pipe.diffptq_base_scheduler
+    if name is None or name == "default":
+        pipe.scheduler = base
+        return
     cls, overrides = SCHEDULERS[name]
-    # always start from the pipeline's own scheduler config, so an earlier switch's overrides do not leak
-    if not hasattr(pipe, "diffptq_base_scheduler_config"):
-        pipe.diffptq_base_scheduler_config = dict(pipe.scheduler.config)
-    config = {k: v for k, v in pipe.diffptq_base_scheduler_config.items() if not k.startswith("_")}
+    config = {k: v for k, v in base.config.items() if not k.startswith("_")}
     pipe.scheduler = cls.from_config({**config, **overrides})

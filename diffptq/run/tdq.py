@@ -115,12 +115,7 @@ def load_model(args: argparse.Namespace, run: Run, scheduler: str | None = None)
 
 
 def switch_scheduler(pipe, name: str) -> None:
-    """``set_scheduler(pipe, name)`` from the pipeline's original scheduler config, so that the overrides of an
-    earlier switch (karras sigmas, trailing spacing) do not carry over into the next one."""
-    base = getattr(pipe, "diffptq_base_scheduler", None)
-    if base is None:
-        base = pipe.diffptq_base_scheduler = pipe.scheduler
-    pipe.scheduler = base
+    """``set_scheduler(pipe, name)``; it always starts from the pipeline's own config (no leaked overrides)."""
     set_scheduler(pipe, name)
 
 

@@ -278,23 +278,9 @@ def sampling_kwargs(pipe) -> dict:
 
 def record_trajectories(pipe, prompts: list[str], num_steps: int, guidance_scale: float | None = None,
                         batch_size: int = 8, seed: int = 0, progress: bool = True) -> CalibrationSet:
-    """``data.calib.collect_calibration`` on ``pipe`` (its scheduler, CFG, ``sampling_kwargs``), keeping every
-    denoiser input tensor alive until the recording ends.
-
-    Why: the recorder shares tensors it has seen by (data_ptr, shape, dtype, version); once a step's latents are
-    freed, the next step's latents can be allocated at the same address and get the stale copy (measured: 1-3 of
-    80 records on the tiny models). Holding the originals makes their addresses unique for the recording.
-    """
-    family = family_of(pipe)
-    alive: list = []
-    handle = family.denoiser(pipe).register_forward_pre_hook(
-        lambda module, args, kwargs: alive.append((args, kwargs)), with_kwargs=True)
-    try:
-        return collect_calibration(pipe, prompts, num_steps, guidance_scale, batch_size, seed, progress=progress,
-                                   **sampling_kwargs(pipe))
-    finally:
-        handle.remove()
-        alive.clear()
+    """``data.calib.collect_calibration`` on ``pipe`` with its scheduler, CFG and ``sampling_kwargs``."""
+    return collect_calibration(pipe, prompts, num_steps, guidance_scale, batch_size, seed, progress=progress,
+                               **sampling_kwargs(pipe))
 
 
 # ---- end-to-end refinement ------------------------------------------------------------------------------------
