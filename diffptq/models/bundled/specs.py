@@ -56,6 +56,7 @@ class TrainConfig:
     high_noise_fraction: float = 0.0  # diffusion: share of timesteps drawn from the upper half only
     high_noise_weight: float = 1.0  # diffusion: loss weight up to this factor where SNR < 1 (layout, binding)
     seed: int = 0
+    compile: bool = False  # diffusion: torch.compile the loss (fewer kernel launches; falls back to eager on error)
     log_every: int = 200
     device: str = "cuda"
     extra: dict = field(default_factory=dict)

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=200)
+    p.add_argument("--compile", action="store_true", help="dit/unet: torch.compile the training step's loss")
     return p.parse_args(argv)
 
 
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(minutes=args.minutes or minutes, max_steps=args.steps, batch_size=args.batch_size or batch_size,
                       lr=args.lr or lr, pool_size=args.pool_size, seed=args.seed, log_every=args.log_every,
                       device=args.device, high_noise_fraction=args.high_noise_fraction,
-                      high_noise_weight=args.high_noise_weight, warmup=args.warmup)
+                      high_noise_weight=args.high_noise_weight, warmup=args.warmup,
+                      compile=args.compile)
     out = args.out or WEIGHTS_DIR / args.which
     if torch.cuda.is_available() and args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -53,6 +53,15 @@ def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
     return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
 
 
+def load_matching(dst: torch.nn.Module, src: torch.nn.Module) -> list[str]:
+    """Copy every entry of src's state dict into dst where name and shape agree (e.g. the transformer blocks of a
+    DiT of another patch size); returns the names of dst's entries left as they were."""
+    theirs, ours = src.state_dict(), dst.state_dict()
+    same = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    dst.load_state_dict(same, strict=False)
+    return sorted(k for k in ours if k not in same)
+
+
 @dataclass
 class Pool:
     """latents: (N,4,32,32) scaled by the VAE's scaling_factor; ids, mask: (N, L) token ids and attention mask."""
@@ -153,7 +162,9 @@ def train_diffusion(which: str, vae: AutoencoderKL, cfg: TrainConfig,
     torch.manual_seed(cfg.seed)
     pipe = build_untrained(which, vae, cfg.seed)
     if init is not None:
-        denoiser(pipe).load_state_dict(denoiser(init).state_dict())
+        skipped = load_matching(denoiser(pipe), denoiser(init))
+        if skipped:
+            log(f"{which}: --init weights of other shapes left at their fresh initialisation: {', '.join(skipped)}")
         pipe.text_encoder.load_state_dict(init.text_encoder.state_dict())
     pipe.to(device)
     model, text_encoder = denoiser(pipe), pipe.text_encoder
@@ -178,6 +189,13 @@ def train_diffusion(which: str, vae: AutoencoderKL, cfg: TrainConfig,
     ema = EMA([model, text_encoder], cfg.ema_decay)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     step, b = 0, cfg.batch_size
+
+    def eager_loss(xt, t, ids, mask, noise, weight):
+        with autocast(device):
+            pred = predict_noise(pipe, xt, t, encode_text(pipe, ids, mask), mask)
+        return (weight * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    loss_fn = torch.compile(eager_loss, dynamic=False) if cfg.compile else eager_loss
     good, good_step = [s.clone() for s in ema.shadow], 0
     while not budget.done(step):
         idx = torch.randint(0, len(pool.ids), (b,), device=device, generator=gen)
@@ -191,9 +209,14 @@ def train_diffusion(which: str, vae: AutoencoderKL, cfg: TrainConfig,
         snr = alphas[t] / (1 - alphas[t])
         weight = snr.clamp(max=MIN_SNR_GAMMA) / snr * (1 / snr).clamp(1.0, cfg.high_noise_weight)
         set_lr(opt, lr_at(cfg, step, budget.progress(step)))
-        with autocast(device):
-            pred = predict_noise(pipe, xt, t, encode_text(pipe, ids, mask), mask)
-        loss = (weight * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        try:
+            loss = loss_fn(xt, t, ids, mask, noise, weight)
+        except Exception as err:  # noqa: BLE001 - a compiler failure must not cost the run: fall back to eager
+            if loss_fn is eager_loss:
+                raise
+            log(f"{which}: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); training eagerly")
+            loss_fn = eager_loss
+            loss = loss_fn(xt, t, ids, mask, noise, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
