@@ -1,6 +1,8 @@
 """Quantize a PixArt-alpha or SD 1.5 denoiser block by block with RTN, GPTQ-Sequential or Qronos.
 
 Example: python qronos_diffusion/quantize_qronos_4blocks.py --model bundled-dit --method qronos --wbits 4 --abits 8
+W4A4: --abits 4 --act_quant dynamic --rotate hadamard (per-token 4-bit activations behind an online Hadamard
+rotation of every quantized layer's input; the rotation is saved in the checkpoint).
 Writes into --out_dir: the checkpoint (--save_path, default <out_dir>/checkpoint.safetensors), layers.csv/.md,
 summary.csv/.md and config.json.
 """
@@ -25,6 +27,7 @@ from diffptq.eval.report import write_csv, write_markdown
 from diffptq.io.checkpoint import save_quantized
 from diffptq.models import family_of, load_pipeline
 from diffptq.models.schedulers import set_scheduler
+from diffptq.quant.rotation import ROTATIONS
 from diffptq.run.quantize import LAYER_COLUMNS, SUMMARY_COLUMNS, parse_blocks, quantize_pipeline
 
 log = logging.getLogger("quantize")
@@ -36,6 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_quant_args(p)
     p.add_argument("--blocks", default="4", help="'4' = the first four blocks (default), 'all', '0-7' or '0-3,8'")
     p.add_argument("--save_path", default=None, help="checkpoint file (safetensors; a .pt name is accepted)")
+    p.add_argument("--rotate", default="none", choices=["none", *ROTATIONS],
+                   help="online input rotation y = (W R)(Rᵀx) of every quantized Linear, applied before GPTQ/Qronos "
+                        "and the activation quantizer (default: %(default)s)")
+    p.add_argument("--rotate_conv", action="store_true", help="rotate the quantized Conv2d layers' inputs too")
+    p.add_argument("--rotate_seed", type=int, default=0, help="seed of the rotation's random signs and mixing")
     return p.parse_args(argv)
 
 
@@ -51,12 +59,14 @@ def main(argv=None) -> None:
     except ValueError as err:
         raise DiffptqError(str(err)) from None
     calib_cfg = calib_config(args)
-    q = quantize_pipeline(pipe, cfg, calib_cfg, run.device, run.dtype)
+    rotate = None if args.rotate == "none" else args.rotate
+    q = quantize_pipeline(pipe, cfg, calib_cfg, run.device, run.dtype, rotate=rotate, rotate_seed=args.rotate_seed,
+                          rotate_conv=args.rotate_conv)
     save_path = Path(args.save_path) if args.save_path else run.out_dir / "checkpoint.safetensors"
     quant_meta = {"method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
                   "act_quant": cfg.act_kind, "group_size": cfg.weight.group_size, "damp": cfg.damp,
-                  "act_order": cfg.act_order, "blocks": blocks, "n_calib": args.n_calib,
-                  "calib_steps": args.calib_steps, "seed": args.seed}
+                  "act_order": cfg.act_order, "rotate": q.rotate, "rotate_seed": args.rotate_seed, "blocks": blocks,
+                  "n_calib": args.n_calib, "calib_steps": args.calib_steps, "seed": args.seed}
     save_quantized(save_path, family.denoiser(pipe), {"source": args.model, "family": family.name,
                                                       "pipeline_class": type(pipe).__name__}, quant_meta)
     layers = q.layer_rows()

@@ -5,7 +5,10 @@ Tensors, per quantized layer `<name>` of the denoiser:
   `<name>.scale`, `<name>.zero`  float32 (out, n_groups)
   `<name>.act.<key>`  the activation quantizer's state (static scale/zero, or a TDQ MLP's parameters)
 Metadata key `diffptq`: JSON with the format version, the base model (source, family, pipeline class, hash of the
-denoiser config), the quantization settings and one entry per layer (shape, kind, weight spec, activation kind).
+denoiser config), the quantization settings and one entry per layer (shape, kind, weight spec, activation kind,
+and `rotation`: {kind, size, seed} of an online input rotation, from which it is rebuilt, or absent/null).
+Version 2 added `rotation`. A file without rotated layers is written as version 1, which older readers load; one
+with rotations as version 2, which they refuse rather than silently drop the rotation. Both versions are read.
 Nothing is ever unpickled: a file that is not safetensors is refused with a clear error.
 """
 from __future__ import annotations
@@ -25,9 +28,11 @@ from diffptq.errors import DiffptqError
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
 from diffptq.quant.layers import QuantLayer, QuantLinear, quant_layers
 from diffptq.quant.quantizer import QuantSpec, pack_codes, unpack_codes
+from diffptq.quant.rotation import make_rotation
 
 FORMAT = "diffptq-checkpoint"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 class CheckpointError(DiffptqError):
@@ -60,6 +65,7 @@ def layer_entry(name: str, layer: QuantLayer) -> dict:
         "act_kind": _act_kind(aq),
         "act_spec": asdict(aq.spec) if aq is not None else None,
         "act_extra": aq.checkpoint_config() if hasattr(aq, "checkpoint_config") else None,
+        "rotation": layer.rotation.config() if layer.rotation is not None else None,
     }
 
 
@@ -84,7 +90,8 @@ def save_quantized(path: str | Path, denoiser: nn.Module, base: dict, quant: dic
         layers.append(layer_entry(name, layer))
     if not layers:
         raise CheckpointError("nothing to save: the model has no quantized layer")
-    meta = {"format": FORMAT, "version": VERSION, "base": {**base, "config_hash": config_hash(denoiser)},
+    version = VERSION if any(e["rotation"] for e in layers) else 1
+    meta = {"format": FORMAT, "version": version, "base": {**base, "config_hash": config_hash(denoiser)},
             "quant": quant, "layers": layers}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,9 +127,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = json.loads(raw)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: corrupted diffptq metadata ({err})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READ_VERSIONS:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')} v{meta.get('version')} "
-                              f"(this diffptq reads {FORMAT} v{VERSION})")
+                              f"(this diffptq reads {FORMAT} v{', v'.join(map(str, READ_VERSIONS))})")
     return meta, tensors
 
 
@@ -144,7 +151,8 @@ def apply_checkpoint(denoiser: nn.Module, meta: dict, tensors: dict[str, torch.T
     """Swap the checkpoint's layers into `denoiser` and load codes, scales and activation states.
 
     act_builder(entry) -> ActQuantizer | None builds activation quantizers of kinds other than static/dynamic
-    (e.g. TDQ). Returns {name: QuantLayer}.
+    (e.g. TDQ). A layer's recorded rotation is rebuilt and applied to the base float weight before its codes are
+    loaded. Returns {name: QuantLayer}.
     """
     from diffptq.quant.layers import QuantConv2d
 
@@ -168,14 +176,17 @@ def apply_checkpoint(denoiser: nn.Module, meta: dict, tensors: dict[str, torch.T
             module.act_quant, module.weight_spec = act, wspec
         shape = (entry["weight_shape"][0], int(torch.tensor(entry["weight_shape"][1:]).prod()))
         try:
+            rot = entry.get("rotation")  # before the codes: they are in the rotated basis
+            module.set_rotation(make_rotation(**rot) if rot else None)
             codes = unpack_codes(tensors[f"{name}.codes"], shape, wspec)
             module.set_quantized_weight(codes, tensors[f"{name}.scale"], tensors[f"{name}.zero"])
             if act is not None:
                 state = {k[len(name) + 5:]: v for k, v in tensors.items() if k.startswith(f"{name}.act.")}
                 act.load_state_dict(state)
                 act.to(module.weight.device)
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"layer {name}: checkpoint tensors are missing or malformed ({err})") from None
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise CheckpointError(f"layer {name}: checkpoint tensors or rotation are missing or malformed ({err})"
+                                  ) from None
         out[name] = module
     return out
 

@@ -114,6 +114,8 @@ def _fp8_act_mode(layer: QuantLinear, act_mode: str) -> str:
 
 def _convert_layer(layer: QuantLayer, path: str, cfg: InferenceConfig) -> tuple[nn.Module | None, str]:
     """(new module or None to keep the layer, reason when kept)."""
+    if getattr(layer, "rotation", None) is not None:  # the kernel modules do not rotate their inputs
+        return None, "online input rotation (kept as fake-quant)"
     if path == "w4a8":
         reason = fp8_unsupported_reason(layer)
         if reason is None:

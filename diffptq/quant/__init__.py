@@ -1,4 +1,5 @@
-"""Quantization primitives: integer grids (quantizer), activation quantizers (act), quantized layers (layers)."""
+"""Quantization primitives: integer grids (quantizer), activation quantizers (act), quantized layers (layers),
+online input rotations (rotation)."""
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer, TimeConditionedActQuantizer
 from diffptq.quant.layers import (
     QuantConfig,
@@ -8,6 +9,7 @@ from diffptq.quant.layers import (
     float_mode,
     name_matches,
     quant_layers,
+    rotate_layers,
     set_quant_enabled,
     swap_modules,
 )
@@ -25,10 +27,13 @@ from diffptq.quant.quantizer import (
     unpack_codes,
     unpack_int4,
 )
+from diffptq.quant.rotation import ROTATIONS, HadamardRotation, make_rotation
 
 __all__ = [
+    "ROTATIONS",
     "ActQuantizer",
     "DynamicActQuantizer",
+    "HadamardRotation",
     "QuantConfig",
     "QuantConv2d",
     "QuantLayer",
@@ -41,6 +46,7 @@ __all__ = [
     "fake_quant",
     "fit_rows",
     "fit_weight_params",
+    "make_rotation",
     "float_mode",
     "name_matches",
     "pack_codes",
@@ -48,6 +54,7 @@ __all__ = [
     "params_from_range",
     "quant_layers",
     "quantize_codes",
+    "rotate_layers",
     "set_quant_enabled",
     "swap_modules",
     "unpack_codes",

@@ -6,6 +6,12 @@ and, once quantized, integer codes with their scale and zero as buffers:
   weight_codes (out, in·k·k) int8/uint8, weight_scale / weight_zero (out, n_groups) float32 — saved in state dicts;
   weight_q: the dequantized weight in the layer's shape and dtype (derived, not saved; rebuilt on load).
 forward = act_quant(x), then the layer op with weight_q (if quantized and `quant_weight`) else the float weight.
+
+Optional online rotation (`set_rotation`, diffptq.quant.rotation): the layer then holds the rotated float weight
+W R (R orthonormal over the input channels) and a forward pre-hook, run before any other, turns its input x into
+Rᵀx. Everything that sees the layer's input through the module (activation quantizer, hooks that record H and G,
+rel_out_err) thus sees the rotated input its weights act on, and codes are those of W R: y = (W R)(Rᵀx) = W x.
+Linear rotates the last dimension, Conv2d the channel dimension (per pixel, which commutes with the convolution).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from torch import Tensor, nn
 
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
 from diffptq.quant.quantizer import QuantSpec, check_group_size, dequantize
+from diffptq.quant.rotation import ROTATIONS, HadamardRotation, make_rotation
 
 log = logging.getLogger(__name__)
 _CODE_BUFFERS = ("weight_codes", "weight_scale", "weight_zero")
@@ -42,6 +49,40 @@ class QuantLayer:
         for name in _CODE_BUFFERS:
             self.register_buffer(name, None)
         self.register_buffer("weight_q", None, persistent=False)
+        self.rotation: HadamardRotation | None = None
+        self._rotation_hook = None
+
+    @property
+    def channel_dim(self) -> int:
+        """The input dimension holding features: -1 (Linear) or 1 (Conv2d)."""
+        return 1 if isinstance(self, nn.Conv2d) else -1
+
+    @torch.no_grad()
+    def set_rotation(self, rotation: HadamardRotation | None) -> None:
+        """Rotate this layer's input by `rotation` (None: remove a rotation); the float weight becomes W R.
+
+        Call before quantizing: codes already stored are in the basis they were made in and are kept as they are
+        (a checkpoint loader sets the rotation, then the codes). The weight becomes a new Parameter, so a module
+        that shared the old one (the float layer this one replaced) keeps its weight.
+        """
+        if rotation is self.rotation:  # make_rotation shares one instance per (kind, size, seed)
+            return
+        if rotation is not None and rotation.size != self.weight.shape[1]:
+            raise ValueError(f"rotation of size {rotation.size} for a layer with {self.weight.shape[1]} inputs")
+        w = self.weight.detach().double()
+        if self.rotation is not None:
+            w = self.rotation.unrotate(w, 1)
+            self._rotation_hook.remove()
+            self._rotation_hook = None
+        if rotation is not None:
+            w = rotation.rotate(w, 1)
+            # prepend: hooks registered before or after this one (the driver's H/G recorders) see Rᵀx
+            self._rotation_hook = self.register_forward_pre_hook(self._rotate_input, prepend=True)
+        self.rotation = rotation
+        self.weight = nn.Parameter(w.to(self.weight.dtype), requires_grad=self.weight.requires_grad)
+
+    def _rotate_input(self, module: nn.Module, args: tuple) -> tuple:
+        return (self.rotation.rotate_input(args[0], self.channel_dim), *args[1:])
 
     @property
     def is_quantized(self) -> bool:
@@ -79,7 +120,9 @@ class QuantLayer:
         return self.weight_q if (self.quant_weight and self.weight_q is not None) else self.weight
 
     def quant_input(self, x: Tensor) -> Tensor:
-        """The input as the matmul sees it (after act_quant when present): accumulate H and G from this."""
+        """The input as the matmul sees it (after act_quant when present): accumulate H and G from this.
+
+        x is the input the forward pass receives, i.e. already rotated when the layer has a rotation."""
         return self.act_quant(x) if self.act_quant is not None else x
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -141,6 +184,9 @@ class QuantConfig:
     include / skip: patterns on qualified module names; glob (fnmatch, e.g. "*.attn1.*"), or a regex searched in
       the name when prefixed with "re:". A module is swapped if it matches an include and no skip pattern.
     linear / conv: which module types to swap. Grouped convolutions are skipped with a warning.
+    rotate: an online input rotation for every swapped Linear (None, or a kind of diffptq.quant.rotation, e.g.
+      "hadamard"), built from the layer's input width and `rotate_seed`; see QuantLayer.set_rotation. Conv2d
+      layers too when `rotate_conv` (off by default: on the bundled UNet rotating them raised the W4A4 error).
     """
 
     weight: QuantSpec | None = None
@@ -151,10 +197,15 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     linear: bool = True
     conv: bool = True
+    rotate: str | None = None
+    rotate_seed: int = 0
+    rotate_conv: bool = False
 
     def __post_init__(self) -> None:
         if self.act_kind not in ("static", "dynamic"):
             raise ValueError(f"QuantConfig.act_kind must be 'static' or 'dynamic', got {self.act_kind!r}")
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise ValueError(f"QuantConfig.rotate must be None or one of {ROTATIONS}, got {self.rotate!r}")
 
 
 def name_matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
@@ -206,10 +257,24 @@ def swap_modules(model: nn.Module, config: QuantConfig) -> dict[str, QuantLayer]
         if act is not None:
             act.to(module.weight.device)
         new = QuantLinear(module, act, config.weight) if is_linear else QuantConv2d(module, act, config.weight)
+        if config.rotate is not None:
+            rotate_layers({name: new}, config.rotate, config.rotate_seed, config.rotate_conv)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         swapped[name] = new
     return swapped
+
+
+def rotate_layers(layers: dict[str, QuantLayer], kind: str, seed: int = 0, conv: bool = False) -> None:
+    """Give each not yet quantized QuantLinear (and QuantConv2d when `conv`) the rotation `kind` of its input width
+    (one R per width and seed). Raises ValueError naming a layer that is already quantized (its codes were made
+    without the rotation)."""
+    for name, layer in layers.items():
+        if isinstance(layer, QuantConv2d) and not conv:
+            continue
+        if layer.is_quantized:
+            raise ValueError(f"{name}: rotate before quantizing (the layer already holds codes)")
+        layer.set_rotation(make_rotation(kind, layer.weight.shape[1], seed))
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:

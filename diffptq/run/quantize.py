@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffptq.algo.sequential import SequentialConfig, SequentialResult, denoiser_output_error, quantize_sequential
+from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer, SequentialResult, denoiser_output_error
 from diffptq.data.calib import CalibrationSet, collect_calibration
 from diffptq.data.prompts import default_prompts, load_prompts
 from diffptq.errors import ConfigError
 from diffptq.models.families import family_of
+from diffptq.quant.layers import rotate_layers
 
 LAYER_COLUMNS = ("block", "layer", "method", "wbits", "abits", "damp", "rel_out_err")
-SUMMARY_COLUMNS = ("method", "wbits", "abits", "act_quant", "group_size", "blocks", "n_layers", "n_fallback",
+SUMMARY_COLUMNS = ("method", "wbits", "abits", "act_quant", "rotate", "group_size", "blocks", "n_layers", "n_fallback",
                    "calib_time_s", "collect_time_s", "peak_vram_gb", "peak_host_gb", "mean_rel_out_err",
                    "final_denoiser_err")
 
@@ -40,6 +41,7 @@ class QuantizationRun:
     collect_time_s: float
     calib_time_s: float
     final_err_per_step: dict[int, float] = field(default_factory=dict)
+    rotate: str | None = None
 
     def layer_rows(self) -> list[dict]:
         return [{"block": r.block, "layer": r.layer, "method": "rtn-fallback" if r.fell_back else r.method,
@@ -52,7 +54,7 @@ class QuantizationRun:
         peak = self.result.peak_vram_bytes
         return {
             "method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
-            "act_quant": cfg.act_kind if cfg.act else None, "group_size": cfg.weight.group_size,
+            "act_quant": cfg.act_kind if cfg.act else None, "rotate": self.rotate, "group_size": cfg.weight.group_size,
             "blocks": blocks_text, "n_layers": len(self.result.layers),
             "n_fallback": sum(r.fell_back for r in self.result.layers),
             "calib_time_s": self.calib_time_s, "collect_time_s": self.collect_time_s,
@@ -117,17 +119,26 @@ def collect(pipe, calib_cfg: CalibConfig, num_steps: int, progress: bool = True)
 
 
 def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, device: torch.device,
-                      dtype: torch.dtype, progress: bool = True) -> QuantizationRun:
+                      dtype: torch.dtype, progress: bool = True, rotate: str | None = None,
+                      rotate_seed: int = 0, rotate_conv: bool = False) -> QuantizationRun:
     """Collect calibration data, quantize the denoiser in place, and measure the final denoiser-output error vs
-    float over the held-out calibration records (per sampling step)."""
+    float over the held-out calibration records (per sampling step).
+
+    rotate: an online input rotation ("hadamard") for every quantized Linear (and Conv2d when rotate_conv), set
+    between the driver's module swap and the quantization (the driver's swap is idempotent), so H, G and the
+    activation quantizers see Rᵀx."""
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
     blocks = cfg.blocks if cfg.blocks is not None else list(range(len(family.blocks(denoiser))))
     check_group_size(pipe, blocks, cfg.weight.group_size)
     calib, collect_s = collect(pipe, calib_cfg, calib_cfg.calib_steps, progress)
     t0 = time.perf_counter()
-    result = quantize_sequential(denoiser, family, calib, cfg, device, dtype, progress=progress)
+    driver = SequentialQuantizer(denoiser, family, calib, cfg, device, dtype, progress=progress)
+    if rotate is not None:
+        rotate_layers(driver.swap(), rotate, rotate_seed, rotate_conv)
+    result = driver.run()
     calib_s = time.perf_counter() - t0
     _, held = calib.split(cfg.holdout_every)
     final = denoiser_output_error(denoiser, held if len(held) else calib, device, dtype)
-    return QuantizationRun(result, calib, collect_s, calib_s, final)
+    return QuantizationRun(result, calib, collect_s, calib_s, final,
+                           None if rotate is None else rotate + ("+conv" if rotate_conv else ""))

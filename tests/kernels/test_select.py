@@ -106,3 +106,20 @@ def test_auto_act_mode_follows_each_layers_quantizer(tiny):
         InferenceConfig(act_mode="per_row")
     with pytest.raises(ValueError, match="path"):
         convert_for_inference(den, "int8")
+
+
+@pytest.mark.parametrize("path", ["w4a8", "w4"])
+def test_rotated_layers_stay_fake_quant(tiny, path):
+    """The kernel modules take no input rotation: a layer with one is kept as it is (with its rotation), the others
+    are converted."""
+    from diffptq.quant.rotation import make_rotation
+
+    _, _, den, inputs = tiny()
+    layers = dict(quant_layers(den))
+    name, layer = next((n, m) for n, m in layers.items() if isinstance(m, nn.Linear))
+    layer.set_rotation(make_rotation("hadamard", layer.weight.shape[1], 0))  # as a checkpoint loader sets it
+    result = convert_for_inference(den, path, config=InferenceConfig(force=True))
+    assert "rotation" in result.kept[name]
+    assert dict(quant_layers(den)) == {name: layer} and layer.rotation is not None
+    with torch.no_grad():
+        assert torch.isfinite(den(**inputs).sample).all()
