@@ -236,6 +236,28 @@ def add_quant_args(parser: argparse.ArgumentParser, method_flag: str = "--method
     parser.add_argument("--calib_batch_size", type=positive_int, default=8, help="prompts per calibration batch")
     parser.add_argument("--prompts", default=None, help="prompt file, one per line (default: bundled captions)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    add_rotation_args(parser)
+
+
+def add_rotation_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--rotate, --rotate_conv, --rotate_seed: the online input rotation of diffptq.quant.rotation (see
+    rotation_kwargs)."""
+    from diffptq.quant.rotation import ROTATIONS
+
+    parser.add_argument("--rotate", default="none", choices=["none", *ROTATIONS],
+                        help="online input rotation y = (W R)(Rᵀx) of every quantized Linear, applied before "
+                             "GPTQ/Qronos and the activation quantizer (default: %(default)s)")
+    parser.add_argument("--rotate_conv", action="store_true", help="rotate the quantized Conv2d layers' inputs too")
+    parser.add_argument("--rotate_seed", type=int, default=0, help="seed of the rotation's random signs and mixing")
+
+
+def rotation_kwargs(args: argparse.Namespace) -> dict:
+    """{rotate, rotate_seed, rotate_conv} from the flags of add_rotation_args, as quantize_pipeline takes them
+    (rotate None for 'none'). --rotate_conv without a rotation is an error, not ignored."""
+    rotate = None if args.rotate == "none" else args.rotate
+    if rotate is None and args.rotate_conv:
+        raise DiffptqError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard")
+    return {"rotate": rotate, "rotate_seed": args.rotate_seed, "rotate_conv": args.rotate_conv}
 
 
 def sequential_config(args: argparse.Namespace, blocks: list[int] | None):

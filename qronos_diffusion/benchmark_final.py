@@ -1,7 +1,8 @@
 """FP vs RTN / GPTQ-Sequential / Qronos: image metrics, latency, memory and size, one row per method × bits.
 
 Example: python qronos_diffusion/benchmark_final.py --model bundled-dit --methods fp,rtn,gptq,qronos --bits w4a8,w4a4
-Re-evaluate saved checkpoints: add --save_checkpoints to a first run, then --checkpoints <its out_dir>.
+Re-evaluate saved checkpoints: add --save_checkpoints to a first run, then --checkpoints <its out_dir> (each is
+evaluated as saved, its rotation included). W4A4: --bits w4a4 --act_quant dynamic --rotate hadamard.
 Several processes, each generating a slice of the prompts: accelerate launch --num_processes 2 this_script ... on
 GPUs (one per process); on a CPU host accelerate launch --multi_gpu --num_processes 2 (or torchrun --nproc_per_node 2)
 this_script ... --device cpu (gloo).
@@ -19,11 +20,13 @@ import torch
 from diffptq.cli import (
     Run,
     add_common_args,
+    add_rotation_args,
     damp_value,
     file_sha256,
     finish_run,
     positive_int,
     resolve_dtype,
+    rotation_kwargs,
     run_main,
     start_run,
 )
@@ -60,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--calib_batch_size", type=positive_int, default=8)
     q.add_argument("--calib_prompts", default=None,
                    help="calibration prompt file (default: the model's calibration captions)")
+    add_rotation_args(q)
     m = p.add_argument_group("metrics (a metric whose weights are absent is left empty, with one message)")
     m.add_argument("--fid_weights", default=None, help="Inception FID weights (default: the torch-fidelity cache)")
     m.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP hub id in the HF cache or a local folder")
@@ -84,6 +88,7 @@ def shared_run(args: argparse.Namespace):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    rotation = rotation_kwargs(args)
     run, state = shared_run(args)
     is_main = state is None or state.is_main_process
     cfg = bench.BenchmarkConfig(
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
         num_inference_steps=args.num_inference_steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, checkpoints=args.checkpoints, save_checkpoints=args.save_checkpoints,
         latency_repeats=args.latency_repeats,
-        quant=bench.QuantSettings(args.act_quant, args.group_size, args.act_order, args.damp, args.blocks),
+        quant=bench.QuantSettings(args.act_quant, args.group_size, args.act_order, args.damp, args.blocks, **rotation),
         calib=CalibConfig(args.n_calib, args.calib_steps, args.calib_batch_size, args.guidance_scale,
                           args.calib_prompts, args.seed))
     options = MetricOptions(

@@ -18,6 +18,7 @@ from diffptq.cli import (
     calib_config,
     file_sha256,
     finish_run,
+    rotation_kwargs,
     run_main,
     sequential_config,
     start_run,
@@ -27,7 +28,6 @@ from diffptq.eval.report import write_csv, write_markdown
 from diffptq.io.checkpoint import save_quantized
 from diffptq.models import family_of, load_pipeline
 from diffptq.models.schedulers import set_scheduler
-from diffptq.quant.rotation import ROTATIONS
 from diffptq.run.quantize import LAYER_COLUMNS, SUMMARY_COLUMNS, parse_blocks, quantize_pipeline
 
 log = logging.getLogger("quantize")
@@ -39,16 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_quant_args(p)
     p.add_argument("--blocks", default="4", help="'4' = the first four blocks (default), 'all', '0-7' or '0-3,8'")
     p.add_argument("--save_path", default=None, help="checkpoint file (safetensors; a .pt name is accepted)")
-    p.add_argument("--rotate", default="none", choices=["none", *ROTATIONS],
-                   help="online input rotation y = (W R)(Rᵀx) of every quantized Linear, applied before GPTQ/Qronos "
-                        "and the activation quantizer (default: %(default)s)")
-    p.add_argument("--rotate_conv", action="store_true", help="rotate the quantized Conv2d layers' inputs too")
-    p.add_argument("--rotate_seed", type=int, default=0, help="seed of the rotation's random signs and mixing")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    rotation = rotation_kwargs(args)
     run = start_run(args, "quantize_qronos_4blocks")
     pipe = load_pipeline(args.model, dtype=run.dtype, device=run.device)
     set_scheduler(pipe, args.scheduler)
@@ -59,9 +55,7 @@ def main(argv=None) -> None:
     except ValueError as err:
         raise DiffptqError(str(err)) from None
     calib_cfg = calib_config(args)
-    rotate = None if args.rotate == "none" else args.rotate
-    q = quantize_pipeline(pipe, cfg, calib_cfg, run.device, run.dtype, rotate=rotate, rotate_seed=args.rotate_seed,
-                          rotate_conv=args.rotate_conv)
+    q = quantize_pipeline(pipe, cfg, calib_cfg, run.device, run.dtype, **rotation)
     save_path = Path(args.save_path) if args.save_path else run.out_dir / "checkpoint.safetensors"
     quant_meta = {"method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
                   "act_quant": cfg.act_kind, "group_size": cfg.weight.group_size, "damp": cfg.damp,

@@ -29,12 +29,12 @@ from diffptq.eval.metrics.common import as_uint8
 from diffptq.eval.sample import generate, image_seeds
 from diffptq.models import family_of, load_pipeline
 from diffptq.models.schedulers import set_scheduler
-from diffptq.quant.layers import quant_layers
+from diffptq.quant.layers import quant_layers, rotate_layers
 from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
 from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, score
 
 __all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "QuantSettings",
-           "Variant", "denoiser_size_bytes", "parse_bits", "parse_methods", "run_benchmark", "variants"]
+           "Variant", "denoiser_size_bytes", "parse_bits", "parse_methods", "rotation_of", "run_benchmark", "variants"]
 log = logging.getLogger("diffptq.benchmark")
 
 GIB = 2**30
@@ -91,13 +91,23 @@ def variants(methods: Sequence[str], bits: Sequence[tuple[int, int]]) -> list[Va
 
 @dataclass
 class QuantSettings:
-    """How the quantized variants are made besides method and bits (the flags of diffptq.cli.add_quant_args)."""
+    """How the quantized variants are made besides method and bits (the flags of diffptq.cli.add_quant_args).
+    rotate / rotate_seed / rotate_conv: the online input rotation, as diffptq.run.quantize.quantize_pipeline takes
+    them."""
 
     act_quant: str = "static"
     group_size: int | None = None
     act_order: bool = False
     damp: float | str = 0.01
     blocks: str = "all"
+    rotate: str | None = None
+    rotate_seed: int = 0
+    rotate_conv: bool = False
+
+    @property
+    def rotate_label(self) -> str | None:
+        """`rotate` in a saved checkpoint's metadata ('hadamard', 'hadamard+conv'), as quantize_pipeline names it."""
+        return None if self.rotate is None else self.rotate + ("+conv" if self.rotate_conv else "")
 
 
 @dataclass
@@ -203,6 +213,7 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
             latency = measure_latency(make_batch, images_per_call=n_time, repeats=cfg.latency_repeats, device=device)
             den_latency = denoiser_latency(pipe, cfg, prompts[:n_time], device)
             size = denoiser_size_bytes(denoiser)
+            rotate = rotation_of(denoiser)
         if variant.method != "fp":
             del denoiser
             family.denoiser(pipe).to(device)
@@ -211,7 +222,8 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
         fields = {"method": variant.method, "label": variant.label, "dtype": DTYPE_NAMES[dtype],
                   "wbits": variant.wbits, "abits": variant.abits, "model": cfg.model, "n_images": len(images),
                   "latency_s": latency, "peak_vram_gb": None if peak is None else peak / GIB,
-                  "model_size_gb": size / GIB, "denoiser_latency_s": den_latency, "calib_time_s": None, **info}
+                  "model_size_gb": size / GIB, "denoiser_latency_s": den_latency, "calib_time_s": None,
+                  "rotate": rotate, **info}
         yield variant, as_uint8(images) if main else images[:0], fields
 
 
@@ -260,7 +272,7 @@ def quantize_variant(denoiser: nn.Module, pipe, variant: Variant, cfg: Benchmark
                      device: torch.device, dtype: torch.dtype, progress: bool = True) -> float:
     """Quantize `denoiser` (a float copy, on `device`, in place in `pipe`) with the sequential driver; returns
     calib_time_s, the driver's wall time (the shared calibration set's collection excluded)."""
-    from diffptq.algo.sequential import quantize_sequential
+    from diffptq.algo.sequential import SequentialQuantizer
     from diffptq.cli import sequential_config
     from diffptq.run.quantize import parse_blocks
 
@@ -274,7 +286,10 @@ def quantize_variant(denoiser: nn.Module, pipe, variant: Variant, cfg: Benchmark
         raise ConfigError(str(err)) from None
     calib_set = calib.get()
     t0 = time.perf_counter()
-    quantize_sequential(denoiser, family, calib_set, seq_cfg, device, dtype, progress=progress)
+    driver = SequentialQuantizer(denoiser, family, calib_set, seq_cfg, device, dtype, progress=progress)
+    if q.rotate is not None:  # between the (idempotent) swap and quantizing, as quantize_pipeline does
+        rotate_layers(driver.swap(), q.rotate, q.rotate_seed, q.rotate_conv)
+    driver.run()
     return time.perf_counter() - t0
 
 
@@ -306,6 +321,17 @@ def prepare_variant(pipe, fp_cpu: nn.Module, variant: Variant, cfg: BenchmarkCon
 
 
 # ---- measurements -------------------------------------------------------------------------------------------------
+def rotation_of(denoiser: nn.Module) -> str | None:
+    """The `rotate` column: the rotation kind of the quantized layers (e.g. 'hadamard', with '+conv' when Conv2d
+    inputs are rotated too, as quantize_pipeline names it), None when no layer rotates its input. Read off the layers,
+    so a variant loaded from a checkpoint reports what the file holds."""
+    rotated = [layer for _, layer in quant_layers(denoiser) if layer.rotation is not None]
+    if not rotated:
+        return None
+    kinds = "/".join(sorted({layer.rotation.kind for layer in rotated}))
+    return kinds + ("+conv" if any(isinstance(layer, nn.Conv2d) for layer in rotated) else "")
+
+
 def denoiser_size_bytes(denoiser: nn.Module) -> int:
     """Bytes of the denoiser's weights in memory as deployed.
 

@@ -92,7 +92,8 @@ def save_variant(path: Path, denoiser: nn.Module, pipe, cfg, variant, calib_time
     calib = cfg.calib
     quant = {"method": variant.method, "wbits": variant.wbits, "abits": None if variant.abits == 16 else variant.abits,
              "act_quant": cfg.quant.act_quant, "group_size": cfg.quant.group_size, "damp": cfg.quant.damp,
-             "act_order": cfg.quant.act_order, "blocks": cfg.quant.blocks, "n_calib": calib.n_calib,
+             "act_order": cfg.quant.act_order, "rotate": cfg.quant.rotate_label, "rotate_seed": cfg.quant.rotate_seed,
+             "blocks": cfg.quant.blocks, "n_calib": calib.n_calib,
              "calib_steps": calib.calib_steps, "seed": calib.seed, "calib_time_s": calib_time_s}
     base = {"source": cfg.model, "family": family.name, "pipeline_class": type(pipe).__name__}
     return save_quantized(path, denoiser, base, quant)

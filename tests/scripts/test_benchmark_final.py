@@ -1,6 +1,7 @@
-"""benchmark_final.py on tiny-dit: the metrics.csv columns and rows, empty cells where nothing can be measured, and
---checkpoints reproducing the numbers of the run that quantized and saved them."""
+"""benchmark_final.py on tiny-dit: the metrics.csv columns and rows, empty cells where nothing can be measured,
+--checkpoints reproducing the numbers of the run that quantized and saved them, and W4A4 behind --rotate hadamard."""
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,10 @@ import torch
 from torch import nn
 
 from diffptq.errors import ConfigError
+from diffptq.io.checkpoint import read_checkpoint
+from diffptq.io.load import load_quantized
+from diffptq.models import family_of
+from diffptq.quant.layers import quant_layers
 from diffptq.quant.layers import QuantConfig, swap_modules
 from diffptq.quant.quantizer import QuantSpec
 from diffptq.run.benchmark import (
@@ -30,7 +35,7 @@ N_IMAGES = 4
 
 def test_column_order_is_the_issues():
     assert list(COLUMNS) == ISSUE_COLUMNS and list(ALL_COLUMNS[:len(COLUMNS)]) == ISSUE_COLUMNS
-    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled"
+    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled" and ALL_COLUMNS[-1] == "rotate"
 
 
 def test_parse_methods_bits_and_variant_order():
@@ -56,11 +61,11 @@ def test_size_counts_packed_codes_not_float_caches():
     assert denoiser_size_bytes(model) == 16 + 16 + 16 + 16
 
 
-def _run(args, tmp_path, name):
+def _run(args, tmp_path, name, n_images=N_IMAGES):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), "HF_HOME": str(tmp_path / "hf_home")}
     out = tmp_path / name
-    cmd = [sys.executable, "qronos_diffusion/benchmark_final.py", "--model", "tiny-dit", "--n_images", str(N_IMAGES),
+    cmd = [sys.executable, "qronos_diffusion/benchmark_final.py", "--model", "tiny-dit", "--n_images", str(n_images),
            "--num_inference_steps", "2", "--n_calib", "2", "--calib_steps", "2", "--calib_batch_size", "2",
            "--batch_size", "4", "--out_dir", str(out), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -108,6 +113,7 @@ def test_cpu_leaves_latency_and_vram_empty_not_zero(runs):
     (_, rows, _), _ = runs
     for row in rows:
         assert row["latency_s"] == "" and row["peak_vram_gb"] == "" and row["denoiser_latency_s"] == ""
+        assert row["rotate"] == ""
         assert float(row["model_size_gb"]) > 0
     fp, quantized = rows[0], rows[1:]
     assert fp["calib_time_s"] == "" and all(float(r["calib_time_s"]) > 0 for r in quantized)
@@ -134,3 +140,59 @@ def test_checkpoints_reproduce_the_quantizing_run(runs):
     for a, b in zip(first, second, strict=True):
         same = {k: v for k, v in a.items() if k != "source"}
         assert same == {k: v for k, v in b.items() if k != "source"}, a["method"]  # psnr, ssim, calib_time_s ...
+
+
+def _run_in_process(args, tmp_path, name):
+    """The script's main in this process (no interpreter start-up: a second each); metric weights point nowhere."""
+    spec = importlib.util.spec_from_file_location("benchmark_final", "qronos_diffusion/benchmark_final.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / name
+    module.main(["--model", "tiny-dit", "--n_images", "2", "--num_inference_steps", "2", "--n_calib", "2",
+                 "--calib_steps", "2", "--calib_batch_size", "2", "--fid_weights", str(tmp_path / "none.pth"),
+                 "--clip_model", str(tmp_path / "none"), "--lpips_weights", str(tmp_path / "none.pth"),
+                 "--out_dir", str(out), *args])
+    with (out / "metrics.csv").open(newline="") as f:
+        return out, list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def rotated_runs(tmp_path_factory):
+    """Qronos W4A4 (dynamic per-token activations) behind a Hadamard rotation, saved; then evaluated from the file
+    without --rotate (the checkpoint's rotation is what runs)."""
+    tmp = tmp_path_factory.mktemp("bench_rot")
+    variant = ["--methods", "fp,qronos", "--bits", "w4a4"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in _run: on a shared CPU, far faster for the tiny model
+    try:
+        first = _run_in_process([*variant, "--act_quant", "dynamic", "--rotate", "hadamard", "--rotate_seed", "3",
+                                 "--save_checkpoints"], tmp, "run1")
+        second = _run_in_process([*variant, "--checkpoints", str(first[0])], tmp, "run2")
+    finally:
+        torch.set_num_threads(threads)
+    return first, second
+
+
+def test_rotate_hadamard_rotates_every_quantized_layer_and_is_saved(rotated_runs):
+    (out, rows), _ = rotated_runs
+    assert [(r["method"], r["abits"], r["rotate"]) for r in rows] == [("fp", "", ""), ("qronos", "4", "hadamard")]
+    assert 0 < float(rows[1]["psnr"]) < float("inf")
+    args = json.loads((out / "config.json").read_text())["args"]
+    assert (args["rotate"], args["rotate_seed"], args["rotate_conv"], args["act_quant"]) == ("hadamard", 3, False,
+                                                                                            "dynamic")
+    path = out / "checkpoints" / "qronos_w4a4.safetensors"
+    meta, _ = read_checkpoint(path)
+    assert meta["quant"]["rotate"] == "hadamard" and meta["quant"]["rotate_seed"] == 3
+    pipe = load_quantized(path)
+    layers = dict(quant_layers(family_of(pipe).denoiser(pipe)))
+    assert layers and len(layers) == len(meta["layers"])
+    for name, layer in layers.items():  # tiny-dit's blocks hold Linear layers only: all rotated
+        assert layer.rotation is not None and layer.rotation.kind == "hadamard", name
+        assert layer.rotation.seed == 3 and layer.act_quant is not None, name
+
+
+def test_rotated_checkpoint_reevaluates_to_identical_metrics(rotated_runs):
+    (_, first), (_, second) = rotated_runs
+    assert second[1]["source"] == "qronos_w4a4.safetensors" and second[1]["rotate"] == "hadamard"
+    for a, b in zip(first, second, strict=True):
+        assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}

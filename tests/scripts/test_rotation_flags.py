@@ -1,0 +1,54 @@
+"""--rotate / --rotate_conv / --rotate_seed: one definition (diffptq.cli.add_rotation_args) shared by the quantization
+scripts; refused by name, before any output, where a script cannot rotate (the TDQ scripts) or the flags conflict."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from diffptq.cli import rotation_kwargs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script(folder: str, name: str):
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}".replace("-", "_"), ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _exit(module, argv, capsys) -> tuple[int, str]:
+    """Run the script's main through run_main as the command line would; returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        module.run_main(lambda: module.main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["quantize_qronos_4blocks", "benchmark_final"])
+def test_quantization_scripts_share_the_rotation_flags(name):
+    parse = _script("qronos_diffusion", name).parse_args
+    default = parse([])
+    assert (default.rotate, default.rotate_seed, default.rotate_conv) == ("none", 0, False)
+    assert rotation_kwargs(default) == {"rotate": None, "rotate_seed": 0, "rotate_conv": False}
+    given = parse(["--rotate", "hadamard", "--rotate_seed", "5", "--rotate_conv"])
+    assert rotation_kwargs(given) == {"rotate": "hadamard", "rotate_seed": 5, "rotate_conv": True}
+    with pytest.raises(SystemExit):
+        parse(["--rotate", "givens"])
+
+
+@pytest.mark.parametrize("name", ["quantize_qronos_4blocks", "benchmark_final"])
+def test_rotate_conv_without_a_rotation_is_refused(name, tmp_path, capsys):
+    code, err = _exit(_script("qronos_diffusion", name), ["--model", "tiny-dit", "--rotate_conv",
+                                                          "--out_dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("folder", ["LogSnr-DiT", "LogSnr-Unet"])
+@pytest.mark.parametrize("name", ["calibrate_snr", "evaluate_compare"])
+def test_tdq_scripts_refuse_rotate_with_the_reason(folder, name, tmp_path, capsys):
+    code, err = _exit(_script(folder, name), ["--model", "tiny-dit" if folder.endswith("DiT") else "tiny-unet",
+                                              "--rotate", "hadamard", "--out_dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "--rotate hadamard: the TDQ scripts do not rotate layer inputs" in err
+    assert not (tmp_path / "o").exists()  # refused before the output folder or the model
