@@ -1,40 +1,74 @@
 """Calibration at full scale: RTN / GPTQ / Qronos W4A8 on full-size random-weight PixArt-XL-2 or the SD 1.5 UNet.
 
 Runs the same sequential driver as the scripts over `--n_prompts` prompts × `--steps` calibration steps with CFG
-(random text embeddings of the real shape), and reports wall time split into phases (collect, per-block forward,
-H/G accumulation, solve), peak VRAM, peak host memory, the FP16 inference peak of the same batch, and the
-cumulative peak VRAM after 4, 8, 16, ... blocks. One JSON per method goes to --out (merge with --report).
+(random text embeddings of the real shape), and reports wall time split into phases (collect, forward, H/G
+accumulation, solve), seconds and passes per block, peak VRAM (cumulative after each block: flat in the number of
+blocks?), peak host memory, and the FP16 inference peak of the same batch. One JSON per method goes to --out,
+rewritten after every block ("partial": true until the method ends), so a run stopped by --max_seconds or killed
+still leaves numbers; merge them into markdown with --report.
 
   python benchmarks/calibration_scale.py --family pixart --methods rtn,gptq,qronos --out results/calib_scale
   python benchmarks/calibration_scale.py --report results/calib_scale --markdown benchmarks/results/x.md
+  # CPU profile on a mid-size PixArt (the full-size config with fewer, narrower blocks and fewer tokens):
+  python benchmarks/calibration_scale.py --device cpu --dtype fp32 --num_layers 2 --heads 4 --head_dim 32 \\
+      --sample_size 32 --n_prompts 4 --steps 5 --batch 2
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from diffptq.algo.sequential import SequentialConfig, quantize_sequential
+from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
 from diffptq.cli import damp_value
 from diffptq.data.calib import collect_calibration
 from diffptq.models.families import family_of
-from diffptq.models.fullsize import full_size_pipeline, random_text_embeddings
+from diffptq.models.fullsize import PIXART_512, full_size_pipeline, random_text_embeddings
 from diffptq.quant.quantizer import QuantSpec
-from diffptq.run.quantize import peak_host_bytes
+from diffptq.run.quantize import parse_blocks, peak_host_bytes
 
 GiB = 2**30
+START = time.perf_counter()
 
 
 def _gib(nbytes: int | None) -> float | None:
     return nbytes / GiB if nbytes is not None else None
 
 
+def build_pipeline(args, dtype: torch.dtype):
+    """The full-size pipeline, or with --heads/--head_dim/--sample_size a mid-size PixArt built the same way."""
+    if args.heads is None and args.head_dim is None and args.sample_size is None:
+        return full_size_pipeline(args.family, dtype, args.device, seed=0, num_layers=args.num_layers)
+    if args.family != "pixart":
+        raise SystemExit("--heads/--head_dim/--sample_size shrink PixArt only")
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from diffptq.models.build import VAESpec, build_vae
+
+    heads, head_dim = args.heads or PIXART_512["num_attention_heads"], args.head_dim or PIXART_512["attention_head_dim"]
+    cfg = {**PIXART_512, "num_attention_heads": heads, "attention_head_dim": head_dim,
+           "cross_attention_dim": heads * head_dim, "sample_size": args.sample_size or PIXART_512["sample_size"],
+           **({"num_layers": args.num_layers} if args.num_layers else {})}
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        vae = build_vae(VAESpec(channels=(8, 8, 8, 8), norm_groups=4))
+        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                   transformer=PixArtTransformer2DModel(**cfg),
+                                   scheduler=DPMSolverMultistepScheduler()).to(dtype=dtype)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def inference_peak(pipe, calib, device) -> float | None:
-    """Peak VRAM (GiB) of one FP16 denoiser forward at the calibration batch, model weights included."""
+    """Peak VRAM (GiB) of one denoiser forward at the calibration batch, model weights included."""
     if device.type != "cuda":
         return None
     den = family_of(pipe).denoiser(pipe)
@@ -47,42 +81,109 @@ def inference_peak(pipe, calib, device) -> float | None:
     return torch.cuda.max_memory_allocated() / GiB
 
 
-def run_method(args, method: str) -> dict:
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    pipe = full_size_pipeline(args.family, dtype, args.device, seed=0, num_layers=args.num_layers)
-    emb = random_text_embeddings(args.family, args.n_prompts, dtype, args.device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    calib = collect_calibration(pipe, None, args.steps, batch_size=args.batch, prompt_embeds=emb, progress=False)
-    sync()
-    collect_s = time.perf_counter() - t0
-    fp_peak = inference_peak(pipe, calib, device)
-    fam = family_of(pipe)
-    cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(8, symmetric=False),
-                           damp=args.damp, holdout_every=args.holdout_every)
-    t0 = time.perf_counter()
-    res = quantize_sequential(fam.denoiser(pipe), fam, calib, cfg, device, dtype, progress=True)
-    total = time.perf_counter() - t0
-    n_blocks = len(fam.blocks(fam.denoiser(pipe)))
-    marks = [m for m in (4, 8, 16, 28, n_blocks) if m <= n_blocks] if cuda else []
+def sweep_check(device: torch.device) -> dict:
+    """The GPTQ column sweep on PixArt's layer shapes with each backend: seconds and share of codes that agree."""
+    from diffptq.algo import gptq_quantize_ex
+
+    out, before = {}, os.environ.get("DIFFPTQ_SWEEP")
+    for rows, cols in ((1152, 1152), (4608, 1152), (1152, 4608)):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(4 * cols, cols, device=device, generator=g)
+        H, W = x.T @ x / x.shape[0], torch.randn(rows, cols, device=device, generator=g)
+        res = {}
+        for backend in ("eager", "triton"):
+            os.environ["DIFFPTQ_SWEEP"] = backend
+            try:
+                gptq_quantize_ex(W, H, QuantSpec(4))  # warm-up / compile
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                res[backend] = gptq_quantize_ex(W, H, QuantSpec(4))
+                torch.cuda.synchronize()
+                out[f"{rows}x{cols}_{backend}_s"] = time.perf_counter() - t0
+            except Exception as e:  # noqa: BLE001 - report, do not stop the benchmark
+                out[f"{rows}x{cols}_{backend}_error"] = f"{type(e).__name__}: {e}"
+        if len(res) == 2:
+            out[f"{rows}x{cols}_codes_agree"] = float((res["eager"].codes == res["triton"].codes).float().mean())
+    if before is None:
+        os.environ.pop("DIFFPTQ_SWEEP", None)
+    else:
+        os.environ["DIFFPTQ_SWEEP"] = before
+    return out
+
+
+def summary(args, method: str, meta: dict, sq: SequentialQuantizer, total_s: float, partial: bool) -> dict:
+    """The JSON record of one method (so far, when `partial`)."""
+    timings = dict(sq.timer.totals)
+    timings["forward"] = timings.get("forward", 0.0) - timings.get("accumulate", 0.0)
+    errs = [r.rel_out_err for r in sq.reports if r.rel_out_err == r.rel_out_err]
+    peaks = sq.block_peak_vram
+    marks = sorted({m for m in (4, 8, 16, 28, len(sq.blocks)) if m - 1 in peaks})
     return {
-        "family": args.family, "method": method, "n_prompts": args.n_prompts, "steps": args.steps,
-        "batch": args.batch * 2, "records": len(calib), "collect_s": collect_s, "quantize_s": total,
-        "phases": res.timings, "peak_vram_gib": _gib(res.peak_vram_bytes), "fp16_inference_peak_gib": fp_peak,
-        "peak_vram_after_blocks_gib": {m: res.block_peak_vram[m - 1] / GiB for m in sorted(set(marks))},
-        "peak_host_gib": peak_host_bytes() / GiB, "n_layers": len(res.layers),
-        "mean_rel_out_err": sum(r.rel_out_err for r in res.layers) / len(res.layers),
-        "n_fallback": sum(r.fell_back for r in res.layers),
-        "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-        "date": dt.date.today().isoformat(),
+        **meta, "method": method, "partial": partial, "blocks_done": len(sq.block_stats),
+        "blocks_total": len(sq.selected), "quantize_s": total_s, "phases": timings,
+        "peak_vram_gib": _gib(max(peaks.values())) if peaks else None,
+        "peak_vram_after_blocks_gib": {m: peaks[m - 1] / GiB for m in marks},
+        "peak_host_gib": peak_host_bytes() / GiB, "n_layers": len(sq.reports),
+        "mean_rel_out_err": sum(errs) / len(errs) if errs else None,
+        "n_fallback": sum(r.fell_back for r in sq.reports),
+        "per_block": {k: {**v, "peak_vram_gib": _gib(v.get("peak_vram_bytes"))} for k, v in sq.block_stats.items()},
     }
 
 
+def run_method(args, method: str, out: Path, shared: dict) -> dict:
+    """Quantize a freshly built denoiser with `method`; the calibration set is collected once (kept in `shared`)."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    pipe = build_pipeline(args, dtype)  # same seed: the same random weights for every method
+    if "calib" not in shared:
+        emb = random_text_embeddings(args.family, args.n_prompts, dtype, args.device)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        calib = collect_calibration(pipe, None, args.steps, batch_size=args.batch, prompt_embeds=emb, progress=False)
+        sync()
+        shared["calib"] = calib
+        shared["meta"] = {
+            "family": args.family, "n_prompts": args.n_prompts, "steps": args.steps, "batch": args.batch * 2,
+            "records": len(calib), "collect_s": time.perf_counter() - t0,
+            "fp16_inference_peak_gib": inference_peak(pipe, calib, device), "dtype": args.dtype,
+            "storage": args.storage, "drop_float_weights": args.drop_float_weights,
+            "sweep": os.environ.get("DIFFPTQ_SWEEP", "auto"), "num_layers": args.num_layers,
+            "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "date": dt.date.today().isoformat(), "command": " ".join(sys.argv)}
+    calib, meta = shared["calib"], shared["meta"]
+    fam = family_of(pipe)
+    den = fam.denoiser(pipe)
+    n_blocks = len(fam.blocks(den))
+    blocks = parse_blocks(args.blocks, n_blocks) if args.blocks else None
+    cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(8, symmetric=False), damp=args.damp,
+                           holdout_every=args.holdout_every, blocks=blocks,
+                           drop_float_weights=args.drop_float_weights)
+    path = out / f"{args.family}_{method}.json"
+    t_start = time.perf_counter()
+
+    def on_block(k: int, sq: SequentialQuantizer) -> bool:
+        rec = summary(args, method, meta, sq, time.perf_counter() - t_start, partial=True)
+        path.write_text(json.dumps(rec, indent=2))
+        b = sq.block_stats[k]
+        print(f"[{method}] block {k}: {b['seconds']:.2f}s passes {b['record_passes']} "
+              f"peak {rec['per_block'][k]['peak_vram_gib'] or 0:.2f} GiB", flush=True)
+        over = args.max_seconds is not None and time.perf_counter() - START > args.max_seconds
+        if over:
+            print(f"[{method}] --max_seconds {args.max_seconds} reached after block {k}: stopping", flush=True)
+        return over
+
+    sq = SequentialQuantizer(den, fam, calib, cfg, device, dtype, storage=args.storage, progress=False,
+                             on_block=on_block)
+    res = sq.run()
+    rec = summary(args, method, meta, sq, time.perf_counter() - t_start, partial=res.stopped_after is not None)
+    path.write_text(json.dumps(rec, indent=2))
+    return rec
+
+
 def report(folder: Path) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    rows = [r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))) if "method" in r]
     if not rows:
         raise SystemExit(f"no results in {folder}")
     r0 = rows[0]
@@ -90,25 +191,43 @@ def report(folder: Path) -> str:
              "", f"Card: {r0['gpu']}; torch {r0['torch']}; {r0['date']}. Full-size architecture, random weights, "
              f"W4A8 (weights symmetric per channel, activations static per tensor), {r0['n_prompts']} prompts × "
              f"{r0['steps']} steps with CFG (denoiser batch {r0['batch']}, {r0['records']} records; every 5th "
-             "held out for rel_out_err), all blocks. Times in seconds.", "",
-             "| method | collect | forward | accumulate H/G | solve | quantize total | peak VRAM GiB | FP16 inference "
-             "peak GiB | peak host GiB | mean rel_out_err |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"held out for rel_out_err), {r0['dtype']}, block caches on {r0['storage']}"
+             f"{', float weights dropped once a block is done' if r0.get('drop_float_weights') else ''}. "
+             "Times in seconds; forward excludes the H/G accumulation inside the passes.", "",
+             "| method | blocks | collect | forward | accumulate H/G | solve | quantize total | s / block | "
+             "peak VRAM GiB | FP16 inference peak GiB | ratio | peak host GiB | mean rel_out_err |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         p = r["phases"]
-        lines.append(f"| {r['method']} | {r['collect_s']:.1f} | {p.get('forward', 0):.1f} | "
+        done = f"{r['blocks_done']}/{r['blocks_total']}" + (" (partial)" if r["partial"] else "")
+        err = f"{r['mean_rel_out_err']:.4f}" if r["mean_rel_out_err"] is not None else "-"
+        inf = r["fp16_inference_peak_gib"]
+        ratio = f"{r['peak_vram_gib'] / inf:.2f}" if inf and r["peak_vram_gib"] else "-"
+        lines.append(f"| {r['method']} | {done} | {r['collect_s']:.1f} | {p.get('forward', 0):.1f} | "
                      f"{p.get('accumulate', 0):.1f} | {p.get('solve', 0):.1f} | {r['quantize_s']:.1f} | "
-                     f"{r['peak_vram_gib']:.2f} | {r['fp16_inference_peak_gib']:.2f} | {r['peak_host_gib']:.1f} | "
-                     f"{r['mean_rel_out_err']:.4f} |")
-    lines += ["", "Peak VRAM (GiB, cumulative) after quantizing the first N blocks:", "",
-              "| method | " + " | ".join(f"N={m}" for m in r0["peak_vram_after_blocks_gib"]) + " |",
-              "| --- |" + " --- |" * len(r0["peak_vram_after_blocks_gib"])]
+                     f"{r['quantize_s'] / max(r['blocks_done'], 1):.2f} | {r['peak_vram_gib'] or 0:.2f} | "
+                     f"{inf or 0:.2f} | {ratio} | {r['peak_host_gib']:.1f} | {err} |")
+    marks = sorted({int(m) for r in rows for m in r["peak_vram_after_blocks_gib"]})
+    if marks:
+        lines += ["", "Peak VRAM (GiB, cumulative) after the first N blocks:", "",
+                  "| method | " + " | ".join(f"N={m}" for m in marks) + " |", "| --- |" + " --- |" * len(marks)]
+        for r in rows:
+            v = r["peak_vram_after_blocks_gib"]
+            lines.append(f"| {r['method']} | " + " | ".join(f"{v[str(m)]:.2f}" if str(m) in v else "-"
+                                                          for m in marks) + " |")
+    per_block = {r["method"]: r["quantize_s"] / max(r["blocks_done"], 1) for r in rows}
+    if "gptq" in per_block and "qronos" in per_block:
+        lines += ["", f"GPTQ / Qronos time per block: {per_block['gptq'] / per_block['qronos']:.2f} (goal ≤ 0.7)."]
+    lines += ["", "Passes over calibration records in block 1, else the first one done (kind: count; early_exit = "
+              "stopped after the last layer it needs), bytes copied host→device, seconds:", ""]
     for r in rows:
-        lines.append(f"| {r['method']} | " + " | ".join(f"{v:.2f}" for v in r["peak_vram_after_blocks_gib"].values())
-                     + " |")
-    by = {r["method"]: r["quantize_s"] for r in rows}
-    if "gptq" in by and "qronos" in by:
-        lines += ["", f"GPTQ / Qronos time ratio: {by['gptq'] / by['qronos']:.2f} (goal ≤ 0.7)."]
+        b = r["per_block"].get("1") or next(iter(r["per_block"].values()), None)
+        if b:
+            lines.append(f"- {r['method']}: {b['record_passes']}; {b['h2d_bytes'] / GiB:.2f} GiB, "
+                         f"{b['seconds']:.2f} s")
+    check = folder / "sweep_check.json"
+    if check.exists():
+        lines += ["", f"GPTQ column sweep, eager vs Triton (seconds, share of equal codes): {check.read_text()}"]
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +242,18 @@ def main() -> None:
     p.add_argument("--holdout_every", type=int, default=5)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--num_layers", type=int, default=None, help="fewer PixArt blocks (smoke tests)")
+    p.add_argument("--storage", default="cpu", help="where block caches live: cpu (pinned) or the device")
+    p.add_argument("--blocks", default=None,
+                   help="blocks to quantize: N (the first N), a range 14-27, a list 0-3,8 (default: all)")
+    p.add_argument("--drop_float_weights", action="store_true",
+                   help="free each block's float weights once it is quantized (memory flat in the block count)")
+    p.add_argument("--max_seconds", type=float, default=None,
+                   help="stop after the block that passes this many seconds since start; JSON marked partial")
+    p.add_argument("--check_sweep", action="store_true", help="first time the eager and Triton GPTQ sweeps")
+    p.add_argument("--num_layers", type=int, default=None, help="fewer PixArt blocks")
+    p.add_argument("--heads", type=int, default=None, help="PixArt attention heads (mid-size CPU profiles)")
+    p.add_argument("--head_dim", type=int, default=None, help="PixArt head width (mid-size CPU profiles)")
+    p.add_argument("--sample_size", type=int, default=None, help="PixArt latent size (tokens = (size/2)²)")
     p.add_argument("--out", default="results/calibration_scale")
     p.add_argument("--report", default=None, help="merge the JSON files of this folder into markdown and exit")
     p.add_argument("--markdown", default=None)
@@ -136,10 +266,18 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.check_sweep and torch.cuda.is_available():
+        check = sweep_check(torch.device(args.device))
+        (out / "sweep_check.json").write_text(json.dumps(check, indent=2))
+        print(json.dumps(check), flush=True)
+    shared: dict = {}
     for method in args.methods.split(","):
-        result = run_method(args, method)
-        (out / f"{args.family}_{method}.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result), flush=True)
+        if args.max_seconds is not None and time.perf_counter() - START > args.max_seconds:
+            print(f"--max_seconds {args.max_seconds} reached: {method} not run", flush=True)
+            break
+        result = run_method(args, method, out, shared)
+        print(json.dumps({k: v for k, v in result.items() if k != "per_block"}), flush=True)
+        gc.collect()  # the quantized pipeline goes before the next one is built
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

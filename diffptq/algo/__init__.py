@@ -1,9 +1,10 @@
 """Weight quantization algorithms as pure tensor functions: RTN, GPTQ, Qronos; H/G accumulation; damping."""
 from diffptq.algo.damping import DampedFactor, Damping, as_damping, damped_inverse_cholesky, fp32_matmul, lambda_max
-from diffptq.algo.gptq import gptq_quantize, gptq_quantize_ex, gptq_sweep, hessian_quantize
+from diffptq.algo.gptq import gptq_quantize, gptq_quantize_ex, hessian_quantize
 from diffptq.algo.hessian import GramAccumulator, conv_patches, gram_from_inputs, hessian_from_inputs, input_rows
 from diffptq.algo.qronos import qronos_quantize, qronos_quantize_ex
 from diffptq.algo.rtn import QuantResult, rtn_quantize, rtn_quantize_ex
+from diffptq.algo.sweep import gptq_sweep
 
 __all__ = [
     "DampedFactor",

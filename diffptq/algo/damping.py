@@ -59,14 +59,19 @@ def as_damping(damp: float | str | Damping) -> Damping:
 
 
 @contextmanager
-def fp32_matmul() -> Iterator[None]:
-    """Full-precision float32 matmuls (TF32 off) inside the block; restores the previous setting."""
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(precision) inside the block; restores the previous setting."""
     prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(prev)
+
+
+def fp32_matmul():
+    """Full-precision float32 matmuls (TF32 off) inside the block; restores the previous setting."""
+    return matmul_precision("highest")
 
 
 def lambda_max(H: Tensor, iters: int = 30) -> float:

@@ -1,4 +1,5 @@
-"""GPTQ on one weight matrix (Frantar et al. 2023), and the Hessian-based engine Qronos shares.
+"""GPTQ on one weight matrix (Frantar et al. 2023), and the Hessian-based engine Qronos shares (the column sweep
+itself is in sweep.py).
 
 Groups: static. All group (and channel) scales are fitted up front on the weight after dead-column zeroing, in
 the original column order; act-order then only permutes which column is swept when, each column keeping its
@@ -14,38 +15,14 @@ from torch import Tensor
 
 from diffptq.algo.damping import Damping, as_damping, damped_inverse_cholesky, fp32_matmul
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
-from diffptq.quant.quantizer import QuantSpec, dequantize, expand_params, fit_weight_params, round_to_grid
+from diffptq.algo.sweep import gptq_sweep
+from diffptq.quant.quantizer import QuantSpec, dequantize, expand_params, fit_weight_params
 
 log = logging.getLogger(__name__)
 
 # (v, w_target, H, G, delta, U, s_cols, z_cols, codes, spec) -> None: quantizes column 0 of v in place and updates
 # the later columns (Qronos "correct the past, shape the future"); all tensors already act-order permuted.
 FirstColumn = Callable[..., None]
-
-
-def gptq_sweep(W: Tensor, U: Tensor, s_cols: Tensor, z_cols: Tensor, codes: Tensor, spec: QuantSpec,
-               block_size: int = 128, start: int = 0) -> None:
-    """Quantize columns start.. of W (out, in) in lazy blocks, in place; float codes go to `codes` (out, in).
-
-    U: upper Cholesky factor of the damped H⁻¹ (in, in); s_cols, z_cols: per-column scale/zero (out, in).
-    Column i: q = Q(w_i); e = (w_i − q)/U_ii; w_{>i} −= e·U_{i,>i} (inside the block now, after it once per block).
-    """
-    cols = W.shape[1]
-    for i1 in range(start, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            q, wq = round_to_grid(w, s_cols[:, i1 + i], z_cols[:, i1 + i], spec.qmin, spec.qmax)
-            codes[:, i1 + i] = q
-            e = (w - wq) / U1[i, i]
-            W1[:, i + 1:].addr_(e, U1[i, i + 1:], alpha=-1.0)
-            E1[:, i] = e
-        W[:, i1:i2] = W1
-        if i2 < cols:
-            W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
 
 
 def _fallback(W: Tensor, spec: QuantSpec, method: str, reason: str, delta: float, rel: float, retries: int):

@@ -3,7 +3,9 @@
 Rows of X are what one output of the matmul sees: Linear inputs (..., in) flattened over all leading dims;
 Conv2d inputs (N, C, H, W) unfolded to patches (N·L, C·kh·kw) with the conv's kernel, stride, padding (including
 "same"/"valid" and non-zero padding modes) and dilation, in the column order of weight.reshape(out, -1).
-Accumulation in float32 with full-precision matmuls; n counts rows.
+Accumulation in float32; n counts rows. Float32 inputs use full-precision matmuls (TF32 off). fp16/bf16 inputs on
+CUDA are upcast chunk by chunk and multiplied on TF32 tensor cores: their values have at most 11 significant bits,
+which TF32 holds exactly, so every product is exact and sums stay float32 — the same precision, several times faster.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffptq.algo.damping import fp32_matmul
+from diffptq.algo.damping import fp32_matmul, matmul_precision
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -51,17 +55,23 @@ class GramAccumulator:
 
     module: the nn.Conv2d whose geometry unfolds the inputs, or None / an nn.Linear (rows = last dim).
     update(x_q, x_fp): x_q the quantized-stream input as the matmul sees it, x_fp the paired float-stream input
-    (same samples, same order; needed when cross=True). Batches are processed in chunks of at most `chunk_rows`
-    rows to bound the memory of unfolded conv inputs.
+    (same samples, same order; needed when cross=True). Rows are processed in chunks of at most `chunk_rows` rows
+    (default: as many as keep one float32 chunk under `chunk_elems` elements), bounding the memory of the float32
+    copies and of unfolded conv inputs.
     """
 
-    def __init__(self, module: nn.Module | None = None, cross: bool = False, chunk_rows: int = 1 << 16):
+    def __init__(self, module: nn.Module | None = None, cross: bool = False, chunk_rows: int | None = None,
+                 chunk_elems: int = 1 << 25):
         self.module = module
         self.cross = cross
         self.chunk_rows = chunk_rows
+        self.chunk_elems = chunk_elems
         self.n = 0
         self._h: Tensor | None = None
         self._g: Tensor | None = None
+
+    def _rows_per_chunk(self, width: int) -> int:
+        return self.chunk_rows or max(self.chunk_elems // max(width, 1), 1)
 
     @torch.no_grad()
     def update(self, x_q: Tensor, x_fp: Tensor | None = None) -> None:
@@ -70,18 +80,29 @@ class GramAccumulator:
                 raise ValueError("GramAccumulator(cross=True).update needs the paired float input x_fp")
             if x_fp.shape != x_q.shape:
                 raise ValueError(f"paired inputs differ in shape: x_q {tuple(x_q.shape)} vs x_fp {tuple(x_fp.shape)}")
-        rows_per_sample = max(input_rows(x_q[:1], self.module).shape[0], 1) if x_q.dim() > 1 else 1
-        step = max(self.chunk_rows // rows_per_sample, 1) if x_q.dim() > 1 else x_q.shape[0]
-        with fp32_matmul():
-            for i in range(0, x_q.shape[0], step):
-                rq = input_rows(x_q[i:i + step], self.module)
-                if self._h is None:
-                    self._h = torch.zeros(rq.shape[1], rq.shape[1], device=rq.device, dtype=torch.float32)
-                    self._g = torch.zeros_like(self._h) if self.cross else None
-                self._h.addmm_(rq.T, rq)
-                if self.cross:
-                    self._g.addmm_(rq.T, input_rows(x_fp[i:i + step], self.module))
-                self.n += rq.shape[0]
+        exact_tf32 = x_q.is_cuda and x_q.dtype in HALF and (x_fp is None or x_fp.dtype in HALF)
+        with matmul_precision("high" if exact_tf32 else "highest"):
+            if isinstance(self.module, nn.Conv2d):
+                one = input_rows(x_q[:1], self.module)  # (rows per sample, patch width)
+                step = max(self._rows_per_chunk(one.shape[1]) // max(one.shape[0], 1), 1)
+                for i in range(0, x_q.shape[0], step):
+                    self._add(input_rows(x_q[i:i + step], self.module),
+                              input_rows(x_fp[i:i + step], self.module) if self.cross else None)
+                return
+            xq2 = x_q.reshape(-1, x_q.shape[-1])
+            xf2 = x_fp.reshape(-1, x_fp.shape[-1]) if self.cross else None
+            step = self._rows_per_chunk(xq2.shape[1])
+            for i in range(0, xq2.shape[0], step):
+                self._add(xq2[i:i + step].float(), xf2[i:i + step].float() if self.cross else None)
+
+    def _add(self, rq: Tensor, rf: Tensor | None) -> None:
+        if self._h is None:
+            self._h = torch.zeros(rq.shape[1], rq.shape[1], device=rq.device, dtype=torch.float32)
+            self._g = torch.zeros_like(self._h) if self.cross else None
+        self._h.addmm_(rq.T, rq)
+        if rf is not None:
+            self._g.addmm_(rq.T, rf)
+        self.n += rq.shape[0]
 
     @property
     def H(self) -> Tensor:

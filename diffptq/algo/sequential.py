@@ -2,26 +2,39 @@
 
 Data flow, for a model family's blocks 0..K-1 (PixArt transformer blocks; UNet down/mid/up blocks):
 1. The float prologue runs once per calibration record; both streams start from its output. Each record's state
-   `(h, skips)` is cached per stream on `storage` (the CPU by default): `h` the hidden tensor, `skips` the UNet skip
-   tensors that up blocks consume (so up blocks see the skips of their own stream). The context (timestep
-   embedding, text states) is float and shared by both streams.
-2. For each selected block: calibrate its static activation quantizers on the quantized stream; find its layer
-   groups (layers fed by the same tensor, e.g. q/k/v, in forward order); for each group, run the block on the
-   cached inputs (float stream X for Qronos, quantized stream X̃ as the matmul sees it, paired per record),
-   accumulate H = X̃ᵀX̃/n (and G = X̃ᵀX/n), stop the block early after the group's last layer, and quantize the
-   group's weights; later groups so see the quantized earlier layers.
-3. Propagate both streams through the block (float stream in float mode, quantized stream with quantization on),
-   measuring each layer's rel_out_err = ‖X̃Ŵᵀ − XWᵀ‖/‖XWᵀ‖ on the held-out records.
-Only one record's activations are on the compute device at a time; the caches stay on `storage`.
+   `(h, skips)` is cached per stream on `storage` (pinned CPU memory by default): `h` the hidden tensor, `skips`
+   the UNet skip tensors that up blocks consume (so up blocks see the skips of their own stream). The context
+   (timestep embedding, text states) is float and shared by both streams.
+2. For each selected block:
+   a. plan (one record, float mode): group the layers fed by the same tensor (e.g. q/k/v), in forward order, and
+      find which layers' inputs depend on which earlier layers (perturb a group's outputs, see which later inputs
+      change; blocks of the same class and layer order reuse the first one's answer). Groups go into waves: a
+      group's wave comes after the waves of every group it depends on, so all groups of a wave can be calibrated
+      from one pass (e.g. attn1 q/k/v and the cross-attention k/v, which read the text states only).
+   b. calibrate the block's static activation quantizers on the quantized stream (one pass, stopped after the
+      last layer that has one; the weights of the block still float, as before).
+   c. per wave: one pass per stream over the calibration records, stopped after the wave's last layer: the float
+      stream X (Qronos only) and the quantized stream X̃ as the matmul sees it, paired per record; accumulate
+      H = X̃ᵀX̃/n (and G = X̃ᵀX/n) — once for layers with the same input and equal activation quantizers — then
+      quantize the wave's weights. A layer's input depends only on layers of earlier waves, so it sees exactly
+      what the one-group-at-a-time order gives it. Qronos's first float pass runs the whole block and keeps its
+      output: the float stream of the next block does not depend on anything quantized. In quantized passes each
+      layer input is fake-quantized once, in a pre-hook (q/k/v with equal quantizers share it; the accumulation
+      reads it): the same tensors as the layers' own quantizers give, computed fewer times.
+3. Propagate: the quantized stream through the block (quantization on), and the float stream where it is still
+   needed (Qronos: every record; GPTQ/RTN: only the held-out records, for rel_out_err = ‖X̃Ŵᵀ − XWᵀ‖/‖XWᵀ‖).
+Only one record's activations (and the next record's inputs, copied ahead on a side stream) are on the compute
+device at a time. Nothing inside the record loops waits for the device: finite-checks, error sums and timings are
+resolved once per wave or block.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections import defaultdict
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -34,14 +47,17 @@ from diffptq.algo.gptq import gptq_quantize_ex
 from diffptq.algo.hessian import GramAccumulator
 from diffptq.algo.qronos import qronos_quantize_ex
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
+from diffptq.algo.streams import Loaded, PhaseTimer, PinnedPool, Prefetcher
 from diffptq.data.calib import CalibrationSet, CalibRecord
 from diffptq.errors import DiffptqError
 from diffptq.models.families import ModelFamily
+from diffptq.quant.act import DynamicActQuantizer, StaticActQuantizer
 from diffptq.quant.layers import QuantConfig, QuantLayer, float_mode, set_quant_enabled, swap_modules
 from diffptq.quant.quantizer import QuantSpec
 
 log = logging.getLogger(__name__)
 METHODS = ("rtn", "gptq", "qronos")
+State = tuple[Tensor, list[Tensor]]
 
 
 class NonFiniteActivationError(DiffptqError, RuntimeError):
@@ -60,6 +76,9 @@ class SequentialConfig:
     (e.g. time-conditioned TDQ quantizers); any quantizer with start_calibration/finish_calibration is calibrated
     block by block on the quantized stream. before_record(record) runs before each pass over a calibration record
     (e.g. to set the record's timestep condition on time-conditioned quantizers).
+    drop_float_weights: once a block is done, replace its quantized layers' float weights by the dequantized ones
+    (frees their memory, so device memory does not grow with the number of blocks; float_mode then runs the
+    quantized weights).
     """
 
     method: str = "gptq"
@@ -74,6 +93,7 @@ class SequentialConfig:
     holdout_every: int = 5
     act_factory: Callable | None = None
     before_record: Callable[[CalibRecord], None] | None = None
+    drop_float_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -97,41 +117,39 @@ class LayerReport:
 
 @dataclass
 class SequentialResult:
+    """timings: seconds per phase (forward = block passes without the H/G accumulation inside them; accumulate;
+    solve). block_stats: per block, its passes over calibration records by kind, bytes moved, seconds, phases,
+    peak VRAM. stopped_after: the last block processed when `on_block` stopped the run early (else None)."""
+
     layers: list[LayerReport]
     timings: dict[str, float]
     block_quant_calls: dict[int, int]
     peak_vram_bytes: int | None
     quant_layers: dict[str, QuantLayer]
     block_peak_vram: dict[int, int] = field(default_factory=dict)  # cumulative peak after each block (CUDA)
+    block_stats: dict[int, dict] = field(default_factory=dict)
+    stopped_after: int | None = None
+
+
+@dataclass
+class BlockPlan:
+    """How a block's layers are visited. groups: layers fed by the same tensor, in first-call order; waves: group
+    indices, each wave's inputs depending only on layers of earlier waves; order: layers in first-call order;
+    deps: layer → earlier layers whose outputs reach its input; exact: False when dependencies were not analysed
+    (a layer called twice, or the probe failed): then every group is its own wave, in forward order."""
+
+    groups: list[list[str]]
+    waves: list[list[int]]
+    order: list[str]
+    deps: dict[str, set[str]]
+    exact: bool = True
+
+    def wave_layers(self, w: int) -> list[str]:
+        return [n for g in self.waves[w] for n in self.groups[g]]
 
 
 class _Stop(Exception):
     """Raised inside a block once the layers of interest have run (early exit)."""
-
-
-@dataclass
-class _Timer:
-    device: torch.device
-    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-    @contextmanager
-    def __call__(self, phase: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.totals[phase] += time.perf_counter() - t0
-
-
-def _check_finite(x: Tensor, block: int, layer: str) -> None:
-    if not torch.isfinite(x).all():
-        raise NonFiniteActivationError(
-            f"NaN/Inf in the input of layer {layer} (block {block}) during calibration: check the model weights and "
-            "the calibration data (dtype overflow? try --dtype fp32 or bf16)")
 
 
 def _layer_output(layer: QuantLayer, x: Tensor, w: Tensor) -> Tensor:
@@ -141,25 +159,75 @@ def _layer_output(layer: QuantLayer, x: Tensor, w: Tensor) -> Tensor:
     return F.linear(x, w)
 
 
+def same_matmul_input(a: QuantLayer, b: QuantLayer) -> bool:
+    """True if two Linear layers given the same tensor see the same matmul input: no activation quantizers, or
+    equal deterministic ones (static with equal scale/zero, or dynamic per token with equal grids)."""
+    if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)):
+        return False
+    qa, qb = a.act_quant, b.act_quant
+    if qa is None or qb is None:
+        return qa is None and qb is None
+    if type(qa) is not type(qb) or qa.spec != qb.spec or qa.channel_dim != qb.channel_dim or qa.enabled != qb.enabled:
+        return False
+    if type(qa) is DynamicActQuantizer:
+        return True
+    return (type(qa) is StaticActQuantizer and qa.calibrated and qb.calibrated and not qa.calibrating
+            and not qb.calibrating and torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero))
+
+
+def set_layers(layers, quant: bool) -> None:
+    """Quantized weights and activation quantizers on (quant) or off for these layers."""
+    for layer in layers:
+        layer.quant_weight = quant
+        if layer.act_quant is not None:
+            layer.act_quant.enabled = quant
+
+
+def _fingerprint(x: Tensor) -> Tensor:
+    """Sum and norm of x in float32: equal for equal tensors (same reductions), different after a perturbation."""
+    return torch.stack([x.sum(dtype=torch.float32), torch.linalg.vector_norm(x, dtype=torch.float32)])
+
+
+def _flat(state: State | None) -> list[Tensor]:
+    return [] if state is None else [state[0], *state[1]]
+
+
 class SequentialQuantizer:
-    """Runs the block-by-block procedure on one denoiser. Use `quantize_sequential()` unless you need the parts."""
+    """Runs the block-by-block procedure on one denoiser. Use `quantize_sequential()` unless you need the parts.
+
+    on_block(k, quantizer) runs after each block; returning True stops the run there (the later blocks stay
+    float, their activation quantizers off), e.g. for a time budget.
+    """
 
     def __init__(self, denoiser: nn.Module, family: ModelFamily, calib: CalibrationSet, config: SequentialConfig,
                  device: torch.device | str, dtype: torch.dtype = torch.float32, storage: str = "cpu",
-                 progress: bool = True):
+                 progress: bool = True, on_block: Callable[[int, SequentialQuantizer], bool | None] | None = None):
         self.den, self.family, self.calib, self.cfg = denoiser, family, calib, config
         self.device, self.dtype, self.storage = torch.device(device), dtype, storage
+        if self.device.type == "cuda" and self.device.index is None:  # compare devices by index below
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.progress = progress
+        self.on_block = on_block
         self.blocks = family.blocks(denoiser)
         n = len(self.blocks)
         self.selected = sorted(set(range(n) if config.blocks is None else config.blocks))
         if not self.selected or self.selected[0] < 0 or self.selected[-1] >= n:
             raise ValueError(f"blocks {config.blocks} out of range: the model has {n} blocks (0..{n - 1})")
-        self.timer = _Timer(self.device)
+        self.timer = PhaseTimer(self.device)
         self.block_quant_calls: dict[int, int] = defaultdict(int)
         self.block_peak_vram: dict[int, int] = {}
+        self.block_stats: dict[int, dict] = {}
         self.reports: list[LayerReport] = []
+        self.plans: dict[int, BlockPlan] = {}
+        self._layers_of: dict[int, dict[str, QuantLayer]] = {}
+        self._deps_by_structure: dict[tuple, dict[str, set[str]]] = {}
+        self.leaders: dict[int, dict[str, str]] = {}  # per block: layer → layer whose matmul input it shares
         self._pin = self.device.type == "cuda" and storage == "cpu"
+        self._pool = PinnedPool()
+        self._prefetch = Prefetcher(self.device)
+        self._passes: Counter = Counter()
+        self._d2h_bytes = 0
+        self._next_fp: dict[int, State] = {}
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def swap(self) -> dict[str, QuantLayer]:
@@ -170,14 +238,25 @@ class SequentialQuantizer:
         set_quant_enabled(self.den, weights=False, acts=False)
         return self.layers
 
-    def _store(self, t: Tensor) -> Tensor:
-        t = t.detach().to(self.storage)
-        return t.pin_memory() if self._pin else t
+    def _store(self, t: Tensor, origin: dict[int, Tensor] | None = None) -> Tensor:
+        """Cache t on `storage` (pinned host buffers from the pool, filled without waiting when computing on CUDA).
+        A tensor that is an unchanged device copy of a cached one (`origin`) is not copied back."""
+        if origin is not None and id(t) in origin:
+            return origin[id(t)]
+        t = t.detach()
+        if not self._pin:
+            return t.to(self.storage)
+        buf = self._pool.take(t.shape, t.dtype)
+        buf.copy_(t, non_blocking=True)
+        self._d2h_bytes += t.numel() * t.element_size()
+        return buf
 
-    def _store_state(self, state: tuple[Tensor, list[Tensor]]) -> tuple[Tensor, list[Tensor]]:
-        return self._store(state[0]), [self._store(s) for s in state[1]]
+    def _store_state(self, state: State, origin: dict[int, Tensor] | None = None) -> State:
+        return self._store(state[0], origin), [self._store(s, origin) for s in state[1]]
 
     def _to_dev(self, t: Tensor) -> Tensor:
+        if t.device != self.device:
+            self._prefetch.h2d_bytes += t.numel() * t.element_size()
         return t.to(self.device, non_blocking=self._pin)
 
     @torch.no_grad()
@@ -194,24 +273,59 @@ class SequentialQuantizer:
         self.streams_equal = True
         self.held = self.calib.holdout_indices(self.cfg.holdout_every)
         self.train = [i for i in range(len(self.calib)) if i not in set(self.held)]
+        # the float stream is needed for Qronos's G everywhere, else only for rel_out_err on held-out records
+        # (and by subclasses that refine against it, e.g. TDQ's end-to-end refinement)
+        every = self.cfg.method == "qronos" or getattr(self, "refine_steps", 0) > 0
+        self.fp_records = set(range(len(self.calib))) if every else set(self.held)
 
     def _ctx(self, i: int) -> dict:
         if self.cfg.before_record is not None:
             self.cfg.before_record(self.calib.records[i])
         return {k: self._to_dev(v) if isinstance(v, Tensor) else v for k, v in self.ctx[i].items()}
 
-    def _run(self, k: int, state, ctx) -> tuple[Tensor, list[Tensor]]:
+    def _run(self, k: int, state, ctx) -> State:
         h, skips = state
         return self.family.run_block(self.den, k, self._to_dev(h), [self._to_dev(s) for s in skips], ctx)
 
+    def _records(self, indices, streams: tuple[str, ...] | Callable[[int], tuple[str, ...]]
+                 ) -> Iterator[tuple[int, Loaded]]:
+        """Records `indices` with the states of `streams` ("fp", "q"; or a function of the index) and the context
+        on the device, the next record's copied ahead; before_record runs before each is yielded."""
+        pick = streams if callable(streams) else (lambda i: streams)
+
+        def fetch(i):
+            return {s: (self.fp if s == "fp" else self.q)[i] for s in pick(i)}, self.ctx[i]
+        for i, loaded in self._prefetch(indices, fetch):
+            if self.cfg.before_record is not None:
+                self.cfg.before_record(self.calib.records[i])
+            yield i, loaded
+
     def _block_layers(self, k: int) -> dict[str, QuantLayer]:
-        prefix = self.blocks[k][0] + "."
-        return {n: m for n, m in self.layers.items() if n.startswith(prefix)}
+        if k not in self._layers_of:
+            prefix = self.blocks[k][0] + "."
+            self._layers_of[k] = {n: m for n, m in self.layers.items() if n.startswith(prefix)}
+        return self._layers_of[k]
 
     @contextmanager
-    def _hooks(self, modules: dict[str, nn.Module], fn):
+    def _mode(self, k: int, quant: bool):
+        """Block k's layers quantized (weights where quantized, activation quantizers on) or float. Outside passes
+        every layer is float (swap() and _quant_block() leave it so); only block k runs, so only its layers switch
+        (switching the whole model each pass costs milliseconds of Python per pass on a 28-block model)."""
+        layers = self._block_layers(k).values()
+        set_layers(layers, quant)
+        try:
+            yield
+        finally:
+            set_layers(layers, False)
+
+    @contextmanager
+    def _hooks(self, modules: dict[str, nn.Module], fn, post: dict[str, nn.Module] | None = None, post_fn=None):
+        """fn(name, module, x) before each of `modules` runs; post_fn(name, module, out) after each of `post` (its
+        return value, when not None, replaces the output)."""
         handles = [m.register_forward_pre_hook(lambda mod, args, name=name: fn(name, mod, args[0]))
                    for name, m in modules.items()]
+        handles += [m.register_forward_hook(lambda mod, args, out, name=name: post_fn(name, mod, out))
+                    for name, m in (post or {}).items()]
         try:
             yield
         finally:
@@ -227,22 +341,53 @@ class SequentialQuantizer:
         finally:
             set_quant_enabled(self.den, weights=False, acts=False)
 
-    # ---- one block ----------------------------------------------------------------------------------------
+    def _block_pass(self, k: int, state, ctx: dict, quant: bool, modules: dict | None = None, fn=None,
+                    stop_after: str | None = None, stop_post: bool = False, kind: str | None = None):
+        """Run block k on `state` in quantized or float mode, calling fn(name, module, x) before each of `modules`
+        and stopping right before `stop_after` runs (after its hook), or right after it when `stop_post`.
+        Returns the output state, or None when stopped early."""
+        pre = dict(modules) if (fn is not None and modules) else {}
+        if stop_after is not None:
+            pre.setdefault(stop_after, self.layers[stop_after])
+
+        def hook(name, mod, x):
+            if fn is not None and modules and name in modules:
+                fn(name, mod, x)
+            if name == stop_after and not stop_post:
+                raise _Stop
+
+        def stop(name, mod, out):
+            raise _Stop
+        post = {stop_after: self.layers[stop_after]} if (stop_after is not None and stop_post) else None
+        self._passes[(kind or ("q" if quant else "fp"), stop_after is None)] += 1
+        mode = self._mode(k, quant)
+        once = self._act_quant_once(k) if (quant and kind != "calibrate" and k in self.leaders) else nullcontext()
+        with mode, once, self._hooks(pre, hook, post, stop), self.timer("forward"):
+            try:
+                return self._run(k, state, ctx)
+            except _Stop:
+                return None
+
+    # ---- planning -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward_groups(self, k: int, layers: dict[str, QuantLayer]) -> list[list[str]]:
-        """Layer names of block k grouped by shared input tensor, in the order the forward pass calls them."""
+    def plan_block(self, k: int, layers: dict[str, QuantLayer]) -> BlockPlan:
+        """Groups and waves of block k's layers (see the module docstring), from float passes on one record."""
+        i = self.train[0] if self.train else 0
+        ctx, (h, skips) = self._ctx(i), self.q[i]
+        state = (self._to_dev(h), [self._to_dev(x) for x in skips])
         calls: list[tuple[str, int]] = []
-        seen: set[str] = set()
-        alive: list[Tensor] = []  # keep inputs alive: a freed tensor's id can be reused by a later, different one
+        counts: Counter = Counter()
+        prints: dict[str, Tensor] = {}
+        last: list[Tensor] = []  # the last input stays alive: a freed tensor's id could come back for the next one
 
         def record(name, mod, x):
-            if name not in seen:
-                seen.add(name)
-                alive.append(x)
+            counts[name] += 1
+            if counts[name] == 1:
                 calls.append((name, id(x)))
-        i = self.train[0]
-        with float_mode(self.den), self._hooks(layers, record):
-            self._run(k, self.q[i], self._ctx(i))
+                prints[name] = _fingerprint(x)
+                last[:] = [x]
+        self._block_pass(k, state, ctx, False, layers, record, kind="plan")
+        last.clear()
         groups: list[list[str]] = []
         last_id = None
         for name, xid in calls:
@@ -251,83 +396,193 @@ class SequentialQuantizer:
             else:
                 groups.append([name])
             last_id = xid
-        missing = set(layers) - seen
+        order = [n for n, _ in calls]
+        missing = set(layers) - set(order)
         if missing:
             log.warning("block %d: layers never called in the forward pass stay float: %s", k, sorted(missing))
-        return groups
+        chain = BlockPlan(groups, [[g] for g in range(len(groups))], order, {}, exact=False)
+        if any(c > 1 for c in counts.values()):
+            log.info("block %d: a layer runs more than once per pass; quantizing one group at a time", k)
+            return chain
+        # blocks of one class calling the same layers in the same order run the same code: probe the first only
+        prefix = self.blocks[k][0] + "."
+        key = (type(self.blocks[k][1]), tuple((n[len(prefix):], type(self.layers[n])) for n in order),
+               tuple(len(g) for g in groups))
+        if key not in self._deps_by_structure:
+            try:
+                deps = self._dependencies(k, state, ctx, groups, prints)
+            except Exception as e:  # noqa: BLE001 - the one-group-at-a-time order is always right
+                log.warning("block %d: dependency probe failed (%s); quantizing one group at a time", k, e)
+                return chain
+            self._deps_by_structure[key] = {n[len(prefix):]: {d[len(prefix):] for d in ds} for n, ds in deps.items()}
+        deps = {prefix + n: {prefix + d for d in ds} for n, ds in self._deps_by_structure[key].items()}
+        group_of = {n: g for g, names in enumerate(groups) for n in names}
+        wave_of: list[int] = []
+        for names in groups:
+            before = {group_of[d] for n in names for d in deps[n]}
+            wave_of.append(1 + max((wave_of[g] for g in before), default=-1))
+        waves = [[g for g in range(len(groups)) if wave_of[g] == w] for w in range(max(wave_of, default=-1) + 1)]
+        return BlockPlan(groups, waves, order, deps)
+
+    def _dependencies(self, k: int, state, ctx: dict, groups: list[list[str]], prints: dict[str, Tensor]
+                      ) -> dict[str, set[str]]:
+        """layer → earlier layers it depends on: a group's outputs get random noise added, and every later layer
+        whose input changes (its fingerprint differs from the plain pass's `prints`) depends on that group,
+        directly or through other layers."""
+        deps: dict[str, set[str]] = {n: set() for g in groups for n in g}
+        for gi, names in enumerate(groups[:-1]):
+            later = [n for g in groups[gi + 1:] for n in g]
+            gen = torch.Generator(device=self.device).manual_seed(gi)
+            seen: dict[str, Tensor] = {}
+
+            def look(name, mod, x, seen=seen):
+                if name not in seen:
+                    seen[name] = _fingerprint(x)
+
+            def perturb(name, mod, out, gen=gen):
+                noise = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32)
+                return out + (noise * (out.detach().float().abs().mean() + 1.0)).to(out.dtype)
+            with self._hooks({n: self.layers[n] for n in later}, look, {n: self.layers[n] for n in names}, perturb), \
+                    self._mode(k, False), self.timer("forward"):
+                self._passes[("plan", True)] += 1
+                self._run(k, state, ctx)
+            for n in later:
+                if n not in seen or not torch.equal(seen[n], prints[n]):
+                    deps[n].update(names)
+        return deps
 
     @torch.no_grad()
+    def forward_groups(self, k: int, layers: dict[str, QuantLayer]) -> list[list[str]]:
+        """Layer names of block k grouped by shared input tensor, in the order the forward pass calls them."""
+        return self.plan_block(k, layers).groups
+
+    # ---- one block ----------------------------------------------------------------------------------------
+    @torch.no_grad()
     def calibrate_acts(self, k: int, layers: dict[str, QuantLayer]) -> None:
-        static = [m.act_quant for m in layers.values() if hasattr(m.act_quant, "start_calibration")]
+        static = {n: m.act_quant for n, m in layers.items() if hasattr(m.act_quant, "start_calibration")}
         if not static:
             return
-        for aq in static:
+        for aq in static.values():
             aq.start_calibration()
-        with self._quant_block(), self.timer("forward"):
-            for i in self.train:
-                self._run(k, self.q[i], self._ctx(i))
-        for aq in static:
+        plan = self.plans.get(k)
+        stop = None
+        if plan is not None and plan.exact and set(static) <= set(plan.order):
+            stop = max(static, key=plan.order.index)  # nothing after the last calibrated layer matters
+        for _, loaded in self._records(self.train, ("q",)):
+            self._block_pass(k, loaded.states["q"], loaded.ctx, True, stop_after=stop, stop_post=True,
+                             kind="calibrate")
+        for aq in static.values():
             aq.finish_calibration()
-
-    def _block_pass(self, k: int, state, ctx: dict, quant: bool, modules: dict | None = None, fn=None,
-                    stop_after: str | None = None):
-        """Run block k on `state` in quantized or float mode, calling fn(name, module, x) before each of `modules`
-        and stopping right after `stop_after` was called. Returns the output state, or None when stopped early."""
-        def hook(name, mod, x):
-            fn(name, mod, x)
-            if name == stop_after:
-                raise _Stop
-        mode = self._quant_block() if quant else float_mode(self.den)
-        with mode, self._hooks(modules if fn else {}, hook), self.timer("forward"):
-            try:
-                return self._run(k, state, ctx)
-            except _Stop:
-                return None
 
     @staticmethod
     def _grab(store: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
         store[name] = x
 
-    def _accumulate(self, k: int, acc: dict, x_fp: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
+    def _accumulate(self, k: int, acc: dict, leader: dict, x_fp: dict, bad: dict, name: str, mod: QuantLayer,
+                    x: Tensor) -> None:
+        if leader[name] != name:
+            return  # same matmul input as its leader, which was accumulated already
         xq = mod.quant_input(x)
-        _check_finite(xq, k, name)
+        flag = torch.isfinite(xq).all().logical_not()
+        bad[name] = flag if name not in bad else bad[name] | flag
         with self.timer("accumulate"):
             acc[name].update(xq, x_fp.get(name))
 
-    @staticmethod
-    def _measure(x_fp: dict, num: dict, den: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
-        ref = _layer_output(mod, x_fp[name], mod.weight)
-        out = _layer_output(mod, mod.quant_input(x), mod.current_weight())
-        num[name] += float((out - ref).float().pow(2).sum())
-        den[name] += float(ref.float().pow(2).sum())
+    def _share_leaders(self, plan: BlockPlan) -> dict[str, str]:
+        """layer → the first layer of its group with the same matmul input (itself when none matches): these share
+        one fake-quantized input in quantized passes and one H/G accumulator."""
+        leader: dict[str, str] = {}
+        for names in plan.groups:
+            reps: list[str] = []
+            for n in names:
+                lead = next((r for r in reps if plan.exact and same_matmul_input(self.layers[r], self.layers[n])),
+                            None)
+                if lead is None:
+                    reps.append(n)
+                leader[n] = lead or n
+        return leader
+
+    @contextmanager
+    def _act_quant_once(self, k: int):
+        """In a quantized pass over block k, apply each layer's activation quantizer in a pre-hook and switch it off
+        for the layer's own call; consecutive layers with the same input and leader (q/k/v) reuse the result. The
+        matmuls see the same tensors as without it, computed fewer times, and later pre-hooks (accumulation,
+        measurement) get the quantized input instead of quantizing it once more."""
+        leader = self.leaders[k]
+        last: list = [None, None, None]  # input, leader, quantized input
+
+        def pre(name, mod, args):
+            x = args[0]
+            if last[0] is not x or last[1] != leader[name]:
+                last[:] = [x, leader[name], mod.act_quant(x)]
+            mod.act_quant.enabled = False
+            return (last[2], *args[1:])
+
+        def post(name, mod, args, out):
+            mod.act_quant.enabled = True
+        mods = {n: self.layers[n] for n in leader if self.layers[n].act_quant is not None}
+        handles = [m.register_forward_pre_hook(lambda mod, args, name=name: pre(name, mod, args))
+                   for name, m in mods.items()]
+        handles += [m.register_forward_hook(lambda mod, args, out, name=name: post(name, mod, args, out))
+                    for name, m in mods.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            last.clear()
 
     @torch.no_grad()
-    def quantize_group(self, k: int, names: list[str]) -> None:
-        """Accumulate H (and G) for the layers `names` of block k over the calibration records, then quantize them."""
+    def quantize_wave(self, k: int, plan: BlockPlan, w: int) -> None:
+        """Accumulate H (and G) for the layers of wave w of block k over the training records, then quantize them."""
+        names = plan.wave_layers(w)
         layers = {n: self.layers[n] for n in names}
-        method, cfg = self.cfg.method, self.cfg
-        acc: dict[str, GramAccumulator] = {}
-        if method != "rtn":
-            cross = method == "qronos"
-            acc = {n: GramAccumulator(m if isinstance(m, nn.Conv2d) else None, cross=cross) for n, m in layers.items()}
-            for i in self.train:
-                ctx, x_fp = self._ctx(i), {}
-                if cross:
-                    self._block_pass(k, self.fp[i], ctx, False, layers, partial(self._grab, x_fp), names[-1])
-                self._block_pass(k, self.q[i], ctx, True, layers, partial(self._accumulate, k, acc, x_fp), names[-1])
-        for name, layer in layers.items():
-            W = layer.weight_matrix()
-            with self.timer("solve"):
-                if method == "rtn":
-                    res = rtn_quantize_ex(W, cfg.weight)
-                elif method == "gptq":
-                    res = gptq_quantize_ex(W, acc[name].H, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size)
-                else:
-                    res = qronos_quantize_ex(W, acc[name].H, acc[name].G, cfg.weight, cfg.damp, cfg.act_order,
-                                             cfg.block_size)
-            layer.set_quantized_weight(res.codes, res.scale, res.zero)
-            self._report(k, name, res)
-            acc.pop(name, None)
+        cfg = self.cfg
+        if cfg.method == "rtn":
+            for name in names:
+                self._solve(k, name, layers[name], None, None)
+            return
+        cross = cfg.method == "qronos"
+        leader = self.leaders[k]
+        acc = {n: GramAccumulator(m if isinstance(m, nn.Conv2d) else None, cross=cross)
+               for n, m in layers.items() if leader[n] == n}
+        stop = max(names, key=plan.order.index)
+        keep_fp = cross and w == 0  # the first float pass runs the whole block: its output is the next float state
+        bad: dict[str, Tensor] = {}
+        for i, loaded in self._records(self.train, ("fp", "q") if cross else ("q",)):
+            x_fp: dict[str, Tensor] = {}
+            if cross:
+                grab = partial(self._grab, x_fp)
+                out = self._block_pass(k, loaded.states["fp"], loaded.ctx, False, layers, grab,
+                                       None if keep_fp else stop)
+                if keep_fp:
+                    self._next_fp[i] = self._store_state(out, loaded.origin)
+            self._block_pass(k, loaded.states["q"], loaded.ctx, True, layers,
+                             partial(self._accumulate, k, acc, leader, x_fp, bad), stop)
+        if bad:
+            flags = torch.stack([bad[n] for n in names if n in bad]).tolist()
+            for n, f in zip([n for n in names if n in bad], flags):
+                if f:
+                    raise NonFiniteActivationError(
+                        f"NaN/Inf in the input of layer {n} (block {k}) during calibration: check the model weights "
+                        "and the calibration data (dtype overflow? try --dtype fp32 or bf16)")
+        stats = {n: (a.H, a.G if cross else None) for n, a in acc.items()}
+        acc.clear()
+        for name in names:
+            self._solve(k, name, layers[name], *stats[leader[name]])
+
+    def _solve(self, k: int, name: str, layer: QuantLayer, H: Tensor | None, G: Tensor | None) -> None:
+        cfg = self.cfg
+        W = layer.weight_matrix()
+        with self.timer("solve"):
+            if cfg.method == "rtn":
+                res = rtn_quantize_ex(W, cfg.weight)
+            elif cfg.method == "gptq":
+                res = gptq_quantize_ex(W, H, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size)
+            else:
+                res = qronos_quantize_ex(W, H, G, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size)
+        layer.set_quantized_weight(res.codes, res.scale, res.zero)
+        self._report(k, name, res)
 
     def _report(self, k: int, name: str, res: QuantResult) -> None:
         if res.fell_back:
@@ -336,68 +591,139 @@ class SequentialQuantizer:
         self.reports.append(LayerReport(k, name, self.cfg.method, self.cfg.weight.bits, abits, res.damp_rel,
                                         math.nan, res.fell_back, res.reason))
 
+    @staticmethod
+    def _measure(x_fp: dict, num: dict, den: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
+        ref = _layer_output(mod, x_fp[name], mod.weight).float()
+        out = _layer_output(mod, mod.quant_input(x), mod.current_weight()).float()
+        e, r = (out - ref).pow(2).sum(), ref.pow(2).sum()
+        num[name] = num[name] + e if name in num else e
+        den[name] = den[name] + r if name in den else r
+
     @torch.no_grad()
     def propagate(self, k: int, measure: dict[str, QuantLayer] | None) -> None:
-        """Run both streams through block k; on held-out records measure each layer's rel_out_err."""
-        num: dict[str, float] = defaultdict(float)
-        den: dict[str, float] = defaultdict(float)
+        """Run the streams through block k; on held-out records measure each layer's rel_out_err."""
+        n = len(self.calib)
+        num: dict[str, Tensor] = {}
+        den: dict[str, Tensor] = {}
         held = set(self.held) if measure else set()
-        new_fp, new_q = [], []
-        for i in range(len(self.calib)):
-            ctx, x_fp = self._ctx(i), {}
-            grab = partial(self._grab, x_fp) if i in held else None
-            fp = self._block_pass(k, self.fp[i], ctx, False, measure, grab)
-            if self.streams_equal and k not in self.selected:
-                q = fp
+        one_stream = self.streams_equal and k not in self.selected
+        new_fp: list[State | None] = [None] * n
+        new_q: list[State | None] = [None] * n
+
+        def streams(i):
+            if one_stream:
+                return ("q",)
+            return ("q", "fp") if (i in self.fp_records and i not in self._next_fp) else ("q",)
+        for i, loaded in self._records(range(n), streams):
+            if one_stream:  # before the first selected block: one float stream (these blocks have no quant layers)
+                out = self._block_pass(k, loaded.states["q"], loaded.ctx, False)
+                new_q[i] = new_fp[i] = self._store_state(out, loaded.origin)
             else:
+                x_fp: dict[str, Tensor] = {}
+                if i in self._next_fp:
+                    new_fp[i] = self._next_fp.pop(i)
+                elif "fp" in loaded.states:
+                    grab = partial(self._grab, x_fp) if i in held else None
+                    out = self._block_pass(k, loaded.states["fp"], loaded.ctx, False, measure, grab)
+                    new_fp[i] = self._store_state(out, loaded.origin)
                 err = partial(self._measure, x_fp, num, den) if i in held else None
-                q = self._block_pass(k, self.q[i], ctx, True, measure, err)
-            fp_state = self._store_state(fp)
-            new_fp.append(fp_state)
-            new_q.append(fp_state if q is fp else self._store_state(q))
+                out = self._block_pass(k, loaded.states["q"], loaded.ctx, True, measure, err)
+                new_q[i] = self._store_state(out, loaded.origin)
+            if self._pin:  # hand the record's old buffers back (the copies reading them are queued before reuse)
+                keep = {id(t) for t in _flat(new_fp[i]) + _flat(new_q[i])}
+                old = {id(t): t for t in _flat(self.fp[i]) + _flat(self.q[i])}
+                self._pool.give(t for tid, t in old.items() if tid not in keep)
         self.fp, self.q = new_fp, new_q
+        self._next_fp.clear()
         if k in self.selected:
             self.streams_equal = False
-        if measure:
+        if measure and num:
+            names = list(num)
+            vals = torch.stack([torch.stack([num[m], den[m]]) for m in names]).tolist()
+            errs = {m: math.sqrt(a / max(b, 1e-30)) for m, (a, b) in zip(names, vals)}
             for r in self.reports:
-                if r.block == k and r.layer in num:
-                    r.rel_out_err = math.sqrt(num[r.layer] / max(den[r.layer], 1e-30))
+                if r.block == k and r.layer in errs:
+                    r.rel_out_err = errs[r.layer]
 
     def quantize_block(self, k: int) -> None:
         layers = self._block_layers(k)
         self.block_quant_calls[k] += 1
+        plan = self.plans[k] = self.plan_block(k, layers)
         self.calibrate_acts(k, layers)
-        for group in self.forward_groups(k, layers):
-            self.quantize_group(k, group)
+        self.leaders[k] = self._share_leaders(plan)
+        for w in range(len(plan.waves)):
+            self.quantize_wave(k, plan, w)
 
     # ---- the whole procedure ------------------------------------------------------------------------------
+    def _finish_block(self, k: int, t0: float, before: dict[str, float], peak: int) -> None:
+        phases = self.timer.totals  # synchronizes
+        cuda = self.device.type == "cuda"
+        block_peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        if cuda:
+            self.block_peak_vram[k] = max(peak, block_peak)
+        plan = self.plans.get(k)
+        self.block_stats[k] = {
+            "seconds": time.perf_counter() - t0,
+            "phases": {p: v - before.get(p, 0.0) for p, v in phases.items()},
+            "record_passes": {f"{kind}{'' if full else '_early_exit'}": c
+                              for (kind, full), c in sorted(self._passes.items())},
+            "h2d_bytes": self._prefetch.h2d_bytes, "d2h_bytes": self._d2h_bytes,
+            "groups": len(plan.groups) if plan else 0, "waves": len(plan.waves) if plan else 0,
+            "peak_vram_bytes": block_peak if cuda else None,  # this block's peak
+            "allocated_bytes": torch.cuda.memory_allocated(self.device) if cuda else None,  # after it (model, caches)
+        }
+        self._passes.clear()
+        self._prefetch.h2d_bytes = self._d2h_bytes = 0
+
     def run(self) -> SequentialResult:
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.swap()
         self.init_streams()
         last = self.selected[-1]
-        cuda = self.device.type == "cuda"
+        peak, stopped, done = 0, None, set()
         for k in tqdm(range(last + 1), desc=f"{self.cfg.method} blocks", disable=not self.progress):
+            t0, before = time.perf_counter(), dict(self.timer.totals)
+            if cuda:
+                peak = max(peak, torch.cuda.max_memory_allocated(self.device))
+                torch.cuda.reset_peak_memory_stats(self.device)
             if k in self.selected:
                 self.quantize_block(k)
                 self.propagate(k, self._block_layers(k))
+                done.add(k)
+                if self.cfg.drop_float_weights:
+                    for layer in self._block_layers(k).values():
+                        if layer.is_quantized:
+                            layer.drop_float_weight()
             elif k < last:
                 self.propagate(k, None)
-            if cuda:
-                self.block_peak_vram[k] = torch.cuda.max_memory_allocated(self.device)
+            self._finish_block(k, t0, before, peak)
+            peak = self.block_peak_vram.get(k, 0)
+            if self.on_block is not None and self.on_block(k, self) and k < last:
+                stopped = k
+                break
         self.fp = self.q = self.ctx = []  # free the caches
+        self._next_fp.clear()
+        self._pool.clear()
         set_quant_enabled(self.den, weights=True, acts=True)
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return SequentialResult(self.reports, dict(self.timer.totals), dict(self.block_quant_calls), peak,
-                                self.layers, dict(self.block_peak_vram))
+        for k in set(self.selected) - done:  # stopped early: unprocessed blocks stay float
+            for layer in self._block_layers(k).values():
+                if layer.act_quant is not None:
+                    layer.act_quant.enabled = False
+        timings = dict(self.timer.totals)
+        timings["forward"] = timings.get("forward", 0.0) - timings.get("accumulate", 0.0)
+        peak_all = max(self.block_peak_vram.values(), default=None) if cuda else None
+        return SequentialResult(self.reports, timings, dict(self.block_quant_calls), peak_all, self.layers,
+                                dict(self.block_peak_vram), dict(self.block_stats), stopped)
 
 
 def quantize_sequential(denoiser: nn.Module, family: ModelFamily, calib: CalibrationSet, config: SequentialConfig,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, storage: str = "cpu",
-                        progress: bool = True) -> SequentialResult:
+                        progress: bool = True, on_block: Callable[[int, SequentialQuantizer], bool | None] | None = None
+                        ) -> SequentialResult:
     """Quantize `denoiser` in place, block by block (see the module docstring). The denoiser must be on `device`."""
-    return SequentialQuantizer(denoiser, family, calib, config, device, dtype, storage, progress).run()
+    return SequentialQuantizer(denoiser, family, calib, config, device, dtype, storage, progress, on_block).run()
 
 
 @torch.no_grad()

@@ -80,3 +80,27 @@ def test_pairing_is_checked():
         acc.update(torch.randn(3, 4), torch.randn(2, 4))
     with pytest.raises(RuntimeError, match="cross=True"):
         _ = GramAccumulator().G
+
+
+def test_row_chunks_by_element_budget_equal_at_once():
+    x = torch.randn(3, 50, 24)
+    xq = x + 0.1 * torch.randn_like(x)
+    acc = GramAccumulator(cross=True, chunk_elems=24 * 7)  # 7 rows per chunk
+    acc.update(xq, x)
+    H, G = gram_from_inputs(xq, x)
+    torch.testing.assert_close(acc.H, H)
+    torch.testing.assert_close(acc.G, G)
+    assert acc.n == 150
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_on_tensor_cores_are_exact_products(dtype):
+    """TF32 holds fp16/bf16 values exactly: H matches a float64 reference to float32 accumulation error."""
+    x = torch.randn(4, 512, 96, device="cuda").to(dtype)
+    xq = (x.float() + 0.05 * torch.randn_like(x.float())).to(dtype)
+    acc = GramAccumulator(cross=True)
+    acc.update(xq, x)
+    X, Xq = x.reshape(-1, 96).double(), xq.reshape(-1, 96).double()
+    torch.testing.assert_close(acc.H.double(), Xq.T @ Xq / 2048, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc.G.double(), Xq.T @ X / 2048, rtol=1e-5, atol=1e-6)

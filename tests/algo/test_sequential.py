@@ -1,14 +1,16 @@
 """Sequential block-by-block driver on tiny models: once per block, paired streams, storage, orderings."""
+import copy
 import math
 import statistics
 
 import pytest
 import torch
 
+from diffptq.algo import GramAccumulator, gptq_quantize_ex, qronos_quantize_ex
 from diffptq.algo.sequential import NonFiniteActivationError, SequentialConfig, SequentialQuantizer
 from diffptq.data.calib import collect_calibration
 from diffptq.models import family_of, load_pipeline
-from diffptq.quant.layers import quant_layers
+from diffptq.quant.layers import float_mode, quant_layers, set_quant_enabled
 from diffptq.quant.quantizer import QuantSpec
 
 PROMPTS = ["a red cat on a sofa", "a blue cup", "a dog on a beach", "a tree in a field"]
@@ -35,15 +37,17 @@ def test_each_selected_block_quantized_once_and_caches_stay_on_storage(name, mon
 
     def spy(k, measure):
         orig(k, measure)
-        cached = [t for st in (sq.fp + sq.q) for t in [st[0], *st[1]]] + \
+        cached = [t for st in (sq.fp + sq.q) if st is not None for t in [st[0], *st[1]]] + \
             [v for c in sq.ctx for v in c.values() if isinstance(v, torch.Tensor)]
-        seen.append((k, len(sq.fp), {t.device.type for t in cached}))
+        kept_fp = {i for i, st in enumerate(sq.fp) if st is not None}
+        seen.append((k, len(sq.q), kept_fp, {t.device.type for t in cached}))
     monkeypatch.setattr(sq, "propagate", spy)
     res = sq.run()
     n_blocks = len(fam.blocks(den))
     assert res.block_quant_calls == {k: 1 for k in range(n_blocks)}
-    assert [k for k, _, _ in seen] == list(range(n_blocks))
-    assert all(n == len(calib) and devs == {"cpu"} for _, n, devs in seen)
+    assert [k for k, _, _, _ in seen] == list(range(n_blocks))
+    # GPTQ needs the float stream only on the held-out records (for rel_out_err)
+    assert all(n == len(calib) and kept == set(sq.held) and devs == {"cpu"} for _, n, kept, devs in seen)
     # every quantizable layer of every block was quantized and reported exactly once
     names = [r.layer for r in res.layers]
     assert len(names) == len(set(names)) == sum(1 for _, layer in quant_layers(den) if layer.is_quantized)
@@ -75,3 +79,121 @@ def test_nan_in_calibration_names_layer_and_block():
         rec.inputs["hidden_states"][0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteActivationError, match=r"layer transformer_blocks\.0\.attn1\.to_q \(block 0\)"):
         _quantizer(den, fam, calib, method="gptq").run()
+
+
+def _reference_codes(den, fam, calib, cfg):
+    """The procedure the driver must reproduce, written the plain way: one layer at a time in forward order, each
+    from full passes of both streams over the training records, nothing shared, stopped early or prefetched."""
+    layers = SequentialQuantizer(den, fam, calib, cfg, "cpu", progress=False).swap()
+    held = set(calib.holdout_indices(cfg.holdout_every))
+    train = [i for i in range(len(calib)) if i not in held]
+    cross = cfg.method == "qronos"
+    fp, q, ctxs = [], [], []
+    for inputs in calib.batches("cpu"):
+        h, skips, ctx = fam.prologue(den, inputs)
+        fp.append((h, skips))
+        q.append((h, skips))
+        ctxs.append(ctx)
+
+    def run(k, state, ctx, quant):
+        if quant:
+            set_quant_enabled(den, weights=True, acts=True)
+            try:
+                return fam.run_block(den, k, *state, ctx)
+            finally:
+                set_quant_enabled(den, weights=False, acts=False)
+        with float_mode(den):
+            return fam.run_block(den, k, *state, ctx)
+
+    def first_input(layer, k, state, ctx, quant):
+        """The layer's input as its matmul sees it (after its activation quantizer in quantized mode)."""
+        got = []
+        handle = layer.register_forward_pre_hook(lambda mod, args: got.append(mod.quant_input(args[0])))
+        try:
+            run(k, state, ctx, quant)
+        finally:
+            handle.remove()
+        return got[0]
+
+    for k, (prefix, _) in enumerate(fam.blocks(den)):
+        block = {n: m for n, m in layers.items() if n.startswith(prefix + ".")}
+        for m in block.values():
+            m.act_quant.start_calibration()
+        for i in train:
+            run(k, q[i], ctxs[i], True)
+        for m in block.values():
+            m.act_quant.finish_calibration()
+        order = []
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n, order=order: order.append(n))
+                   for n, m in block.items()]
+        run(k, q[train[0]], ctxs[train[0]], False)
+        for h in handles:
+            h.remove()
+        for name in order:
+            layer = block[name]
+            acc = GramAccumulator(layer if isinstance(layer, torch.nn.Conv2d) else None, cross=cross)
+            for i in train:
+                x_fp = first_input(layer, k, fp[i], ctxs[i], False) if cross else None
+                acc.update(first_input(layer, k, q[i], ctxs[i], True), x_fp)
+            W = layer.weight_matrix()
+            res = (qronos_quantize_ex(W, acc.H, acc.G, cfg.weight) if cross else gptq_quantize_ex(W, acc.H, cfg.weight))
+            layer.set_quantized_weight(res.codes, res.scale, res.zero)
+        fp = [run(k, s, c, False) for s, c in zip(fp, ctxs)]
+        q = [run(k, s, c, True) for s, c in zip(q, ctxs)]
+    return {n: m.weight_codes for n, m in layers.items()}
+
+
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-unet"])
+@pytest.mark.parametrize("method", ["gptq", "qronos"])
+@torch.no_grad()
+def test_waves_give_the_same_weights_as_one_layer_at_a_time(name, method):
+    pipe = load_pipeline(name)
+    fam = family_of(pipe)
+    calib = collect_calibration(pipe, PROMPTS, 2, batch_size=2, progress=False)
+    base = copy.deepcopy(fam.denoiser(pipe))
+    cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(8, symmetric=False), holdout_every=3)
+    res = SequentialQuantizer(fam.denoiser(pipe), fam, calib, cfg, "cpu", progress=False).run()
+    ref = _reference_codes(base, fam, calib, cfg)
+    assert set(ref) == set(res.quant_layers)
+    for n, codes in ref.items():
+        assert torch.equal(res.quant_layers[n].weight_codes, codes), n
+
+
+def test_plan_waves_and_pass_counts_on_tiny_dit():
+    _, fam, den, calib = _setup("tiny-dit", steps=2)
+    sq = _quantizer(den, fam, calib, method="qronos")
+    res = sq.run()
+    plan = sq.plans[0]
+    pre = "transformer_blocks.0."
+    first = [n for g in plan.waves[0] for n in plan.groups[g]]
+    # the cross-attention k/v read only the text states: same wave as attn1 q/k/v
+    assert {pre + s for s in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v")} == set(first)
+    assert len(plan.waves) == len(plan.groups) - 1 == 6
+    # q/k/v share one accumulator (equal static activation quantizers), attn2 k/v another
+    assert len({sq.leaders[0][n] for n in first}) == 2
+    n_train, n_all, waves = len(sq.train), len(calib), len(plan.waves)
+    assert res.block_stats[1]["record_passes"] == {
+        "calibrate_early_exit": n_train,        # activation calibration stops after ff.net.2
+        "fp": n_train + len(sq.held),           # first wave's float pass (kept as next state) + held-out records
+        "fp_early_exit": (waves - 1) * n_train,
+        "q_early_exit": waves * n_train,
+        "q": n_all,                             # propagate
+        "plan": 1,                              # one record; block 0 also probed dependencies, block 1 reuses them
+    }
+    assert res.block_stats[0]["record_passes"]["plan"] == len(plan.groups)  # the plain pass, one per perturbed group
+
+
+def test_on_block_stops_cleanly_and_drop_float_weights():
+    _, fam, den, calib = _setup("tiny-dit", steps=2)
+    seen = []
+    cfg = SequentialConfig(method="gptq", weight=QuantSpec(4), act=QuantSpec(8, symmetric=False), holdout_every=3,
+                           drop_float_weights=True)
+    res = SequentialQuantizer(den, fam, calib, cfg, "cpu", progress=False,
+                              on_block=lambda k, sq: seen.append(k) or True).run()
+    assert seen == [0] and res.stopped_after == 0 and set(res.block_stats) == {0}
+    done = {n: m for n, m in res.quant_layers.items() if n.startswith("transformer_blocks.0.")}
+    rest = {n: m for n, m in res.quant_layers.items() if not n.startswith("transformer_blocks.0.")}
+    assert all(m.is_quantized and m.weight.data_ptr() == m.weight_q.data_ptr() for m in done.values())
+    assert all(not m.is_quantized and not m.act_quant.enabled for m in rest.values())
+    with torch.no_grad():  # the model still runs: later blocks float
+        den(**next(calib.batches("cpu")), return_dict=False)

@@ -1,0 +1,79 @@
+"""Host cache, prefetch and timing of the sequential driver: the prefetched tensors are the cached ones, exactly."""
+import pytest
+import torch
+
+from diffptq.algo.streams import PhaseTimer, PinnedPool, Prefetcher
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _records(n, device="cpu", pin=False):
+    g = torch.Generator().manual_seed(0)
+    recs = []
+    for _ in range(n):
+        h = torch.randn(3, 5, 7, generator=g)
+        skip = torch.randn(2, 4, generator=g)
+        ctx = {"ehs": torch.randn(3, 2, 7, generator=g), "hw": (4, 4)}
+        if pin:
+            h, skip, ctx["ehs"] = h.pin_memory(), skip.pin_memory(), ctx["ehs"].pin_memory()
+        recs.append(((h, [skip]), ctx))
+    return recs
+
+
+def test_prefetcher_on_the_cpu_passes_tensors_through_in_order():
+    recs = _records(4)
+    pf = Prefetcher(torch.device("cpu"))
+    out = list(pf([2, 0, 3], lambda i: ({"fp": recs[i][0], "q": recs[i][0]}, recs[i][1])))
+    assert [i for i, _ in out] == [2, 0, 3]
+    for i, loaded in out:
+        assert loaded.states["fp"][0] is recs[i][0][0] is loaded.states["q"][0]
+        assert loaded.ctx["ehs"] is recs[i][1]["ehs"] and loaded.ctx["hw"] == (4, 4)
+    assert pf.h2d_bytes == 0
+
+
+def test_phase_timer_sums_phases():
+    t = PhaseTimer(torch.device("cpu"))
+    for _ in range(3):
+        with t("a"):
+            pass
+    with pytest.raises(RuntimeError), t("b"):
+        raise RuntimeError
+    assert set(t.totals) == {"a", "b"} and all(v >= 0 for v in t.totals.values())
+
+
+@cuda
+def test_prefetched_tensors_equal_the_cached_ones_and_round_trip_through_the_pool():
+    """Three rounds over the records, nothing synchronized inside a round: each reads (H2D, side stream) the states
+    the round before wrote (D2H, non_blocking) into pinned buffers that are handed back and reused record by
+    record. Every tensor must arrive exactly."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    recs = _records(6, pin=True)
+    pf, pool = Prefetcher(dev), PinnedPool()
+    cache = {"states": [r[0] for r in recs]}
+
+    def fetch(i):
+        return {"q": cache["states"][i]}, recs[i][1]
+    for rnd in range(3):
+        expect = [(h.clone(), [s.clone() for s in sk]) for h, sk in cache["states"]]  # synchronized here
+        got, new = [], []
+        for i, loaded in pf(range(len(recs)), fetch):
+            h, skips = loaded.states["q"]
+            got.append((h.clone(), [s.clone() for s in skips], loaded.ctx["ehs"].clone()))
+            out = [h * 2 + 1, *skips]
+            bufs = []
+            for t in out:
+                b = pool.take(t.shape, t.dtype)
+                b.copy_(t, non_blocking=True)
+                bufs.append(b)
+            new.append((bufs[0], bufs[1:]))
+            if rnd:  # the record's old buffers go back and are reused by the next records' outputs
+                old = cache["states"][i]
+                pool.give([old[0], *old[1]])
+        torch.cuda.synchronize()
+        for (h, sk, ehs), (eh, esk), rec in zip(got, expect, recs):
+            assert torch.equal(h.cpu(), eh) and torch.equal(sk[0].cpu(), esk[0])
+            assert torch.equal(ehs.cpu(), rec[1]["ehs"])
+        for (h, sk), (eh, esk) in zip(new, expect):
+            assert torch.equal(h, eh * 2 + 1) and torch.equal(sk[0], esk[0])
+        cache["states"] = new
+    assert pf.h2d_bytes > 0
