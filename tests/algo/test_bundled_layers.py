@@ -30,12 +30,7 @@ UNET_LAYERS = ("down_blocks.1.resnets.0.conv1", "down_blocks.1.attentions.0.tran
 MAX_ROWS = 6000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _record(model: str, names: tuple[str, ...], n_prompts: int = 8, steps: int = 4):

@@ -9,13 +9,7 @@ from torch import nn
 from diffptq.eval.metrics import INCEPTION_WEIGHTS, fid_feature_dim, frechet_distance, inception_fid_metric
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: FID's 2048x2048 eigvals runs ~10x slower on an oversubscribed 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_static_condition_is_one_scale_on_the_same_path():
     scales = []
     for c in CONDS:
         q.set_condition(c)
-        scales.append(float(q._scale))
+        scales.append(float(q._scale.detach()))
     assert max(scales) == min(scales) == pytest.approx(q.fit.static_scale)
     # its error on all the data is that of the static optimum fitted on all of it (sampling costs < 5 %)
     assert quant_mse(pooled, q.fit.static_scale, 0.0, spec) < 1.05 * quant_mse(pooled, float(ref), 0.0, spec)

@@ -24,13 +24,7 @@ SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 N = 4096
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small elementwise ops in an MSE search run ~1000× slower with 2 intra-op threads on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # MSE searches: ~1000x slower on 2 busy threads
 
 
 def _activations(sched, n_steps: int, kind: str, seed: int) -> dict[float, torch.Tensor]:

@@ -17,12 +17,7 @@ N_PROMPTS = 16
 PROMPT_ACC_BAR = 0.7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: one thread is as fast, and far faster on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
