@@ -79,6 +79,9 @@ class SequentialConfig:
     drop_float_weights: once a block is done, replace its quantized layers' float weights by the dequantized ones
     (frees their memory, so device memory does not grow with the number of blocks; float_mode then runs the
     quantized weights).
+    rotate / rotate_seed / rotate_conv: an online input rotation of the swapped layers (as in
+    diffptq.quant.layers.QuantConfig), set at the swap, so H, G, the activation quantizers and rel_out_err all see
+    the rotated inputs.
     """
 
     method: str = "gptq"
@@ -94,6 +97,9 @@ class SequentialConfig:
     act_factory: Callable | None = None
     before_record: Callable[[CalibRecord], None] | None = None
     drop_float_weights: bool = False
+    rotate: str | None = None
+    rotate_seed: int = 0
+    rotate_conv: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -233,7 +239,8 @@ class SequentialQuantizer:
     def swap(self) -> dict[str, QuantLayer]:
         include = tuple(f"{self.blocks[k][0]}.*" for k in self.selected)
         qcfg = QuantConfig(weight=self.cfg.weight, act=self.cfg.act, act_kind=self.cfg.act_kind, include=include,
-                           skip=self.cfg.skip, act_factory=self.cfg.act_factory)
+                           skip=self.cfg.skip, act_factory=self.cfg.act_factory, rotate=self.cfg.rotate,
+                           rotate_seed=self.cfg.rotate_seed, rotate_conv=self.cfg.rotate_conv)
         self.layers = swap_modules(self.den, qcfg)
         set_quant_enabled(self.den, weights=False, acts=False)
         return self.layers

@@ -14,7 +14,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from diffptq.eval.metrics.common import as_uint8
 from diffptq.eval.sample import generate, image_seeds
 from diffptq.models import family_of, load_pipeline
 from diffptq.models.schedulers import set_scheduler
-from diffptq.quant.layers import quant_layers, rotate_layers
+from diffptq.quant.layers import quant_layers
 from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
 from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, score
 
@@ -281,15 +281,13 @@ def quantize_variant(denoiser: nn.Module, pipe, variant: Variant, cfg: Benchmark
         blocks = parse_blocks(q.blocks, len(family.blocks(denoiser)))
         flags = argparse.Namespace(method=variant.method, wbits=variant.wbits, abits=variant.abits,
                                    group_size=q.group_size, act_quant=q.act_quant, damp=q.damp, act_order=q.act_order)
-        seq_cfg = sequential_config(flags, blocks)
+        seq_cfg = replace(sequential_config(flags, blocks), rotate=q.rotate, rotate_seed=q.rotate_seed,
+                          rotate_conv=q.rotate_conv)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     calib_set = calib.get()
     t0 = time.perf_counter()
-    driver = SequentialQuantizer(denoiser, family, calib_set, seq_cfg, device, dtype, progress=progress)
-    if q.rotate is not None:  # between the (idempotent) swap and quantizing, as quantize_pipeline does
-        rotate_layers(driver.swap(), q.rotate, q.rotate_seed, q.rotate_conv)
-    driver.run()
+    SequentialQuantizer(denoiser, family, calib_set, seq_cfg, device, dtype, progress=progress).run()
     return time.perf_counter() - t0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -13,7 +13,6 @@ from diffptq.data.calib import CalibrationSet, collect_calibration
 from diffptq.data.prompts import default_prompts, load_prompts
 from diffptq.errors import ConfigError
 from diffptq.models.families import family_of
-from diffptq.quant.layers import rotate_layers
 
 LAYER_COLUMNS = ("block", "layer", "method", "wbits", "abits", "damp", "rel_out_err")
 SUMMARY_COLUMNS = ("method", "wbits", "abits", "act_quant", "rotate", "group_size", "blocks", "n_layers", "n_fallback",
@@ -124,18 +123,16 @@ def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, devic
     """Collect calibration data, quantize the denoiser in place, and measure the final denoiser-output error vs
     float over the held-out calibration records (per sampling step).
 
-    rotate: an online input rotation ("hadamard") for every quantized Linear (and Conv2d when rotate_conv), set
-    between the driver's module swap and the quantization (the driver's swap is idempotent), so H, G and the
-    activation quantizers see Rᵀx."""
+    rotate: an online input rotation ("hadamard") for every quantized Linear (and Conv2d when rotate_conv), set by
+    the driver at its module swap (SequentialConfig.rotate), so H, G and the activation quantizers see Rᵀx."""
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
     blocks = cfg.blocks if cfg.blocks is not None else list(range(len(family.blocks(denoiser))))
     check_group_size(pipe, blocks, cfg.weight.group_size)
     calib, collect_s = collect(pipe, calib_cfg, calib_cfg.calib_steps, progress)
     t0 = time.perf_counter()
+    cfg = replace(cfg, rotate=rotate, rotate_seed=rotate_seed, rotate_conv=rotate_conv)
     driver = SequentialQuantizer(denoiser, family, calib, cfg, device, dtype, progress=progress)
-    if rotate is not None:
-        rotate_layers(driver.swap(), rotate, rotate_seed, rotate_conv)
     result = driver.run()
     calib_s = time.perf_counter() - t0
     _, held = calib.split(cfg.holdout_every)
