@@ -93,6 +93,15 @@ def calibration_points(q: TdqActQuantizer, scheduler) -> tuple[Tensor, Tensor] |
     return lam.float(), q.fit.opt_scales
 
 
+def _save(fig, path: str | Path, title: str) -> Path:
+    """Give `fig` its title (when one is given) and write it as a PNG at 100 dpi; returns the path."""
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def plot_scales(quantizers: dict[str, dict[str, TdqActQuantizer]], optima: dict[str, list[tuple[str, float, float]]],
                 scheduler, path: str | Path, title: str = "") -> Path:
     """One panel per layer: scale vs λ for each method (lines), per-step optima (markers), calibration optima (x).
@@ -125,11 +134,7 @@ def plot_scales(quantizers: dict[str, dict[str, TdqActQuantizer]], optima: dict[
         ax.set_title(name.replace("transformer_blocks", "blk"), fontsize=8)
     axes[0].set_ylabel("activation scale")
     axes[-1].legend(fontsize=6)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_step_errors(per_step: dict[tuple[str, str], list[tuple[float, float]]], scheduler, path: str | Path,
@@ -160,8 +165,4 @@ def plot_step_errors(per_step: dict[tuple[str, str], list[tuple[float, float]]],
         ax.set_xlabel("λ = log-SNR")
     axes[0].set_ylabel("act_mse (relative)")
     axes[-1].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path, title)
