@@ -422,7 +422,7 @@ def quality(args) -> dict:
     if name.startswith("bundled"):
         from diffptq.models.bundled.specs import SAMPLING
 
-        kwargs = {k: v for k, v in SAMPLING["dit"].items() if k != "num_inference_steps"}
+        kwargs = {k: v for k, v in SAMPLING[name.split("-")[1]].items() if k != "num_inference_steps"}
     calib = collect_calibration(pipe, load_prompts(n=args.quality_prompts), args.quality_steps,
                                 batch_size=args.quality_prompts, progress=False, **kwargs)
     records = list(calib.records)[-args.quality_records:]
@@ -437,7 +437,8 @@ def quality(args) -> dict:
     ref, fake = outs["fp32"], outs["fake_int8_token"]
     rows = [{"numerics": k, "psnr_vs_fp_db": psnr(o, ref), "psnr_vs_fake_db": psnr(o, fake),
              "rel_err_vs_fp": float((o - ref).norm() / ref.norm())} for k, o in outs.items() if k != "fp32"]
-    result = {"model": name, "records": len(records), "batch": int(records[0].inputs["hidden_states"].shape[0]),
+    latents = records[0].inputs.get("hidden_states", records[0].inputs.get("sample"))  # PixArt / UNet argument
+    result = {"model": name, "records": len(records), "batch": int(latents.shape[0]),
               "kernel": kernels, "rows": rows}
     if name.startswith("bundled") and args.prompt_acc:
         result["prompt_acc"] = bundled_prompt_acc(pipes, args)

@@ -65,3 +65,18 @@ def test_goals_report_measured_ratios(bench):
     assert "peak VRAM at batch 1 / FP16 eager | 0.36× | ≤ 0.5× | yes |" in text
     assert "W4 memory path, eager FP16 vs FP16 eager, batch 16 (speed-up) | n/a" in text
     assert "- w4, batch 16: OOM" in text
+
+
+def test_quality_path_runs_for_the_unet_family(bench, tmp_path, monkeypatch):
+    """The quality rows read the latent batch of either family's inputs (PixArt hidden_states, UNet sample)."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "inference_speed.py", "--families", "", "--device", "cpu", "--quality_model", "tiny-unet",
+        "--quality_prompts", "2", "--quality_steps", "2", "--quality_records", "1", "--warmup", "0",
+        "--repeats", "1", "--profile", "", "--out", str(out), "--report", str(tmp_path / "r.md")])
+    bench.main()
+    quality = json.loads((out / "results.json").read_text())["quality"]
+    assert "error" not in quality and quality["model"] == "tiny-unet" and quality["batch"] == 4  # 2 prompts × CFG
+    rows = {r["numerics"]: r for r in quality["rows"]}
+    assert rows["fake_int8_token"]["psnr_vs_fake_db"] == float("inf")
+    assert rows["fp8_token"]["psnr_vs_fake_db"] > rows["fp8_token"]["psnr_vs_fp_db"]  # the timed numerics track fake
