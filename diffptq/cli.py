@@ -38,8 +38,8 @@ class OutDirExistsError(DiffptqError):
 def add_common_args(parser: argparse.ArgumentParser, family: str) -> None:
     """Flags shared by all scripts; `family` ('pixart' or 'sd') picks the --model default."""
     parser.add_argument("--model", default=FAMILIES[family].default_model,
-                        help="hub id, local pipeline directory, bundled-dit, bundled-unet, tiny-dit or tiny-unet "
-                             "(default: %(default)s)")
+                        help="hub id, local pipeline directory, bundled-dit, bundled-unet, tiny-dit, tiny-unet, or "
+                             "fullsize-pixart / fullsize-sd (random weights, for speed) (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="float dtype of the model (default: fp16 on GPU, fp32 on CPU)")

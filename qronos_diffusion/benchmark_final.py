@@ -5,9 +5,11 @@ Re-evaluate saved checkpoints: add --save_checkpoints to a first run, then --che
 evaluated as saved, its rotation included). W4A4: --bits w4a4 --act_quant dynamic --rotate hadamard.
 Several processes, each generating a slice of the prompts: accelerate launch --num_processes 2 this_script ... on
 GPUs (one per process); on a CPU host accelerate launch --multi_gpu --num_processes 2 (or torchrun --nproc_per_node 2)
-this_script ... --device cpu (gloo).
+this_script ... --device cpu (gloo). Check that N processes make the images of one: run with --save_images on 1 and
+on N processes, then python benchmarks/multi_gpu_compare.py --runs DIR_1 DIR_N. Speed at full size with random
+weights: --model fullsize-pixart (or fullsize-sd).
 Writes into --out_dir: metrics.csv / metrics.md, grid.png (rows: methods, columns: prompts), metrics.png (bar
-plots), config.json (written last) and checkpoints/ (with --save_checkpoints).
+plots), config.json (written last), checkpoints/ (with --save_checkpoints) and images/ (with --save_images).
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder of saved checkpoints (or a previous --out_dir) to evaluate instead of quantizing; "
                         "variants without a checkpoint there are quantized")
     p.add_argument("--save_checkpoints", action="store_true", help="save each quantized variant to checkpoints/")
+    p.add_argument("--save_images", action="store_true",
+                   help="save each variant's uint8 images, prompts and seeds to images/<method>[_wXaY].safetensors "
+                        "(for benchmarks/multi_gpu_compare.py)")
     p.add_argument("--n_images", type=positive_int, default=64, help="images per method (default: %(default)s)")
     p.add_argument("--prompts", default=None,
                    help="evaluation prompt file, one per line (default: the model's evaluation captions for bundled-*, "
@@ -96,6 +101,7 @@ def main(argv=None) -> None:
         n_images=args.n_images, prompts_file=args.prompts, seed=args.seed,
         num_inference_steps=args.num_inference_steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale,
         batch_size=args.batch_size, checkpoints=args.checkpoints, save_checkpoints=args.save_checkpoints,
+        save_images=args.save_images,
         latency_repeats=args.latency_repeats,
         quant=bench.QuantSettings(args.act_quant, args.group_size, args.act_order, args.damp, args.blocks, **rotation),
         calib=CalibConfig(args.n_calib, args.calib_steps, args.calib_batch_size, args.guidance_scale,

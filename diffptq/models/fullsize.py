@@ -2,8 +2,15 @@
 
 PixArt-XL-2-512x512: PixArtTransformer2DModel, 28 blocks, hidden 1152 (16 heads × 72), caption 4096 → 610.9M params.
 SD 1.5: UNet2DConditionModel, channels (320, 640, 1280, 1280), cross-attention 768 → 859.5M params.
-Speed and memory do not depend on the weight values; random text embeddings of the real shape (PixArt 120 × 4096,
-SD 77 × 768) stand in for T5-XXL / CLIP, passed to the real pipeline as `prompt_embeds`.
+Speed and memory do not depend on the weight values. Two ways to condition them:
+- `full_size_pipeline`: no text encoder; random text embeddings of the real shape (PixArt 120 × 4096, SD 77 × 768,
+  `random_text_embeddings`) are passed to the real pipeline as `prompt_embeds`.
+- `build_fullsize_pipeline` (project models `fullsize-pixart`, `fullsize-sd` of load_pipeline): a stand-in text stack
+  so that the ordinary prompt path works (benchmark_final calibrates and samples from prompts): a word-level
+  tokenizer over the everyday captions (T5 style, 120 tokens / CLIP style, 77 tokens) and a ONE-layer random text
+  encoder of the real output width (T5EncoderModel d_model 4096 / CLIPTextModel hidden 768), small otherwise. It
+  stands in for T5-XXL (4.8B params) / CLIP ViT-L text (123M): its speed and memory are NOT representative; the
+  denoiser's and the VAE's shapes are (the VAE is a small random 8× one, so its decode is cheap too).
 """
 from __future__ import annotations
 
@@ -16,42 +23,83 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from diffptq.data.prompts import load_prompts
 from diffptq.models.build import VAESpec, build_vae
+from diffptq.models.tokenizers import build_word_tokenizer, vocabulary_from_texts
 
 PIXART_512 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                   cross_attention_dim=1152, sample_size=64, patch_size=2, caption_channels=4096)
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)
+FULLSIZE_MODELS = {"fullsize-pixart": "pixart", "fullsize-sd": "sd"}
+# the real pipelines' defaults: 512 px (the denoisers' sample_size × 8), 20 steps (the scripts' flag), CFG 4.5
+FULLSIZE_SAMPLING = {"guidance_scale": 4.5}
 
 
-def full_size_pipeline(family: str, dtype: torch.dtype = torch.float16, device: str = "cuda", seed: int = 0,
-                       num_layers: int | None = None):
+def full_size_pipeline(family: str, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
+                       seed: int = 0, num_layers: int | None = None, text_encoder: bool = False):
     """A PixArtAlphaPipeline ('pixart') or StableDiffusionPipeline ('sd') with a full-size random denoiser, a small
-    random 8× VAE and no text encoder (call it with prompt_embeds). `num_layers` shortens PixArt for tests."""
+    random 8× VAE and no text encoder (call it with prompt_embeds), or with `text_encoder` the one-layer stand-in
+    text stack of the module docstring. `num_layers` shortens PixArt for tests. The denoiser's weights depend on
+    `seed` and the device only (the text stack is drawn after it)."""
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the target device: full-size random init is slow on the CPU
-        pipe = _build(family, num_layers).to(dtype=dtype)
+        pipe = _build(family, num_layers, text_encoder).to(dtype=dtype)
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # scheduler tables stay on the CPU
     return pipe
 
 
-def _build(family: str, num_layers: int | None):
+def build_fullsize_pipeline(name: str, dtype: torch.dtype = torch.float16, device: str | torch.device = "cuda",
+                            seed: int = 0, num_layers: int | None = None):
+    """The project model `name` (`fullsize-pixart` or `fullsize-sd`): full_size_pipeline with the stand-in text
+    stack and the real pipeline's sampling defaults (512 px, CFG 4.5). `num_layers` (PixArt only) is for tests."""
+    if name not in FULLSIZE_MODELS:
+        raise ValueError(f"unknown full-size model {name!r}; choose one of {', '.join(FULLSIZE_MODELS)}")
+    pipe = full_size_pipeline(FULLSIZE_MODELS[name], dtype, device, seed, num_layers, text_encoder=True)
+    pipe.diffptq_sampling = dict(FULLSIZE_SAMPLING)
+    return pipe
+
+
+def _build(family: str, num_layers: int | None, text_encoder: bool = False):
     vae = build_vae(VAESpec(channels=(8, 8, 8, 8), norm_groups=4))
     if family == "pixart":
         cfg = {**PIXART_512, **({"num_layers": num_layers} if num_layers else {})}
         den = PixArtTransformer2DModel(**cfg)
-        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=den,
+        tokenizer, encoder = _text_stack("t5") if text_encoder else (None, None)
+        pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=den,
                                    scheduler=DPMSolverMultistepScheduler())
     elif family == "sd":
         den = UNet2DConditionModel(**SD15_UNET)
         sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=den, scheduler=sched,
+        tokenizer, encoder = _text_stack("clip") if text_encoder else (None, None)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=den, scheduler=sched,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     else:
         raise ValueError(f"family must be 'pixart' or 'sd', got {family!r}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _text_stack(style: str):
+    """(word tokenizer over the everyday captions, one-layer random text encoder of the real output width).
+
+    t5: 120 tokens, T5EncoderModel d_model 4096 (as T5-XXL; 8 heads × 64, d_ff 512 instead of 64 × 64 and 10240).
+    clip: 77 tokens, CLIPTextModel hidden 768 (as CLIP ViT-L/14; 12 heads, intermediate 512 instead of 3072)."""
+    vocabulary = vocabulary_from_texts(load_prompts())
+    if style == "t5":
+        tok = build_word_tokenizer(vocabulary, "t5", 120)
+        encoder = T5EncoderModel(T5Config(
+            vocab_size=len(tok), d_model=4096, d_kv=64, num_heads=8, d_ff=512, num_layers=1,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0))
+        return tok, encoder
+    tok = build_word_tokenizer(vocabulary, "clip", 77)
+    encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=768, intermediate_size=512, num_hidden_layers=1, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    return tok, encoder
 
 
 def random_text_embeddings(family: str, n: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:

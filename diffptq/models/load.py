@@ -16,6 +16,7 @@ import torch
 from diffusers import DiffusionPipeline, PixArtAlphaPipeline, StableDiffusionPipeline
 
 from diffptq.errors import ModelNotFoundError, UnknownModelError
+from diffptq.models.fullsize import FULLSIZE_MODELS, build_fullsize_pipeline
 from diffptq.models.tiny import TINY_MODELS, build_tiny_pipeline
 
 log = logging.getLogger(__name__)
@@ -29,16 +30,23 @@ KNOWN_HUB_MODELS = {
     "runwayml/stable-diffusion-v1-5": StableDiffusionPipeline,
 }
 PIPELINE_CLASSES = {"PixArtAlphaPipeline": PixArtAlphaPipeline, "StableDiffusionPipeline": StableDiffusionPipeline}
-PROJECT_MODELS = (*BUNDLED_MODELS, *TINY_MODELS)
+PROJECT_MODELS = (*BUNDLED_MODELS, *TINY_MODELS, *FULLSIZE_MODELS)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_pipeline(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """A diffusers pipeline for `name_or_path`: a hub id, a local `save_pretrained` directory, `bundled-dit`,
-    `bundled-unet`, `tiny-dit` or `tiny-unet`. `dtype` defaults to float32; `device` to the CPU."""
+    `bundled-unet`, `tiny-dit`, `tiny-unet`, `fullsize-pixart` or `fullsize-sd`. `dtype` defaults to float32;
+    `device` to the CPU.
+
+    `fullsize-*`: the full-size denoiser with random weights and a one-layer stand-in text encoder
+    (diffptq.models.fullsize), built directly on `device` (for speed/memory, not image quality; the weights depend
+    on the device's random generator, so only runs on the same kind of device make the same images)."""
     dtype = dtype or torch.float32
     name = str(name_or_path)
-    if name in TINY_MODELS:
+    if name in FULLSIZE_MODELS:
+        pipe = build_fullsize_pipeline(name, dtype, device or "cpu")
+    elif name in TINY_MODELS:
         pipe = build_tiny_pipeline(name)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)

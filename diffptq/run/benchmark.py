@@ -4,7 +4,9 @@ For every variant (method × bits; `fp` once) the denoiser starts from a fresh c
 quantized block by block (the sequential driver, on one calibration set collected from the float model) or loaded
 from a saved checkpoint, and the pipeline generates the same prompts with the same per-image seeds. Each row holds
 image metrics vs the FP images (diffptq.eval.metrics), per-image latency and peak VRAM (CUDA only: empty on CPU),
-the in-memory size of the denoiser's weights and the calibration time. Tables and figures: benchmark_report.
+the in-memory size of the denoiser's weights, the calibration time and the throughput of the whole generation
+(images_per_s: all processes together when sharded). Tables and figures: benchmark_report; with save_images the
+images themselves (diffptq.eval.image_store), to compare runs on different numbers of processes.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch import nn
 
 from diffptq.errors import ConfigError
 from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
+from diffptq.eval.image_store import save_images
 from diffptq.eval.metrics import MetricOptions
 from diffptq.eval.metrics.common import as_uint8
 from diffptq.eval.sample import generate, image_seeds
@@ -57,6 +60,11 @@ class Variant:
     @property
     def label(self) -> str:
         return self.method if self.method == "fp" else f"{self.method} {self.bits_name}"
+
+    @property
+    def file_stem(self) -> str:
+        """'fp' or '<method>_w<W>a<A>': the name of the variant's checkpoint and image files."""
+        return self.method if self.method == "fp" else f"{self.method}_{self.bits_name}"
 
 
 def parse_methods(text: str) -> list[str]:
@@ -116,6 +124,7 @@ class BenchmarkConfig:
     `seed + i` in every variant. guidance_scale None: the model's own (family.call_kwargs). checkpoints: a folder of
     saved checkpoints to evaluate instead of quantizing (variants without one are quantized); save_checkpoints: write
     `<out_dir>/checkpoints/<method>_w<W>a<A>.safetensors`. latency_repeats: timed pipeline calls (CUDA only).
+    save_images: write each variant's uint8 images with prompts and seeds to `<out_dir>/images/<file_stem>.safetensors`.
     """
 
     model: str
@@ -131,6 +140,7 @@ class BenchmarkConfig:
     calib: Any = None  # diffptq.run.quantize.CalibConfig
     checkpoints: str | None = None
     save_checkpoints: bool = False
+    save_images: bool = False
     latency_repeats: int = 3
     grid_columns: int = 8
     progress: bool = True
@@ -178,6 +188,12 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: Path, device: torch.device, dty
         accelerator.destroy_process_group()
     if not main:
         return BenchmarkResult([], [], prompts)
+    if cfg.save_images:
+        seeds = image_seeds(len(prompts), cfg.seed)
+        for variant, images, fields in made:
+            info = {k: fields[k] for k in ("label", "method", "wbits", "abits", "model", "dtype", "num_processes")}
+            save_images(out_dir / "images" / f"{variant.file_stem}.safetensors", images, prompts, seeds,
+                        {**info, "num_inference_steps": cfg.num_inference_steps, "scheduler": cfg.scheduler})
     passes = metric_passes(metric_options)
     fp_images = next(images for variant, images, _ in made if variant.method == "fp")
     rows, grid = [], []
@@ -198,6 +214,7 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
     calib = _Calibration(pipe, cfg.calib, cfg.progress and main)
     seeds = image_seeds(len(prompts), cfg.seed)
     n_time = min(cfg.batch_size, len(prompts))
+    world = int(getattr(accelerator, "num_processes", 1)) if accelerator is not None else 1
     wanted = cfg.variants if Variant("fp") in cfg.variants else [Variant("fp"), *cfg.variants]
     for variant in wanted:
         if variant.method == "fp":
@@ -209,7 +226,8 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
                            f"generate {variant.label}")
         make_batch = partial(_generate, pipe, cfg, prompts[:n_time], seeds[:n_time], False)
         with swapped_denoiser(pipe, denoiser):
-            images, peak = _measured(make_all, device)
+            _generate(pipe, cfg, prompts[:1], seeds[:1], False)  # warm-up, every process: one-off start-up costs
+            (images, seconds), peak = _measured(partial(_timed, make_all, device, accelerator), device)
             latency = measure_latency(make_batch, images_per_call=n_time, repeats=cfg.latency_repeats, device=device)
             den_latency = denoiser_latency(pipe, cfg, prompts[:n_time], device)
             size = denoiser_size_bytes(denoiser)
@@ -223,7 +241,7 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
                   "wbits": variant.wbits, "abits": variant.abits, "model": cfg.model, "n_images": len(images),
                   "latency_s": latency, "peak_vram_gb": None if peak is None else peak / GIB,
                   "model_size_gb": size / GIB, "denoiser_latency_s": den_latency, "calib_time_s": None,
-                  "rotate": rotate, **info}
+                  "rotate": rotate, "images_per_s": len(images) / seconds, "num_processes": world, **info}
         yield variant, as_uint8(images) if main else images[:0], fields
 
 
@@ -308,7 +326,7 @@ def prepare_variant(pipe, fp_cpu: nn.Module, variant: Variant, cfg: BenchmarkCon
         calib_s = quantize_variant(denoiser, pipe, variant, cfg, calib, device, dtype, cfg.progress and main)
     info: dict[str, Any] = {"calib_time_s": calib_s, "source": "quantized", "checkpoint_gb": None}
     if cfg.save_checkpoints:
-        path = out_dir / "checkpoints" / f"{variant.method}_{variant.bits_name}.safetensors"
+        path = out_dir / "checkpoints" / f"{variant.file_stem}.safetensors"
         if main:
             save_variant(path, denoiser, pipe, cfg, variant, calib_s)
             info["checkpoint_gb"] = checkpoint_bytes(path) / GIB
@@ -380,6 +398,23 @@ def _generate(pipe, cfg: BenchmarkConfig, prompts: Sequence[str], seeds: Sequenc
               accelerator: Any = None, desc: str = "generate") -> torch.Tensor:
     return generate(pipe, prompts, seeds, cfg.batch_size, cfg.num_inference_steps, cfg.guidance_scale,
                     accelerator=accelerator, progress=progress, desc=desc)
+
+
+def _timed(fn, device: torch.device, accelerator: Any = None) -> tuple[Any, float]:
+    """(fn(), wall seconds). Sharded: all processes start together (a barrier first) and fn's gather ends it, so the
+    main process's seconds span the whole generation. CUDA work is synchronised on both ends."""
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        accelerator.wait_for_everyone()
+    _synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
 
 
 def _measured(fn, device: torch.device) -> tuple[Any, int | None]:

@@ -17,9 +17,11 @@ log = logging.getLogger("diffptq.benchmark")
 COLUMNS = ("method", "dtype", "wbits", "abits", "model", "n_images", "fid", "fid_features", "clip_score", "lpips",
            "psnr", "ssim", "prompt_acc", "latency_s", "peak_vram_gb", "model_size_gb", "calib_time_s")
 # after the columns: FID in the bundled evaluator's features, denoiser-only latency per image, the size of the
-# checkpoint file the row was saved to / loaded from, where the quantized weights came from, and the online input
-# rotation of the quantized layers (empty: none)
-EXTRA_COLUMNS = ("fid_bundled", "denoiser_latency_s", "checkpoint_gb", "source", "rotate")
+# checkpoint file the row was saved to / loaded from, where the quantized weights came from, the online input
+# rotation of the quantized layers (empty: none), images per second of the whole (sharded) generation and the number
+# of processes that shared it
+EXTRA_COLUMNS = ("fid_bundled", "denoiser_latency_s", "checkpoint_gb", "source", "rotate", "images_per_s",
+                 "num_processes")
 ALL_COLUMNS = COLUMNS + EXTRA_COLUMNS
 PLOT_COLUMNS = ("fid", "fid_bundled", "clip_score", "lpips", "psnr", "ssim", "prompt_acc", "latency_s",
                 "model_size_gb")

@@ -31,11 +31,17 @@ from diffptq.run.benchmark import (
 ISSUE_COLUMNS = ["method", "dtype", "wbits", "abits", "model", "n_images", "fid", "fid_features", "clip_score", "lpips",
                  "psnr", "ssim", "prompt_acc", "latency_s", "peak_vram_gb", "model_size_gb", "calib_time_s"]
 N_IMAGES = 4
+TIMING = ("source", "images_per_s")  # columns that differ between two runs of the same variant
+
+
+def _same_but_timing(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
 
 
 def test_column_order_is_the_issues():
     assert list(COLUMNS) == ISSUE_COLUMNS and list(ALL_COLUMNS[:len(COLUMNS)]) == ISSUE_COLUMNS
-    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled" and ALL_COLUMNS[-1] == "rotate"
+    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled" and ALL_COLUMNS[-3:] == ("rotate", "images_per_s",
+                                                                              "num_processes")
 
 
 def test_parse_methods_bits_and_variant_order():
@@ -113,8 +119,8 @@ def test_cpu_leaves_latency_and_vram_empty_not_zero(runs):
     (_, rows, _), _ = runs
     for row in rows:
         assert row["latency_s"] == "" and row["peak_vram_gb"] == "" and row["denoiser_latency_s"] == ""
-        assert row["rotate"] == ""
-        assert float(row["model_size_gb"]) > 0
+        assert row["rotate"] == "" and row["num_processes"] == "1"
+        assert float(row["model_size_gb"]) > 0 and float(row["images_per_s"]) > 0  # wall clock: on the CPU too
     fp, quantized = rows[0], rows[1:]
     assert fp["calib_time_s"] == "" and all(float(r["calib_time_s"]) > 0 for r in quantized)
     assert all(float(r["model_size_gb"]) < float(fp["model_size_gb"]) for r in quantized)
@@ -138,8 +144,7 @@ def test_checkpoints_reproduce_the_quantizing_run(runs):
     assert [r["source"] for r in second] == ["fp"] + [f"{r['method']}_w{r['wbits']}a{r['abits']}.safetensors"
                                                       for r in second[1:]]
     for a, b in zip(first, second, strict=True):
-        same = {k: v for k, v in a.items() if k != "source"}
-        assert same == {k: v for k, v in b.items() if k != "source"}, a["method"]  # psnr, ssim, calib_time_s ...
+        assert _same_but_timing(a, b), a["method"]  # psnr, ssim, calib_time_s ...
 
 
 def _run_in_process(args, tmp_path, name):
@@ -195,4 +200,4 @@ def test_rotated_checkpoint_reevaluates_to_identical_metrics(rotated_runs):
     (_, first), (_, second) = rotated_runs
     assert second[1]["source"] == "qronos_w4a4.safetensors" and second[1]["rotate"] == "hadamard"
     for a, b in zip(first, second, strict=True):
-        assert {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
+        assert _same_but_timing(a, b), a["method"]
