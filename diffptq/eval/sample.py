@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffptq.eval.metrics.common import as_uint8
 from diffptq.models.families import family_of
 
 Gather = Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -45,16 +46,18 @@ def _gather_object(parts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _generate_local(pipe, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
-                    call_kwargs: dict[str, Any], progress: bool, desc: str) -> torch.Tensor:
-    """Images of `prompts` with `seeds` on this process: float32 (n,3,H,W) in [0,1] on the CPU (n may be 0)."""
-    out = []
+                    call_kwargs: dict[str, Any], progress: bool, desc: str, uint8: bool = False) -> torch.Tensor:
+    """Images of `prompts` with `seeds` on this process: float32 (n,3,H,W) in [0,1] on the CPU (n may be 0); with
+    `uint8`, uint8 in [0,255] (as_uint8's rounding)."""
+    out = [torch.empty(0, dtype=torch.uint8 if uint8 else torch.float32)]
     starts = range(0, len(prompts), max(1, batch_size))
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         stop = min(len(prompts), start + batch_size)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:stop]]
         res = pipe(prompt=list(prompts[start:stop]), generator=generators, output_type="pt", **call_kwargs)
-        out.append(res.images.float().clamp(0, 1).cpu())
-    return torch.cat(out) if out else torch.empty(0)
+        images = res.images.float().clamp(0, 1).cpu()
+        out.append(as_uint8(images) if uint8 else images)
+    return torch.cat(out[1:]) if len(out) > 1 else out[0]
 
 
 def generate(
@@ -68,6 +71,7 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     gather: Gather | None = None,
+    uint8: bool = False,
     **call_kwargs: Any,
 ) -> torch.Tensor:
     """Images of `prompts` (N strings) from `pipe`: float32 (N,3,H,W) in [0,1] on the CPU, in prompt order.
@@ -77,7 +81,8 @@ def generate(
     accelerator: an accelerate PartialState/Accelerator (anything with num_processes and process_index); each
     process makes its shard_range of the prompts and every process returns the full set. gather: collects one
     list element per process in process order (default accelerate.utils.gather_object; injectable for tests).
-    The progress bar shows on the main process only.
+    The progress bar shows on the main process only. uint8: return uint8 (N,3,H,W) in [0,255] instead, each
+    process converting its own images before the gather (a quarter of the bytes to send).
     """
     n = len(prompts)
     seed_list = image_seeds(n, seeds) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -90,7 +95,7 @@ def generate(
     rank = int(getattr(accelerator, "process_index", 0)) if accelerator is not None else 0
     mine = shard_range(n, world, rank)
     local = _generate_local(pipe, [prompts[i] for i in mine], [seed_list[i] for i in mine], batch_size, kwargs,
-                            progress and rank == 0, desc)
+                            progress and rank == 0, desc, uint8)
     if world == 1:
         return local
     parts = (gather or _gather_object)([local])

@@ -223,7 +223,7 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
             family.denoiser(pipe).to("cpu")  # the float weights leave the GPU: VRAM is measured per variant
             denoiser, info = prepare_variant(pipe, fp_cpu, variant, cfg, calib, ckpts, out_dir, device, dtype, main)
         make_all = partial(_generate, pipe, cfg, prompts, seeds, cfg.progress and main, accelerator,
-                           f"generate {variant.label}")
+                           f"generate {variant.label}", uint8=True)  # 8-bit before the gather: what is kept
         make_batch = partial(_generate, pipe, cfg, prompts[:n_time], seeds[:n_time], False)
         with swapped_denoiser(pipe, denoiser):
             _generate(pipe, cfg, prompts[:1], seeds[:1], False)  # warm-up, every process: one-off start-up costs
@@ -395,9 +395,9 @@ def denoiser_latency(pipe, cfg: BenchmarkConfig, prompts: Sequence[str], device:
 
 
 def _generate(pipe, cfg: BenchmarkConfig, prompts: Sequence[str], seeds: Sequence[int], progress: bool,
-              accelerator: Any = None, desc: str = "generate") -> torch.Tensor:
+              accelerator: Any = None, desc: str = "generate", uint8: bool = False) -> torch.Tensor:
     return generate(pipe, prompts, seeds, cfg.batch_size, cfg.num_inference_steps, cfg.guidance_scale,
-                    accelerator=accelerator, progress=progress, desc=desc)
+                    accelerator=accelerator, progress=progress, desc=desc, uint8=uint8)
 
 
 def _timed(fn, device: torch.device, accelerator: Any = None) -> tuple[Any, float]:

@@ -82,6 +82,25 @@ def test_two_process_sharding_with_a_fake_state(pipe, reference):
     assert same(made[0], reference[:3]) and torch.equal(full0[:3], made[0]) and torch.equal(full0[3:], made[1])
 
 
+def test_uint8_images_are_rounded_per_process_before_the_gather(pipe, reference):
+    """uint8=True: each process sends its 8-bit images (what as_uint8 makes of the float ones)."""
+    from diffptq.eval.metrics.common import as_uint8
+
+    sent = {}
+
+    def gather(parts):
+        sent["dtype"] = parts[0].dtype
+        return [parts[0], as_uint8(reference[3:])]
+
+    state = SimpleNamespace(num_processes=2, process_index=0, is_main_process=True)
+    images = generate(pipe, PROMPTS, seeds=7, batch_size=2, num_inference_steps=2, accelerator=state,
+                      progress=False, gather=gather, uint8=True)
+    assert sent["dtype"] == torch.uint8 and images.dtype == torch.uint8
+    assert int((images.int() - as_uint8(reference).int()).abs().max()) <= 1  # float rounding may cross a level
+    alone = generate(pipe, PROMPTS[:1], seeds=7, num_inference_steps=2, progress=False, uint8=True)
+    assert alone.dtype == torch.uint8 and torch.equal(alone, images[:1])
+
+
 def test_seed_count_must_match(pipe):
     with pytest.raises(ValueError, match="seeds"):
         generate(pipe, PROMPTS[:2], seeds=[1], num_inference_steps=1, progress=False)
