@@ -3,11 +3,16 @@
 Runs the same sequential driver as the scripts over `--n_prompts` prompts × `--steps` calibration steps with CFG
 (random text embeddings of the real shape), and reports wall time split into phases (collect, forward, H/G
 accumulation, solve), seconds and passes per block, peak VRAM (cumulative after each block: flat in the number of
-blocks?), peak host memory, and the FP16 inference peak of the same batch. One JSON per method goes to --out,
+blocks?) and VRAM allocated after each block, peak host memory, and the FP16 inference peak of the same batch.
+--drop_float_weights --offload_done keep only the blocks still to come on the GPU (finished ones wait on --storage
+and come back at the end; the peak of that move back is recorded too). One JSON per method goes to --out,
 rewritten after every block ("partial": true until the method ends), so a run stopped by --max_seconds or killed
 still leaves numbers; merge them into markdown with --report.
 
   python benchmarks/calibration_scale.py --family pixart --methods rtn,gptq,qronos --out results/calib_scale
+  # VRAM flat in the number of blocks: finished blocks wait in host memory until the end
+  python benchmarks/calibration_scale.py --family pixart --methods qronos --dtype bf16 --drop_float_weights \\
+      --offload_done --out results/calib_scale_offload
   python benchmarks/calibration_scale.py --report results/calib_scale --markdown benchmarks/results/x.md
   # CPU profile on a mid-size PixArt (the full-size config with fewer, narrower blocks and fewer tokens):
   python benchmarks/calibration_scale.py --device cpu --dtype fp32 --num_layers 2 --heads 4 --head_dim 32 \\
@@ -124,6 +129,7 @@ def summary(args, method: str, meta: dict, sq: SequentialQuantizer, total_s: flo
         "blocks_total": len(sq.selected), "quantize_s": total_s, "phases": timings,
         "peak_vram_gib": _gib(max(peaks.values())) if peaks else None,
         "peak_vram_after_blocks_gib": {m: peaks[m - 1] / GiB for m in marks},
+        "allocated_after_blocks_gib": {m: _gib(sq.block_stats[m - 1]["allocated_bytes"]) for m in marks},
         "peak_host_gib": peak_host_bytes() / GiB, "n_layers": len(sq.reports),
         "mean_rel_out_err": sum(errs) / len(errs) if errs else None,
         "n_fallback": sum(r.fell_back for r in sq.reports),
@@ -149,7 +155,7 @@ def run_method(args, method: str, out: Path, shared: dict) -> dict:
             "family": args.family, "n_prompts": args.n_prompts, "steps": args.steps, "batch": args.batch * 2,
             "records": len(calib), "collect_s": time.perf_counter() - t0,
             "fp16_inference_peak_gib": inference_peak(pipe, calib, device), "dtype": args.dtype,
-            "storage": args.storage, "drop_float_weights": args.drop_float_weights,
+            "storage": args.storage, "drop_float_weights": args.drop_float_weights, "offload_done": args.offload_done,
             "sweep": os.environ.get("DIFFPTQ_SWEEP", "auto"), "num_layers": args.num_layers,
             "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "date": dt.date.today().isoformat(), "command": " ".join(sys.argv)}
@@ -160,7 +166,7 @@ def run_method(args, method: str, out: Path, shared: dict) -> dict:
     blocks = parse_blocks(args.blocks, n_blocks) if args.blocks else None
     cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(8, symmetric=False), damp=args.damp,
                            holdout_every=args.holdout_every, blocks=blocks,
-                           drop_float_weights=args.drop_float_weights)
+                           drop_float_weights=args.drop_float_weights, offload_done=args.offload_done)
     path = out / f"{args.family}_{method}.json"
     t_start = time.perf_counter()
 
@@ -179,6 +185,9 @@ def run_method(args, method: str, out: Path, shared: dict) -> dict:
                              on_block=on_block)
     res = sq.run()
     rec = summary(args, method, meta, sq, time.perf_counter() - t_start, partial=res.stopped_after is not None)
+    if cuda:  # the whole run, moving offloaded blocks back included; what stays on the GPU (pipeline, model)
+        rec["peak_vram_with_restore_gib"] = _gib(res.peak_vram_bytes)
+        rec["allocated_after_run_gib"] = torch.cuda.memory_allocated(device) / GiB
     path.write_text(json.dumps(rec, indent=2))
     return rec
 
@@ -188,12 +197,15 @@ def report(folder: Path) -> str:
     if not rows:
         raise SystemExit(f"no results in {folder}")
     r0 = rows[0]
+    options = "".join([", float weights dropped once a block is done" if r0.get("drop_float_weights") else "",
+                       f", each finished block moved to {r0['storage']} until the end of the run (offload_done)"
+                       if r0.get("offload_done") else ""])
     lines = [f"# Calibration at full scale: {r0['family']}",
              "", f"Card: {r0['gpu']}; torch {r0['torch']}; {r0['date']}. Full-size architecture, random weights, "
              f"W4A8 (weights symmetric per channel, activations static per tensor), {r0['n_prompts']} prompts × "
              f"{r0['steps']} steps with CFG (denoiser batch {r0['batch']}, {r0['records']} records; every 5th "
              f"held out for rel_out_err), {r0['dtype']}, block caches on {r0['storage']}"
-             f"{', float weights dropped once a block is done' if r0.get('drop_float_weights') else ''}. "
+             f"{options}. "
              "Times in seconds; forward excludes the H/G accumulation inside the passes.", "",
              "| method | blocks | collect | forward | accumulate H/G | solve | quantize total | s / block | "
              "peak VRAM GiB | FP16 inference peak GiB | ratio | peak host GiB | mean rel_out_err |",
@@ -216,6 +228,21 @@ def report(folder: Path) -> str:
             v = r["peak_vram_after_blocks_gib"]
             lines.append(f"| {r['method']} | " + " | ".join(f"{v[str(m)]:.2f}" if str(m) in v else "-"
                                                           for m in marks) + " |")
+    alloc = [r for r in rows if r.get("allocated_after_blocks_gib")]  # not in files from before offload_done
+    if alloc and marks:
+        lines += ["", "VRAM allocated after the first N blocks (GiB; the pipeline with the denoiser blocks still on "
+                  "the GPU):", "", "| method | " + " | ".join(f"N={m}" for m in marks) + " |",
+                  "| --- |" + " --- |" * len(marks)]
+        for r in alloc:
+            v = r["allocated_after_blocks_gib"]
+            lines.append(f"| {r['method']} | " + " | ".join(f"{v[str(m)]:.2f}" if v.get(str(m)) is not None else "-"
+                                                          for m in marks) + " |")
+    ends = [r for r in rows if r.get("peak_vram_with_restore_gib") is not None]
+    if ends:
+        lines += ["", "The whole run (GiB): peak VRAM, moving offloaded blocks back at the end included; VRAM "
+                  "allocated once it returns (the pipeline with the quantized denoiser):", ""]
+        lines += [f"- {r['method']}: peak {r['peak_vram_with_restore_gib']:.2f}, allocated after "
+                  f"{r['allocated_after_run_gib']:.2f}" for r in ends]
     per_block = {r["method"]: r["quantize_s"] / max(r["blocks_done"], 1) for r in rows}
     steady = {r["method"]: _steady_block_seconds(r) for r in rows}
     if "gptq" in per_block and "qronos" in per_block:
@@ -257,7 +284,10 @@ def main() -> None:
     p.add_argument("--blocks", default=None,
                    help="blocks to quantize: N (the first N), a range 14-27, a list 0-3,8 (default: all)")
     p.add_argument("--drop_float_weights", action="store_true",
-                   help="free each block's float weights once it is quantized (memory flat in the block count)")
+                   help="free each block's float weights once it is quantized (its int8 codes stay on the GPU)")
+    p.add_argument("--offload_done", action="store_true",
+                   help="move each finished block to --storage until the run ends: with --drop_float_weights, "
+                   "VRAM flat in the block count")
     p.add_argument("--max_seconds", type=float, default=None,
                    help="stop after the block that passes this many seconds since start; JSON marked partial")
     p.add_argument("--check_sweep", action="store_true", help="first time the eager and Triton GPTQ sweeps")

@@ -23,6 +23,8 @@ Data flow, for a model family's blocks 0..K-1 (PixArt transformer blocks; UNet d
       reads it): the same tensors as the layers' own quantizers give, computed fewer times.
 3. Propagate: the quantized stream through the block (quantization on), and the float stream where it is still
    needed (Qronos: every record; GPTQ/RTN: only the held-out records, for rel_out_err = ‖X̃Ŵᵀ − XWᵀ‖/‖XWᵀ‖).
+4. With offload_done, the finished block's weights move to `storage` (they are not needed until the run ends: later
+   blocks read the cached streams), and every such block moves back before run() returns.
 Only one record's activations (and the next record's inputs, copied ahead on a side stream) are on the compute
 device at a time. Nothing inside the record loops waits for the device: finite-checks, error sums and timings are
 resolved once per wave or block.
@@ -47,11 +49,11 @@ from diffptq.algo.gptq import gptq_quantize_ex
 from diffptq.algo.hessian import GramAccumulator
 from diffptq.algo.qronos import qronos_quantize_ex
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
-from diffptq.algo.streams import Loaded, PhaseTimer, PinnedPool, Prefetcher
+from diffptq.algo.streams import Loaded, PhaseTimer, PinnedPool, Prefetcher, move_module_tensors
 from diffptq.data.calib import CalibrationSet, CalibRecord
 from diffptq.errors import DiffptqError
 from diffptq.models.families import ModelFamily
-from diffptq.quant.act import DynamicActQuantizer, StaticActQuantizer
+from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
 from diffptq.quant.layers import QuantConfig, QuantLayer, float_mode, set_quant_enabled, swap_modules
 from diffptq.quant.quantizer import QuantSpec
 
@@ -77,8 +79,21 @@ class SequentialConfig:
     block by block on the quantized stream. before_record(record) runs before each pass over a calibration record
     (e.g. to set the record's timestep condition on time-conditioned quantizers).
     drop_float_weights: once a block is done, replace its quantized layers' float weights by the dequantized ones
-    (frees their memory, so device memory does not grow with the number of blocks; float_mode then runs the
-    quantized weights).
+    (frees their memory; float_mode then runs the quantized weights). The codes of finished blocks still add up on
+    the device (1 byte per weight): with offload_done too, device memory is flat in the number of blocks.
+    offload_done: once a block is done (quantized, propagated, float weights dropped if asked), move its parameters
+    and buffers (weights, dequantized weights, codes, norms, ...) to the driver's `storage`: later blocks read the
+    cached streams only, so the compute device holds just the blocks still to come, and its memory falls block by
+    block. Left in place: blocks that are not selected (also those run in between), activation quantizers (a few
+    numbers each; time-conditioned ones cache scales outside their buffers) and tensors shared with modules outside
+    the block. Before run() returns (also when on_block stops it or something raises), every offloaded block moves
+    back to the compute device: the returned model is the one offload_done=False gives, tensor for tensor. Moving
+    back happens after the calibration caches are freed and takes the memory the finished model holds at the end of
+    a run without offload_done: with drop_float_weights the float model's size plus the codes, which stays below
+    the first block's peak (the whole float model plus one block's calibration working set) unless that working set
+    is smaller than the codes (full-size PixArt-XL-2, bf16: 1.86 GiB allocated at the end vs 3.19 GiB in block 0);
+    without drop_float_weights also a dequantized copy of each quantized weight. SequentialResult.peak_vram_bytes
+    includes the move back. Nothing moves when `storage` is the compute device.
     rotate / rotate_seed / rotate_conv: an online input rotation of the swapped layers (as in
     diffptq.quant.layers.QuantConfig), set at the swap, so H, G, the activation quantizers and rel_out_err all see
     the rotated inputs.
@@ -97,6 +112,7 @@ class SequentialConfig:
     act_factory: Callable | None = None
     before_record: Callable[[CalibRecord], None] | None = None
     drop_float_weights: bool = False
+    offload_done: bool = False
     rotate: str | None = None
     rotate_seed: int = 0
     rotate_conv: bool = False
@@ -124,8 +140,10 @@ class LayerReport:
 @dataclass
 class SequentialResult:
     """timings: seconds per phase (forward = block passes without the H/G accumulation inside them; accumulate;
-    solve). block_stats: per block, its passes over calibration records by kind, bytes moved, seconds, phases,
-    peak VRAM. stopped_after: the last block processed when `on_block` stopped the run early (else None)."""
+    solve). block_stats: per block, its passes over calibration records by kind, bytes moved (offload_bytes: its
+    weights moved to storage), seconds, phases, peak VRAM. peak_vram_bytes: the whole run's peak (CUDA), moving
+    offloaded blocks back included. stopped_after: the last block processed when `on_block` stopped the run early
+    (else None)."""
 
     layers: list[LayerReport]
     timings: dict[str, float]
@@ -194,6 +212,10 @@ def _fingerprint(x: Tensor) -> Tensor:
     return torch.stack([x.sum(dtype=torch.float32), torch.linalg.vector_norm(x, dtype=torch.float32)])
 
 
+def _is_act_quantizer(module: nn.Module) -> bool:
+    return isinstance(module, ActQuantizer)
+
+
 def _flat(state: State | None) -> list[Tensor]:
     return [] if state is None else [state[0], *state[1]]
 
@@ -201,8 +223,8 @@ def _flat(state: State | None) -> list[Tensor]:
 class SequentialQuantizer:
     """Runs the block-by-block procedure on one denoiser. Use `quantize_sequential()` unless you need the parts.
 
-    on_block(k, quantizer) runs after each block; returning True stops the run there (the later blocks stay
-    float, their activation quantizers off), e.g. for a time budget.
+    on_block(k, quantizer) runs after each block (with offload_done, once block k is on storage); returning True
+    stops the run there (the later blocks stay float, their activation quantizers off), e.g. for a time budget.
     """
 
     def __init__(self, denoiser: nn.Module, family: ModelFamily, calib: CalibrationSet, config: SequentialConfig,
@@ -234,6 +256,8 @@ class SequentialQuantizer:
         self._passes: Counter = Counter()
         self._d2h_bytes = 0
         self._next_fp: dict[int, State] = {}
+        self._offloaded: list[int] = []
+        self._offload_bytes = 0
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def swap(self) -> dict[str, QuantLayer]:
@@ -662,6 +686,22 @@ class SequentialQuantizer:
             self.quantize_wave(k, plan, w)
 
     # ---- the whole procedure ------------------------------------------------------------------------------
+    def _offload(self, k: int) -> None:
+        """Move finished block k's parameters and buffers to storage (SequentialConfig.offload_done)."""
+        prefix = self.blocks[k][0] + "."
+        shared = {id(t) for name, m in self.den.named_modules(remove_duplicate=False)
+                  if not (name + ".").startswith(prefix)
+                  for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+        self._offloaded.append(k)  # first: a move that fails half-way is still undone
+        self._offload_bytes += move_module_tensors(self.blocks[k][1], lambda t: t.to(self.storage), _is_act_quantizer,
+                                                   shared)
+
+    def _restore_offloaded(self) -> None:
+        """Move every offloaded block back to the compute device."""
+        for k in self._offloaded:
+            move_module_tensors(self.blocks[k][1], lambda t: t.to(self.device), _is_act_quantizer)
+        self._offloaded.clear()
+
     def _finish_block(self, k: int, t0: float, before: dict[str, float], peak: int) -> None:
         phases = self.timer.totals  # synchronizes
         cuda = self.device.type == "cuda"
@@ -674,20 +714,17 @@ class SequentialQuantizer:
             "phases": {p: v - before.get(p, 0.0) for p, v in phases.items()},
             "record_passes": {f"{kind}{'' if full else '_early_exit'}": c
                               for (kind, full), c in sorted(self._passes.items())},
-            "h2d_bytes": self._prefetch.h2d_bytes, "d2h_bytes": self._d2h_bytes,
+            "h2d_bytes": self._prefetch.h2d_bytes, "d2h_bytes": self._d2h_bytes, "offload_bytes": self._offload_bytes,
             "groups": len(plan.groups) if plan else 0, "waves": len(plan.waves) if plan else 0,
             "peak_vram_bytes": block_peak if cuda else None,  # this block's peak
             "allocated_bytes": torch.cuda.memory_allocated(self.device) if cuda else None,  # after it (model, caches)
         }
         self._passes.clear()
-        self._prefetch.h2d_bytes = self._d2h_bytes = 0
+        self._prefetch.h2d_bytes = self._d2h_bytes = self._offload_bytes = 0
 
-    def run(self) -> SequentialResult:
+    def _run_blocks(self) -> tuple[int | None, set[int]]:
+        """Blocks 0..last selected one in order; returns (the block on_block stopped after or None, blocks done)."""
         cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.swap()
-        self.init_streams()
         last = self.selected[-1]
         peak, stopped, done = 0, None, set()
         for k in tqdm(range(last + 1), desc=f"{self.cfg.method} blocks", disable=not self.progress):
@@ -703,6 +740,8 @@ class SequentialQuantizer:
                     for layer in self._block_layers(k).values():
                         if layer.is_quantized:
                             layer.drop_float_weight()
+                if self.cfg.offload_done:
+                    self._offload(k)
             elif k < last:
                 self.propagate(k, None)
             self._finish_block(k, t0, before, peak)
@@ -710,9 +749,21 @@ class SequentialQuantizer:
             if self.on_block is not None and self.on_block(k, self) and k < last:
                 stopped = k
                 break
-        self.fp = self.q = self.ctx = []  # free the caches
-        self._next_fp.clear()
-        self._pool.clear()
+        return stopped, done
+
+    def run(self) -> SequentialResult:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.swap()
+        try:
+            self.init_streams()
+            stopped, done = self._run_blocks()
+        finally:
+            self.fp = self.q = self.ctx = []  # free the caches
+            self._next_fp.clear()
+            self._pool.clear()
+            self._restore_offloaded()
         set_quant_enabled(self.den, weights=True, acts=True)
         for k in set(self.selected) - done:  # stopped early: unprocessed blocks stay float
             for layer in self._block_layers(k).values():
@@ -720,7 +771,7 @@ class SequentialQuantizer:
                     layer.act_quant.enabled = False
         timings = dict(self.timer.totals)
         timings["forward"] = timings.get("forward", 0.0) - timings.get("accumulate", 0.0)
-        peak_all = max(self.block_peak_vram.values(), default=None) if cuda else None
+        peak_all = max([*self.block_peak_vram.values(), torch.cuda.max_memory_allocated(self.device)]) if cuda else None
         return SequentialResult(self.reports, timings, dict(self.block_quant_calls), peak_all, self.layers,
                                 dict(self.block_peak_vram), dict(self.block_stats), stopped)
 

@@ -1,5 +1,5 @@
 """Plumbing of the sequential driver: cached block states in pinned host memory, their prefetch onto the compute
-device, and phase timing that does not synchronize the device.
+device, finished blocks moved off the compute device and back, and phase timing that does not synchronize the device.
 
 - PinnedPool: page-locked host buffers reused from block to block (allocating pinned memory is slow); a state's
   buffers are handed back once its record has been read for the last time.
@@ -7,6 +7,7 @@ device, and phase timing that does not synchronize the device.
   stream waits on an event before using them, and record_stream keeps the allocator from reusing them early.
   Before each copy the side stream waits for the compute stream's earlier work, so a buffer written device→host
   (non_blocking, on the compute stream) is complete before it is read back.
+- move_module_tensors: a module's parameters and buffers moved (to another device), aliases kept aliased.
 - PhaseTimer: CUDA events around each phase, resolved by flush() (one synchronize), perf_counter on the CPU.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class PinnedPool:
@@ -114,6 +115,50 @@ def _tensors(loaded: Loaded) -> Iterator[Tensor]:
         yield h
         yield from skips
     yield from (v for v in loaded.ctx.values() if isinstance(v, Tensor))
+
+
+@torch.no_grad()
+def move_module_tensors(module: nn.Module, move: Callable[[Tensor], Tensor],
+                        skip: Callable[[nn.Module], bool] | None = None,
+                        keep: set[int] | frozenset[int] = frozenset()) -> int:
+    """Replace the parameters and buffers of `module` and its submodules by move(t), e.g. `lambda t: t.to("cpu")`;
+    returns the bytes copied (move(t) that is not t).
+
+    Parameters stay the same objects (their data and grad are replaced), buffers are replaced. Left in place:
+    everything under a submodule for which skip(submodule) is true, and the tensors whose id is in `keep`. Tensors
+    that are the same view of the same memory before (a quantized layer's weight and weight_q after
+    drop_float_weight) are one tensor after: nothing is copied twice, and once this returns the module keeps no
+    reference to the old memory.
+    """
+    moved: dict[tuple, tuple[Tensor, Tensor]] = {}  # the sources stay alive meanwhile: no address is reused
+    nbytes = 0
+
+    def mv(t: Tensor) -> Tensor:
+        nonlocal nbytes
+        if not t.numel():
+            return move(t)
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in moved:
+            moved[key] = t, move(t)
+            nbytes += 0 if moved[key][1] is t else t.numel() * t.element_size()
+        return moved[key][1]
+    seen: set[int] = set()
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        if id(m) in seen or (skip is not None and skip(m)):
+            continue
+        seen.add(id(m))
+        for p in m.parameters(recurse=False):
+            if id(p) not in keep:
+                p.data = mv(p.data)
+                if p.grad is not None:
+                    p.grad = mv(p.grad)
+        for name, b in list(m.named_buffers(recurse=False)):
+            if id(b) not in keep:
+                setattr(m, name, mv(b))
+        todo.extend(m.children())
+    return nbytes
 
 
 class PhaseTimer:

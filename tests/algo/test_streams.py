@@ -1,8 +1,16 @@
-"""Host cache, prefetch and timing of the sequential driver: the prefetched tensors are the cached ones, exactly."""
+"""Host cache, prefetch, block moves and timing of the sequential driver: the prefetched tensors are the cached ones,
+exactly; moved modules keep their aliases and leave nothing behind."""
+import gc
+import weakref
+
 import pytest
 import torch
+from torch import nn
 
-from diffptq.algo.streams import PhaseTimer, PinnedPool, Prefetcher
+from diffptq.algo.streams import PhaseTimer, PinnedPool, Prefetcher, move_module_tensors
+from diffptq.quant.act import StaticActQuantizer
+from diffptq.quant.layers import QuantLinear
+from diffptq.quant.quantizer import QuantSpec
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -29,6 +37,37 @@ def test_prefetcher_on_the_cpu_passes_tensors_through_in_order():
         assert loaded.states["fp"][0] is recs[i][0][0] is loaded.states["q"][0]
         assert loaded.ctx["ehs"] is recs[i][1]["ehs"] and loaded.ctx["hw"] == (4, 4)
     assert pf.h2d_bytes == 0
+
+
+@torch.no_grad()
+def test_move_module_tensors_keeps_aliases_skips_and_frees_the_old_memory():
+    """A stand-in move that copies (new memory on the CPU, like another device): the dequantized weight that
+    drop_float_weight aliased to the parameter stays one tensor, copied once; the activation quantizer (skipped) and
+    a parameter shared with a module outside (kept) stay; the old buffers lose their last reference."""
+    layer = QuantLinear(nn.Linear(8, 4), StaticActQuantizer(QuantSpec(8)), QuantSpec(4))
+    layer.set_quantized_weight(torch.randint(-8, 8, (4, 8), dtype=torch.int8), torch.rand(4, 1) + 0.1,
+                               torch.zeros(4, 1))
+    layer.drop_float_weight()
+    block = nn.Sequential(layer, nn.LayerNorm(8))
+    outside = nn.Linear(8, 8)
+    block[1].weight = outside.weight  # shared with a module that is not part of the block
+    param, weight = layer.weight, layer.weight.clone()
+    act_scale, shared = layer.act_quant.scale, outside.weight.data_ptr()
+    old = weakref.ref(layer.weight_codes), weakref.ref(layer.weight_q)
+    copied = []
+
+    def move(t):
+        copied.append(t.data_ptr())
+        return t.clone()
+    nbytes = move_module_tensors(block, move, lambda m: isinstance(m, StaticActQuantizer), {id(outside.weight)})
+    gc.collect()
+    assert layer.weight is param and torch.equal(layer.weight, weight)  # the same Parameter, new data
+    assert layer.weight.data_ptr() == layer.weight_q.data_ptr() and layer.weight.data_ptr() not in copied
+    assert layer.act_quant.scale is act_scale and block[1].weight.data_ptr() == shared
+    assert old[0]() is None and old[1]() is None
+    # weight (with weight_q) once, codes, scale, zero, bias, the LayerNorm's bias
+    assert len(copied) == 6 and nbytes == 4 * (32 + 4 + 4 + 4 + 8) + 32
+    assert move_module_tensors(block, lambda t: t) == 0  # moving to where a tensor is copies nothing
 
 
 def test_phase_timer_sums_phases():
