@@ -22,9 +22,15 @@ SCHEDULERS = {
 }
 
 
+# DDIM/DDPM clip the predicted x0 to [-1, 1] by default (a pixel-space convention): wrong for latents. A base config
+# that does not say (PixArt's DPM-Solver config) gets clip_sample False; one that does (SD's DDIM config) keeps it.
+NO_CLIP_DEFAULT = {"clip_sample": False}
+
+
 def set_scheduler(pipe, name: str | None) -> None:
     """Replace `pipe.scheduler` by scheduler `name` (one of SCHEDULERS) on the same betas. Every switch starts from
-    the pipeline's own scheduler, so an earlier switch's overrides do not leak; None or 'default' restores it."""
+    the pipeline's own scheduler, so an earlier switch's overrides do not leak; None or 'default' restores it.
+    DDIM/DDPM built from a config without `clip_sample` do not clip x0 (see NO_CLIP_DEFAULT)."""
     if name is not None and name != "default" and name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     if not hasattr(pipe, "diffptq_base_scheduler"):
@@ -35,4 +41,5 @@ def set_scheduler(pipe, name: str | None) -> None:
         return
     cls, overrides = SCHEDULERS[name]
     config = {k: v for k, v in base.config.items() if not k.startswith("_")}
-    pipe.scheduler = cls.from_config({**config, **overrides})
+    defaults = NO_CLIP_DEFAULT if cls in (DDIMScheduler, DDPMScheduler) else {}
+    pipe.scheduler = cls.from_config({**defaults, **config, **overrides})
