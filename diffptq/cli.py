@@ -236,6 +236,9 @@ def add_quant_args(parser: argparse.ArgumentParser, method_flag: str = "--method
     parser.add_argument("--calib_batch_size", type=positive_int, default=8, help="prompts per calibration batch")
     parser.add_argument("--prompts", default=None, help="prompt file, one per line (default: bundled captions)")
     parser.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    parser.add_argument("--offload_done", action="store_true",
+                        help="keep finished blocks in host memory until the end of the calibration, so GPU memory "
+                             "does not grow with depth (same result; costs one copy of each block each way)")
     add_rotation_args(parser)
 
 
@@ -270,7 +273,7 @@ def sequential_config(args: argparse.Namespace, blocks: list[int] | None):
         raise DiffptqError("--wbits 16 leaves nothing to quantize; give 2..8")
     weight = QuantSpec(args.wbits, symmetric=True, group_size=args.group_size)
     return SequentialConfig(method=args.method, weight=weight, act=act, act_kind=args.act_quant, damp=args.damp,
-                            act_order=args.act_order, blocks=blocks)
+                            act_order=args.act_order, blocks=blocks, offload_done=getattr(args, "offload_done", False))
 
 
 def calib_config(args: argparse.Namespace):
