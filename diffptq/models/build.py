@@ -75,15 +75,31 @@ def build_vae(spec: VAESpec) -> AutoencoderKL:
     )
 
 
+def build_t5_encoder(tokenizer, width: int, heads: int, ff: int, layers: int,
+                     head_dim: int | None = None) -> T5EncoderModel:
+    """A random T5EncoderModel over `tokenizer`'s ids: output width `width`, `heads` heads of `head_dim` (default
+    width // heads)."""
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=head_dim or width // heads, d_ff=ff, num_layers=layers,
+        num_heads=heads,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+    ))
+
+
+def build_clip_encoder(tokenizer, width: int, heads: int, ff: int, layers: int, max_tokens: int) -> CLIPTextModel:
+    """A random CLIPTextModel over `tokenizer`'s ids: output width `width`, `max_tokens` positions."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=ff, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=max_tokens, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def build_pixart_pipeline(spec: DiTSpec, vocabulary: list[str], seed: int = 0) -> PixArtAlphaPipeline:
     """A randomly initialised PixArtAlphaPipeline of size `spec` whose tokenizer knows `vocabulary`."""
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(vocabulary, "t5", spec.max_tokens)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=spec.text_dim, d_kv=spec.text_dim // spec.text_heads,
-        d_ff=spec.text_dim * 2, num_layers=spec.text_layers, num_heads=spec.text_heads,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
-    ))
+    text_encoder = build_t5_encoder(tokenizer, spec.text_dim, spec.text_heads, spec.text_dim * 2, spec.text_layers)
     inner = spec.heads * spec.head_dim
     transformer = PixArtTransformer2DModel(
         num_attention_heads=spec.heads, attention_head_dim=spec.head_dim, in_channels=spec.vae.latent_channels,
@@ -101,12 +117,8 @@ def build_sd_pipeline(spec: UNetSpec, vocabulary: list[str], seed: int = 0) -> S
     """A randomly initialised StableDiffusionPipeline of size `spec` whose tokenizer knows `vocabulary`."""
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(vocabulary, "clip", spec.max_tokens)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.text_dim, intermediate_size=spec.text_dim * 2,
-        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-        max_position_embeddings=spec.max_tokens, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = build_clip_encoder(tokenizer, spec.text_dim, spec.text_heads, spec.text_dim * 2, spec.text_layers,
+                                      spec.max_tokens)
     unet = UNet2DConditionModel(
         sample_size=spec.sample_size, in_channels=spec.vae.latent_channels, out_channels=spec.vae.latent_channels,
         down_block_types=spec.down_types, up_block_types=spec.up_types, block_out_channels=spec.channels,

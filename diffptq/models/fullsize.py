@@ -23,10 +23,9 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from diffptq.data.prompts import load_prompts
-from diffptq.models.build import VAESpec, build_vae
+from diffptq.models.build import VAESpec, build_clip_encoder, build_t5_encoder, build_vae
 from diffptq.models.tokenizers import build_word_tokenizer, vocabulary_from_texts
 
 PIXART_512 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
@@ -90,16 +89,9 @@ def _text_stack(style: str):
     vocabulary = vocabulary_from_texts(load_prompts())
     if style == "t5":
         tok = build_word_tokenizer(vocabulary, "t5", 120)
-        encoder = T5EncoderModel(T5Config(
-            vocab_size=len(tok), d_model=4096, d_kv=64, num_heads=8, d_ff=512, num_layers=1,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0))
-        return tok, encoder
+        return tok, build_t5_encoder(tok, width=4096, heads=8, ff=512, layers=1, head_dim=64)
     tok = build_word_tokenizer(vocabulary, "clip", 77)
-    encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=768, intermediate_size=512, num_hidden_layers=1, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
-    return tok, encoder
+    return tok, build_clip_encoder(tok, width=768, heads=12, ff=512, layers=1, max_tokens=77)
 
 
 def random_text_embeddings(family: str, n: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
