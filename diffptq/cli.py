@@ -184,8 +184,9 @@ def run_main(main) -> None:
         raise SystemExit(2) from None
     except torch.OutOfMemoryError:
         print("error: CUDA out of memory. Try fewer calibration prompts or a smaller batch (--n_calib, "
-              "--calib_batch_size), fewer --blocks at a time, or --device cpu; calibration caches already live in "
-              "CPU memory. Nothing was written under a final name.", file=sys.stderr)
+              "--calib_batch_size), --offload_done (finished blocks wait in host memory), fewer --blocks at a time, "
+              "or --device cpu; calibration caches already live in CPU memory. Nothing was written under a final "
+              "name.", file=sys.stderr)
         raise SystemExit(3) from None
     except KeyboardInterrupt:
         print("interrupted: no partial result was written under a final name", file=sys.stderr)
