@@ -333,7 +333,7 @@ class TdqSequentialQuantizer(SequentialQuantizer):
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         for q in quantizers:
             q.clear_cache()
         self.refine_loss[k] = (losses[0], losses[-1])
