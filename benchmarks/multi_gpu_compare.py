@@ -27,7 +27,8 @@ from typing import Any
 from diffptq.cli import run_main, write_json
 from diffptq.errors import ConfigError
 from diffptq.eval.image_store import image_difference, load_images
-from diffptq.eval.report import markdown_table
+from diffptq.eval.report import markdown_table, write_text_atomic
+from diffptq.run.benchmark import Variant
 
 KEY_COLUMNS = ("method", "wbits", "abits")
 THROUGHPUT_COLUMNS = ("images_per_s", "num_processes")
@@ -60,8 +61,9 @@ def read_run(path: str | Path) -> tuple[dict[str, Path], dict[str, dict[str, str
 
 
 def _stem(row: dict[str, str]) -> str:
-    """The variant's file stem from its metrics.csv row: 'fp' or '<method>_w<W>a<A>' (as Variant.file_stem)."""
-    return row["method"] if row["method"] == "fp" else f"{row['method']}_w{row['wbits']}a{row['abits']}"
+    """The variant's file stem (Variant.file_stem) from its metrics.csv row."""
+    method = row["method"]
+    return (Variant(method) if method == "fp" else Variant(method, int(row["wbits"]), int(row["abits"]))).file_stem
 
 
 def _number(text: str | None) -> float | None:
@@ -157,11 +159,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     report = compare_runs(args.runs[0], args.runs[1], args.tolerance)
     out = Path(args.out) if args.out else Path(args.runs[1]) / "multi_gpu_compare.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = to_markdown(report)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_text_atomic(out, text)
     write_json(out.with_suffix(".json"), _finite(report))
     print(text)
     print(f"markdown: {out}\njson: {out.with_suffix('.json')}")

@@ -11,7 +11,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
@@ -170,9 +169,9 @@ def git_commit() -> str | None:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically: to a temporary name, then rename (no partial file under the final name)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    from diffptq.eval.report import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def run_main(main) -> None:

@@ -73,11 +73,17 @@ def write_markdown(
     rows: Sequence[Row], path: str | os.PathLike, columns: Sequence[str] | None = None, title: str | None = None
 ) -> Path:
     """Write `markdown_table(rows, columns)` to `path`, under a `# title` heading if given (atomically)."""
+    head = f"# {title}\n\n" if title else ""
+    return write_text_atomic(path, head + markdown_table(rows, columns))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` (parents made) through a temporary name beside it and a rename: `path` never holds
+    a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = f"# {title}\n\n" if title else ""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(head + markdown_table(rows, columns))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
 
