@@ -49,7 +49,7 @@ def _generate_local(pipe, prompts: Sequence[str], seeds: Sequence[int], batch_si
                     call_kwargs: dict[str, Any], progress: bool, desc: str, uint8: bool = False) -> torch.Tensor:
     """Images of `prompts` with `seeds` on this process: float32 (n,3,H,W) in [0,1] on the CPU (n may be 0); with
     `uint8`, uint8 in [0,255] (as_uint8's rounding)."""
-    out = [torch.empty(0, dtype=torch.uint8 if uint8 else torch.float32)]
+    out = []
     starts = range(0, len(prompts), max(1, batch_size))
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         stop = min(len(prompts), start + batch_size)
@@ -57,7 +57,7 @@ def _generate_local(pipe, prompts: Sequence[str], seeds: Sequence[int], batch_si
         res = pipe(prompt=list(prompts[start:stop]), generator=generators, output_type="pt", **call_kwargs)
         images = res.images.float().clamp(0, 1).cpu()
         out.append(as_uint8(images) if uint8 else images)
-    return torch.cat(out[1:]) if len(out) > 1 else out[0]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8 if uint8 else torch.float32)
 
 
 def generate(
