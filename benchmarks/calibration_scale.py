@@ -125,7 +125,8 @@ def summary(args, method: str, meta: dict, sq: SequentialQuantizer, total_s: flo
     peaks = sq.block_peak_vram
     marks = sorted({m for m in (4, 8, 16, 28, len(sq.blocks)) if m - 1 in peaks})
     return {
-        **meta, "method": method, "partial": partial, "blocks_done": len(sq.block_stats),
+        **meta, "granularity": sq.cfg.granularity, "units": len(sq.units),
+        "method": method, "partial": partial, "blocks_done": len(sq.block_stats),
         "blocks_total": len(sq.selected), "quantize_s": total_s, "phases": timings,
         "peak_vram_gib": _gib(max(peaks.values())) if peaks else None,
         "peak_vram_after_blocks_gib": {m: peaks[m - 1] / GiB for m in marks},
@@ -156,6 +157,7 @@ def run_method(args, method: str, out: Path, shared: dict) -> dict:
             "records": len(calib), "collect_s": time.perf_counter() - t0,
             "fp16_inference_peak_gib": inference_peak(pipe, calib, device), "dtype": args.dtype,
             "storage": args.storage, "drop_float_weights": args.drop_float_weights, "offload_done": args.offload_done,
+            "granularity": args.granularity,
             "sweep": os.environ.get("DIFFPTQ_SWEEP", "auto"), "num_layers": args.num_layers,
             "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "date": dt.date.today().isoformat(), "command": " ".join(sys.argv)}
@@ -166,8 +168,9 @@ def run_method(args, method: str, out: Path, shared: dict) -> dict:
     blocks = parse_blocks(args.blocks, n_blocks) if args.blocks else None
     cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(8, symmetric=False), damp=args.damp,
                            holdout_every=args.holdout_every, blocks=blocks,
-                           drop_float_weights=args.drop_float_weights, offload_done=args.offload_done)
-    path = out / f"{args.family}_{method}.json"
+                           drop_float_weights=args.drop_float_weights, offload_done=args.offload_done,
+                           granularity=args.granularity)
+    path = out / f"{args.family}_{method}{'_block_units' if args.granularity == 'block' else ''}.json"
     t_start = time.perf_counter()
 
     def on_block(k: int, sq: SequentialQuantizer) -> bool:
@@ -213,6 +216,7 @@ def report(folder: Path) -> str:
     for r in rows:
         p = r["phases"]
         done = f"{r['blocks_done']}/{r['blocks_total']}" + (" (partial)" if r["partial"] else "")
+        r["method"] += " (whole blocks)" if r.get("granularity") == "block" else ""
         err = f"{r['mean_rel_out_err']:.4f}" if r["mean_rel_out_err"] is not None else "-"
         inf = r["fp16_inference_peak_gib"]
         ratio = f"{r['peak_vram_gib'] / inf:.2f}" if inf and r["peak_vram_gib"] else "-"
@@ -245,7 +249,9 @@ def report(folder: Path) -> str:
                   f"{r['allocated_after_run_gib']:.2f}" for r in ends]
     per_block = {r["method"]: r["quantize_s"] / max(r["blocks_done"], 1) for r in rows}
     steady = {r["method"]: _steady_block_seconds(r) for r in rows}
-    if "gptq" in per_block and "qronos" in per_block:
+    if r0["family"] == "sd" and "gptq" in per_block and "qronos" in per_block:  # blocks of unequal size
+        lines += ["", f"GPTQ / Qronos time: {per_block['gptq'] / per_block['qronos']:.2f} (totals; goal ≤ 0.7)."]
+    elif "gptq" in per_block and "qronos" in per_block:
         lines += ["", f"GPTQ / Qronos time per block: {per_block['gptq'] / per_block['qronos']:.2f} from the totals; "
                   f"{steady['gptq'] / steady['qronos']:.2f} from the median block after the first (warm-up, Triton "
                   "compilation) (goal ≤ 0.7)."]
@@ -254,8 +260,9 @@ def report(folder: Path) -> str:
     for r in rows:
         b = r["per_block"].get("1") or next(iter(r["per_block"].values()), None)
         if b:
-            lines.append(f"- {r['method']}: {b['record_passes']}; {b['h2d_bytes'] / GiB:.2f} GiB, "
-                         f"{b['seconds']:.2f} s")
+            units = f"{b['units']} units, " if "units" in b else ""
+            lines.append(f"- {r['method']}: {units}{b.get('waves', '?')} waves; {b['record_passes']}; "
+                         f"{b['h2d_bytes'] / GiB:.2f} GiB, {b['seconds']:.2f} s")
     check = folder / "sweep_check.json"
     if check.exists():
         lines += ["", f"GPTQ column sweep, eager vs Triton (seconds, share of equal codes): {check.read_text()}"]
@@ -283,6 +290,8 @@ def main() -> None:
     p.add_argument("--storage", default="cpu", help="where block caches live: cpu (pinned) or the device")
     p.add_argument("--blocks", default=None,
                    help="blocks to quantize: N (the first N), a range 14-27, a list 0-3,8 (default: all)")
+    p.add_argument("--granularity", default="unit", choices=["unit", "block"],
+                   help="sequential units: the UNet's ResNets / transformer blocks (unit) or whole blocks")
     p.add_argument("--drop_float_weights", action="store_true",
                    help="free each block's float weights once it is quantized (its int8 codes stay on the GPU)")
     p.add_argument("--offload_done", action="store_true",

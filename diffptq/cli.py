@@ -239,6 +239,10 @@ def add_quant_args(parser: argparse.ArgumentParser, method_flag: str = "--method
     parser.add_argument("--offload_done", action="store_true",
                         help="keep finished blocks in host memory until the end of the calibration, so GPU memory "
                              "does not grow with depth (same result; costs one copy of each block each way)")
+    parser.add_argument("--granularity", default="unit", choices=["unit", "block"],
+                        help="sequential unit: 'unit' quantizes the UNet's ResNets / transformer blocks / resamplers "
+                             "one after the other (several times faster on the UNet), 'block' its down/mid/up blocks "
+                             "whole; PixArt's blocks are units either way (default: %(default)s)")
     add_rotation_args(parser)
 
 
@@ -273,7 +277,8 @@ def sequential_config(args: argparse.Namespace, blocks: list[int] | None):
         raise DiffptqError("--wbits 16 leaves nothing to quantize; give 2..8")
     weight = QuantSpec(args.wbits, symmetric=True, group_size=args.group_size)
     return SequentialConfig(method=args.method, weight=weight, act=act, act_kind=args.act_quant, damp=args.damp,
-                            act_order=args.act_order, blocks=blocks, offload_done=getattr(args, "offload_done", False))
+                            act_order=args.act_order, blocks=blocks, offload_done=getattr(args, "offload_done", False),
+                            granularity=getattr(args, "granularity", "unit"))
 
 
 def calib_config(args: argparse.Namespace):

@@ -1,10 +1,14 @@
 """Block-by-block (sequential) quantization of a diffusion denoiser with cached, paired block inputs.
 
-Data flow, for a model family's blocks 0..K-1 (PixArt transformer blocks; UNet down/mid/up blocks):
+Data flow, over a model family's units 0..K-1 in forward order (diffptq.models.units: PixArt's transformer blocks;
+the UNet's ResNets, transformer blocks and resamplers, or with granularity "block" its down/mid/up blocks). The
+user selects blocks (indices into family.blocks()); a block's units are processed one after the other, and
+results (layer reports, block_stats, on_block) are reported per block. Below, "block" means a unit:
 1. The float prologue runs once per calibration record; both streams start from its output. Each record's state
    `(h, skips)` is cached per stream on `storage` (pinned CPU memory by default): `h` the hidden tensor, `skips`
    the UNet skip tensors that up blocks consume (so up blocks see the skips of their own stream). The context
-   (timestep embedding, text states) is float and shared by both streams.
+   (timestep embedding, text states) is float and shared by both streams. Only the skips a unit reads (the one an
+   up-block ResNet concatenates) are copied to the compute device; the others pass through on storage.
 2. For each selected block:
    a. plan (one record, float mode): group the layers fed by the same tensor (e.g. q/k/v), in forward order, and
       find which layers' inputs depend on which earlier layers (perturb a group's outputs, see which later inputs
@@ -59,6 +63,7 @@ from diffptq.quant.quantizer import QuantSpec
 
 log = logging.getLogger(__name__)
 METHODS = ("rtn", "gptq", "qronos")
+GRANULARITIES = ("unit", "block")
 State = tuple[Tensor, list[Tensor]]
 
 
@@ -72,7 +77,10 @@ class SequentialConfig:
 
     method: rtn | gptq | qronos. weight: the weight grid. act: the activation grid (None: weights only).
     act_kind: static (per tensor, calibrated) | dynamic (per token). damp: relative to mean(diag H), or "adaptive".
-    blocks: indices into family.blocks() (None: all). skip: layer-name glob patterns (within the denoiser) kept float.
+    blocks: indices into family.blocks() (None: all). granularity: "unit" (a block's ResNets, transformer blocks and
+    resamplers are quantized one after the other, each re-run from its own cached input: far fewer re-computed
+    layers per wave on the UNet; PixArt's blocks are units already) or "block" (each block is one unit).
+    skip: layer-name glob patterns (within the denoiser) kept float.
     holdout_every: every n-th calibration record is held out from H and used for rel_out_err (0: none held out).
     act_factory(name, module) -> ActQuantizer | None builds the activation quantizers instead of `act`/`act_kind`
     (e.g. time-conditioned TDQ quantizers); any quantizer with start_calibration/finish_calibration is calibrated
@@ -107,6 +115,7 @@ class SequentialConfig:
     act_order: bool = False
     block_size: int = 128
     blocks: list[int] | None = None
+    granularity: str = "unit"
     skip: tuple[str, ...] = ()
     holdout_every: int = 5
     act_factory: Callable | None = None
@@ -120,6 +129,8 @@ class SequentialConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
 
 
 @dataclass
@@ -140,14 +151,15 @@ class LayerReport:
 @dataclass
 class SequentialResult:
     """timings: seconds per phase (forward = block passes without the H/G accumulation inside them; accumulate;
-    solve). block_stats: per block, its passes over calibration records by kind, bytes moved (offload_bytes: its
-    weights moved to storage), seconds, phases, peak VRAM. peak_vram_bytes: the whole run's peak (CUDA), moving
-    offloaded blocks back included. stopped_after: the last block processed when `on_block` stopped the run early
-    (else None)."""
+    solve). quant_calls: unit name → how often it was quantized (once). block_stats: per block (summed over its
+    units), its passes over calibration records by kind, bytes moved (offload_bytes: its weights moved to
+    storage), seconds, phases, groups and waves, peak VRAM, memory allocated after it. peak_vram_bytes: the whole
+    run's peak (CUDA), moving offloaded blocks back included. stopped_after: the last block processed when
+    `on_block` stopped the run early (else None)."""
 
     layers: list[LayerReport]
     timings: dict[str, float]
-    block_quant_calls: dict[int, int]
+    quant_calls: dict[str, int]
     peak_vram_bytes: int | None
     quant_layers: dict[str, QuantLayer]
     block_peak_vram: dict[int, int] = field(default_factory=dict)  # cumulative peak after each block (CUDA)
@@ -223,8 +235,9 @@ def _flat(state: State | None) -> list[Tensor]:
 class SequentialQuantizer:
     """Runs the block-by-block procedure on one denoiser. Use `quantize_sequential()` unless you need the parts.
 
-    on_block(k, quantizer) runs after each block (with offload_done, once block k is on storage); returning True
-    stops the run there (the later blocks stay float, their activation quantizers off), e.g. for a time budget.
+    on_block(k, quantizer) runs after each block k of family.blocks() (with offload_done, once its units are on
+    storage); returning True stops the run there (the later blocks stay float, their activation quantizers off),
+    e.g. for a time budget. Internally `k` indexes `self.units`.
     """
 
     def __init__(self, denoiser: nn.Module, family: ModelFamily, calib: CalibrationSet, config: SequentialConfig,
@@ -238,11 +251,13 @@ class SequentialQuantizer:
         self.on_block = on_block
         self.blocks = family.blocks(denoiser)
         n = len(self.blocks)
-        self.selected = sorted(set(range(n) if config.blocks is None else config.blocks))
-        if not self.selected or self.selected[0] < 0 or self.selected[-1] >= n:
+        blocks = sorted(set(range(n) if config.blocks is None else config.blocks))
+        if not blocks or blocks[0] < 0 or blocks[-1] >= n:
             raise ValueError(f"blocks {config.blocks} out of range: the model has {n} blocks (0..{n - 1})")
+        self.units = family.units(denoiser, fine=config.granularity == "unit")
+        self.selected = [u for u, unit in enumerate(self.units) if unit.block in set(blocks)]  # unit indices
         self.timer = PhaseTimer(self.device)
-        self.block_quant_calls: dict[int, int] = defaultdict(int)
+        self.quant_calls: dict[str, int] = defaultdict(int)
         self.block_peak_vram: dict[int, int] = {}
         self.block_stats: dict[int, dict] = {}
         self.reports: list[LayerReport] = []
@@ -261,7 +276,7 @@ class SequentialQuantizer:
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def swap(self) -> dict[str, QuantLayer]:
-        include = tuple(f"{self.blocks[k][0]}.*" for k in self.selected)
+        include = tuple(f"{self.units[k].name}.*" for k in self.selected)
         qcfg = QuantConfig(weight=self.cfg.weight, act=self.cfg.act, act_kind=self.cfg.act_kind, include=include,
                            skip=self.cfg.skip, act_factory=self.cfg.act_factory, rotate=self.cfg.rotate,
                            rotate_seed=self.cfg.rotate_seed, rotate_conv=self.cfg.rotate_conv)
@@ -271,9 +286,12 @@ class SequentialQuantizer:
 
     def _store(self, t: Tensor, origin: dict[int, Tensor] | None = None) -> Tensor:
         """Cache t on `storage` (pinned host buffers from the pool, filled without waiting when computing on CUDA).
-        A tensor that is an unchanged device copy of a cached one (`origin`) is not copied back."""
+        A tensor that is an unchanged device copy of a cached one (`origin`), or a cached one that a unit passed
+        through without reading it (a skip left on the host), is not copied again."""
         if origin is not None and id(t) in origin:
             return origin[id(t)]
+        if self._pin and t.device.type == "cpu":
+            return t
         t = t.detach()
         if not self._pin:
             return t.to(self.storage)
@@ -314,26 +332,32 @@ class SequentialQuantizer:
             self.cfg.before_record(self.calib.records[i])
         return {k: self._to_dev(v) if isinstance(v, Tensor) else v for k, v in self.ctx[i].items()}
 
-    def _run(self, k: int, state, ctx) -> State:
+    def _state_to_dev(self, k: int, state: State) -> State:
+        """h and the skips that unit k reads on the compute device; the other skips stay where they are."""
         h, skips = state
-        return self.family.run_block(self.den, k, self._to_dev(h), [self._to_dev(s) for s in skips], ctx)
+        first = len(skips) - self.units[k].skips_read
+        return self._to_dev(h), [self._to_dev(s) if j >= first else s for j, s in enumerate(skips)]
 
-    def _records(self, indices, streams: tuple[str, ...] | Callable[[int], tuple[str, ...]]
+    def _run(self, k: int, state, ctx) -> State:
+        return self.units[k].run(*self._state_to_dev(k, state), ctx)
+
+    def _records(self, k: int, indices, streams: tuple[str, ...] | Callable[[int], tuple[str, ...]]
                  ) -> Iterator[tuple[int, Loaded]]:
         """Records `indices` with the states of `streams` ("fp", "q"; or a function of the index) and the context
-        on the device, the next record's copied ahead; before_record runs before each is yielded."""
+        on the device (of the states: h and the skips unit k reads), the next record's copied ahead; before_record
+        runs before each is yielded."""
         pick = streams if callable(streams) else (lambda i: streams)
 
         def fetch(i):
             return {s: (self.fp if s == "fp" else self.q)[i] for s in pick(i)}, self.ctx[i]
-        for i, loaded in self._prefetch(indices, fetch):
+        for i, loaded in self._prefetch(indices, fetch, self.units[k].skips_read):
             if self.cfg.before_record is not None:
                 self.cfg.before_record(self.calib.records[i])
             yield i, loaded
 
     def _block_layers(self, k: int) -> dict[str, QuantLayer]:
         if k not in self._layers_of:
-            prefix = self.blocks[k][0] + "."
+            prefix = self.units[k].name + "."
             self._layers_of[k] = {n: m for n, m in self.layers.items() if n.startswith(prefix)}
         return self._layers_of[k]
 
@@ -404,8 +428,7 @@ class SequentialQuantizer:
     def plan_block(self, k: int, layers: dict[str, QuantLayer]) -> BlockPlan:
         """Groups and waves of block k's layers (see the module docstring), from float passes on one record."""
         i = self.train[0] if self.train else 0
-        ctx, (h, skips) = self._ctx(i), self.q[i]
-        state = (self._to_dev(h), [self._to_dev(x) for x in skips])
+        ctx, state = self._ctx(i), self._state_to_dev(k, self.q[i])
         calls: list[tuple[str, int]] = []
         counts: Counter = Counter()
         prints: dict[str, Tensor] = {}
@@ -430,20 +453,21 @@ class SequentialQuantizer:
         order = [n for n, _ in calls]
         missing = set(layers) - set(order)
         if missing:
-            log.warning("block %d: layers never called in the forward pass stay float: %s", k, sorted(missing))
+            log.warning("%s: layers never called in the forward pass stay float: %s", self.units[k].name,
+                        sorted(missing))
         chain = BlockPlan(groups, [[g] for g in range(len(groups))], order, {}, exact=False)
         if any(c > 1 for c in counts.values()):
-            log.info("block %d: a layer runs more than once per pass; quantizing one group at a time", k)
+            log.info("%s: a layer runs more than once per pass; quantizing one group at a time", self.units[k].name)
             return chain
         # blocks of one class calling the same layers in the same order run the same code: probe the first only
-        prefix = self.blocks[k][0] + "."
-        key = (type(self.blocks[k][1]), tuple((n[len(prefix):], type(self.layers[n])) for n in order),
+        prefix = self.units[k].name + "."
+        key = (type(self.units[k].module), tuple((n[len(prefix):], type(self.layers[n])) for n in order),
                tuple(len(g) for g in groups))
         if key not in self._deps_by_structure:
             try:
                 deps = self._dependencies(k, state, ctx, groups, prints)
             except Exception as e:  # noqa: BLE001 - the one-group-at-a-time order is always right
-                log.warning("block %d: dependency probe failed (%s); quantizing one group at a time", k, e)
+                log.warning("%s: dependency probe failed (%s); quantizing one group at a time", self.units[k].name, e)
                 return chain
             self._deps_by_structure[key] = {n[len(prefix):]: {d[len(prefix):] for d in ds} for n, ds in deps.items()}
         deps = {prefix + n: {prefix + d for d in ds} for n, ds in self._deps_by_structure[key].items()}
@@ -499,7 +523,7 @@ class SequentialQuantizer:
         stop = None
         if plan is not None and plan.exact and set(static) <= set(plan.order):
             stop = max(static, key=plan.order.index)  # nothing after the last calibrated layer matters
-        for _, loaded in self._records(self.train, ("q",)):
+        for _, loaded in self._records(k, self.train, ("q",)):
             self._block_pass(k, loaded.states["q"], loaded.ctx, True, stop_after=stop, stop_post=True,
                              kind="calibrate")
         for aq in static.values():
@@ -580,7 +604,7 @@ class SequentialQuantizer:
         stop = max(names, key=plan.order.index)
         keep_fp = cross and w == 0  # the first float pass runs the whole block: its output is the next float state
         bad: dict[str, Tensor] = {}
-        for i, loaded in self._records(self.train, ("fp", "q") if cross else ("q",)):
+        for i, loaded in self._records(k, self.train, ("fp", "q") if cross else ("q",)):
             x_fp: dict[str, Tensor] = {}
             if cross:
                 grab = partial(self._grab, x_fp)
@@ -595,8 +619,8 @@ class SequentialQuantizer:
             for n, f in zip([n for n in names if n in bad], flags):
                 if f:
                     raise NonFiniteActivationError(
-                        f"NaN/Inf in the input of layer {n} (block {k}) during calibration: check the model weights "
-                        "and the calibration data (dtype overflow? try --dtype fp32 or bf16)")
+                        f"NaN/Inf in the input of layer {n} (block {self.units[k].block}) during calibration: check "
+                        "the model weights and the calibration data (dtype overflow? try --dtype fp32 or bf16)")
         stats = {n: (a.H, a.G if cross else None) for n, a in acc.items()}
         acc.clear()
         for name in names:
@@ -617,10 +641,10 @@ class SequentialQuantizer:
 
     def _report(self, k: int, name: str, res: QuantResult) -> None:
         if res.fell_back:
-            log.warning("block %d layer %s: fell back to RTN (%s)", k, name, res.reason)
+            log.warning("layer %s: fell back to RTN (%s)", name, res.reason)
         abits = self.cfg.act.bits if self.cfg.act is not None else None
-        self.reports.append(LayerReport(k, name, self.cfg.method, self.cfg.weight.bits, abits, res.damp_rel,
-                                        math.nan, res.fell_back, res.reason))
+        self.reports.append(LayerReport(self.units[k].block, name, self.cfg.method, self.cfg.weight.bits, abits,
+                                        res.damp_rel, math.nan, res.fell_back, res.reason))
 
     @staticmethod
     def _measure(x_fp: dict, num: dict, den: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
@@ -645,7 +669,7 @@ class SequentialQuantizer:
             if one_stream:
                 return ("q",)
             return ("q", "fp") if (i in self.fp_records and i not in self._next_fp) else ("q",)
-        for i, loaded in self._records(range(n), streams):
+        for i, loaded in self._records(k, range(n), streams):
             if one_stream:  # before the first selected block: one float stream (these blocks have no quant layers)
                 out = self._block_pass(k, loaded.states["q"], loaded.ctx, False)
                 new_q[i] = new_fp[i] = self._store_state(out, loaded.origin)
@@ -673,12 +697,12 @@ class SequentialQuantizer:
             vals = torch.stack([torch.stack([num[m], den[m]]) for m in names]).tolist()
             errs = {m: math.sqrt(a / max(b, 1e-30)) for m, (a, b) in zip(names, vals)}
             for r in self.reports:
-                if r.block == k and r.layer in errs:
+                if r.block == self.units[k].block and r.layer in errs:
                     r.rel_out_err = errs[r.layer]
 
     def quantize_block(self, k: int) -> None:
         layers = self._block_layers(k)
-        self.block_quant_calls[k] += 1
+        self.quant_calls[self.units[k].name] += 1
         plan = self.plans[k] = self.plan_block(k, layers)
         self.calibrate_acts(k, layers)
         self.leaders[k] = self._share_leaders(plan)
@@ -688,51 +712,66 @@ class SequentialQuantizer:
     # ---- the whole procedure ------------------------------------------------------------------------------
     def _offload(self, k: int) -> None:
         """Move finished block k's parameters and buffers to storage (SequentialConfig.offload_done)."""
-        prefix = self.blocks[k][0] + "."
+        prefix = self.units[k].name + "."
         shared = {id(t) for name, m in self.den.named_modules(remove_duplicate=False)
                   if not (name + ".").startswith(prefix)
                   for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
         self._offloaded.append(k)  # first: a move that fails half-way is still undone
-        self._offload_bytes += move_module_tensors(self.blocks[k][1], lambda t: t.to(self.storage), _is_act_quantizer,
-                                                   shared)
+        self._offload_bytes += move_module_tensors(self.units[k].module, lambda t: t.to(self.storage),
+                                                   _is_act_quantizer, shared)
 
     def _restore_offloaded(self) -> None:
         """Move every offloaded block back to the compute device."""
         for k in self._offloaded:
-            move_module_tensors(self.blocks[k][1], lambda t: t.to(self.device), _is_act_quantizer)
+            move_module_tensors(self.units[k].module, lambda t: t.to(self.device), _is_act_quantizer)
         self._offloaded.clear()
 
-    def _finish_block(self, k: int, t0: float, before: dict[str, float], peak: int) -> None:
+    def _finish_unit(self, k: int, t0: float, before: dict[str, float], peak: int) -> None:
+        """Add unit k's statistics to its block's (block_stats, block_peak_vram)."""
         phases = self.timer.totals  # synchronizes
         cuda = self.device.type == "cuda"
-        block_peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        unit_peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        b = self.units[k].block
         if cuda:
-            self.block_peak_vram[k] = max(peak, block_peak)
+            self.block_peak_vram[b] = max(peak, unit_peak, self.block_peak_vram.get(b, 0))
         plan = self.plans.get(k)
-        self.block_stats[k] = {
-            "seconds": time.perf_counter() - t0,
-            "phases": {p: v - before.get(p, 0.0) for p, v in phases.items()},
-            "record_passes": {f"{kind}{'' if full else '_early_exit'}": c
-                              for (kind, full), c in sorted(self._passes.items())},
-            "h2d_bytes": self._prefetch.h2d_bytes, "d2h_bytes": self._d2h_bytes, "offload_bytes": self._offload_bytes,
-            "groups": len(plan.groups) if plan else 0, "waves": len(plan.waves) if plan else 0,
-            "peak_vram_bytes": block_peak if cuda else None,  # this block's peak
-            "allocated_bytes": torch.cuda.memory_allocated(self.device) if cuda else None,  # after it (model, caches)
-        }
+        stats = self.block_stats.setdefault(b, {
+            "units": 0, "seconds": 0.0, "phases": {}, "record_passes": {}, "h2d_bytes": 0, "d2h_bytes": 0,
+            "offload_bytes": 0, "groups": 0, "waves": 0, "peak_vram_bytes": None, "allocated_bytes": None})
+        stats["units"] += 1
+        stats["seconds"] += time.perf_counter() - t0
+        for p, v in phases.items():
+            stats["phases"][p] = stats["phases"].get(p, 0.0) + v - before.get(p, 0.0)
+        for (kind, full), c in self._passes.items():
+            key = f"{kind}{'' if full else '_early_exit'}"
+            stats["record_passes"][key] = stats["record_passes"].get(key, 0) + c
+        stats["record_passes"] = dict(sorted(stats["record_passes"].items()))
+        stats["h2d_bytes"] += self._prefetch.h2d_bytes
+        stats["d2h_bytes"] += self._d2h_bytes
+        stats["offload_bytes"] += self._offload_bytes
+        stats["groups"] += len(plan.groups) if plan else 0
+        stats["waves"] += len(plan.waves) if plan else 0
+        if cuda:
+            stats["peak_vram_bytes"] = max(stats["peak_vram_bytes"] or 0, unit_peak)  # this block's peak
+            stats["allocated_bytes"] = torch.cuda.memory_allocated(self.device)  # after it (model, caches)
         self._passes.clear()
         self._prefetch.h2d_bytes = self._d2h_bytes = self._offload_bytes = 0
 
     def _run_blocks(self) -> tuple[int | None, set[int]]:
-        """Blocks 0..last selected one in order; returns (the block on_block stopped after or None, blocks done)."""
+        """Units 0..the last selected one in order; returns (the block on_block stopped after or None, units done).
+        """
         cuda = self.device.type == "cuda"
         last = self.selected[-1]
+        selected = set(self.selected)
         peak, stopped, done = 0, None, set()
-        for k in tqdm(range(last + 1), desc=f"{self.cfg.method} blocks", disable=not self.progress):
+        desc = f"{self.cfg.method} {'units' if len(self.units) > len(self.blocks) else 'blocks'}"
+        for k in tqdm(range(last + 1), desc=desc, disable=not self.progress):
+            unit = self.units[k]
             t0, before = time.perf_counter(), dict(self.timer.totals)
             if cuda:
                 peak = max(peak, torch.cuda.max_memory_allocated(self.device))
                 torch.cuda.reset_peak_memory_stats(self.device)
-            if k in self.selected:
+            if k in selected:
                 self.quantize_block(k)
                 self.propagate(k, self._block_layers(k))
                 done.add(k)
@@ -744,10 +783,11 @@ class SequentialQuantizer:
                     self._offload(k)
             elif k < last:
                 self.propagate(k, None)
-            self._finish_block(k, t0, before, peak)
-            peak = self.block_peak_vram.get(k, 0)
-            if self.on_block is not None and self.on_block(k, self) and k < last:
-                stopped = k
+            self._finish_unit(k, t0, before, peak)
+            peak = self.block_peak_vram.get(unit.block, 0)
+            block_done = k == len(self.units) - 1 or self.units[k + 1].block != unit.block
+            if block_done and self.on_block is not None and self.on_block(unit.block, self) and k < last:
+                stopped = unit.block
                 break
         return stopped, done
 
@@ -765,14 +805,14 @@ class SequentialQuantizer:
             self._pool.clear()
             self._restore_offloaded()
         set_quant_enabled(self.den, weights=True, acts=True)
-        for k in set(self.selected) - done:  # stopped early: unprocessed blocks stay float
+        for k in set(self.selected) - done:  # stopped early: unprocessed units stay float
             for layer in self._block_layers(k).values():
                 if layer.act_quant is not None:
                     layer.act_quant.enabled = False
         timings = dict(self.timer.totals)
         timings["forward"] = timings.get("forward", 0.0) - timings.get("accumulate", 0.0)
         peak_all = max([*self.block_peak_vram.values(), torch.cuda.max_memory_allocated(self.device)]) if cuda else None
-        return SequentialResult(self.reports, timings, dict(self.block_quant_calls), peak_all, self.layers,
+        return SequentialResult(self.reports, timings, dict(self.quant_calls), peak_all, self.layers,
                                 dict(self.block_peak_vram), dict(self.block_stats), stopped)
 
 

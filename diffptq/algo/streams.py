@@ -57,7 +57,8 @@ class Prefetcher:
     """Moves records to `device`, one record ahead on CUDA: `for i, loaded in prefetcher(indices, fetch)`.
 
     fetch(i) -> (states {stream name: (h, skips)}, ctx dict), tensors on the host or already on the device; a tensor
-    shared by two streams is moved once. Counts the bytes it copies in `h2d_bytes`.
+    shared by two streams is moved once. `skips_moved`: only the last that many skips of each state are moved (None:
+    all); the others stay as they are. Counts the bytes it copies in `h2d_bytes`.
     """
 
     def __init__(self, device: torch.device):
@@ -66,7 +67,7 @@ class Prefetcher:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.h2d_bytes = 0
 
-    def _move(self, i: int, fetch: Callable[[int], tuple[dict, dict]]) -> Loaded:
+    def _move(self, i: int, fetch: Callable[[int], tuple[dict, dict]], skips_moved: int | None) -> Loaded:
         states, ctx = fetch(i)
         moved: dict[int, Tensor] = {}
         origin: dict[int, Tensor] = {}
@@ -81,32 +82,36 @@ class Prefetcher:
                 self.h2d_bytes += t.numel() * t.element_size()
             return moved[id(t)]
 
+        def mv_state(h, skips):
+            first = 0 if skips_moved is None else len(skips) - skips_moved
+            return mv(h), [mv(x) if j >= first else x for j, x in enumerate(skips)]
+
         if self.cuda:
             main = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_stream(main)
-                out = Loaded({s: (mv(h), [mv(x) for x in skips]) for s, (h, skips) in states.items()},
-                             {k: mv(v) for k, v in ctx.items()}, origin)
+                out = Loaded({s: mv_state(*st) for s, st in states.items()}, {k: mv(v) for k, v in ctx.items()},
+                             origin)
                 out.event = self.copy_stream.record_event()
             return out
-        return Loaded({s: (mv(h), [mv(x) for x in skips]) for s, (h, skips) in states.items()},
-                      {k: mv(v) for k, v in ctx.items()}, origin)
+        return Loaded({s: mv_state(*st) for s, st in states.items()}, {k: mv(v) for k, v in ctx.items()}, origin)
 
-    def __call__(self, indices: Iterable[int], fetch: Callable[[int], tuple[dict, dict]]
-                 ) -> Iterator[tuple[int, Loaded]]:
+    def __call__(self, indices: Iterable[int], fetch: Callable[[int], tuple[dict, dict]],
+                 skips_moved: int | None = None) -> Iterator[tuple[int, Loaded]]:
         indices = list(indices)
         if not indices:
             return
-        nxt = self._move(indices[0], fetch)
+        nxt = self._move(indices[0], fetch, skips_moved)
         for j, i in enumerate(indices):
             cur = nxt
             if j + 1 < len(indices):
-                nxt = self._move(indices[j + 1], fetch)
+                nxt = self._move(indices[j + 1], fetch, skips_moved)
             if cur.event is not None:
                 main = torch.cuda.current_stream(self.device)
                 main.wait_event(cur.event)
                 for t in _tensors(cur):
-                    t.record_stream(main)
+                    if t.device == self.device:  # skips left on the host were not copied
+                        t.record_stream(main)
             yield i, cur
 
 

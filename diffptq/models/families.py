@@ -4,7 +4,8 @@ A family describes one kind of denoiser so that no other code hard-codes module 
 - `pixart`: PixArtAlphaPipeline, denoiser `transformer`, blocks `transformer.transformer_blocks[i]`.
 - `sd`: StableDiffusionPipeline, denoiser `unet`, blocks `unet.down_blocks[i]`, `unet.mid_block`, `unet.up_blocks[i]`.
 The forward is split into `prologue -> run_block(k) for each block -> epilogue`, which together compute exactly what
-`denoiser(**inputs).sample` computes (a test checks it). Between blocks the state is `(h, skips)`: `h` the main
+`denoiser(**inputs).sample` computes (a test checks it); `units()` splits the blocks further for the sequential
+driver (diffptq.models.units), with the same result. Between blocks the state is `(h, skips)`: `h` the main
 hidden tensor, `skips` the UNet's skip tensors that later up blocks consume (empty for PixArt). Everything else a
 block needs (timestep embedding, text states, masks) lives in a context dict computed once by the prologue from the
 float model; embedders, patch/conv_in and the final projections stay in float and are never quantized.
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+
+from diffptq.models.units import Unit, unet_block_units
 
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -42,6 +46,19 @@ class ModelFamily:
         if denoiser.mid_block is not None:
             units.append(("mid_block", denoiser.mid_block))
         units += [(f"up_blocks.{i}", b) for i, b in enumerate(denoiser.up_blocks)]
+        return units
+
+    def units(self, denoiser: nn.Module, fine: bool = True) -> list[Unit]:
+        """The sequential driver's units in forward order: one per block, or (`fine`) the UNet's blocks split into
+        their ResNets, transformer blocks and resamplers where diffptq.models.units knows the block type. PixArt's
+        transformer blocks are single units either way."""
+        units: list[Unit] = []
+        for k, (name, block) in enumerate(self.blocks(denoiser)):
+            parts = unet_block_units(denoiser, k, name, block) if (fine and self.name == "sd") else None
+            if parts is None:
+                reads = len(block.resnets) if (self.name == "sd" and name.startswith("up_blocks.")) else 0
+                parts = [Unit(name, block, k, partial(self.run_block, denoiser, k), reads)]
+            units += parts
         return units
 
     def quantizable_layers(self, block: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
@@ -83,10 +100,11 @@ class ModelFamily:
         """Everything after the last block: the denoiser's output tensor."""
         return _pixart_epilogue(denoiser, h, ctx) if self.name == "pixart" else _unet_epilogue(denoiser, h)
 
-    def forward_unrolled(self, denoiser: nn.Module, inputs: dict) -> torch.Tensor:
+    def forward_unrolled(self, denoiser: nn.Module, inputs: dict, fine: bool = False) -> torch.Tensor:
+        """prologue, every unit (`units(denoiser, fine)`), epilogue: equals denoiser(**inputs).sample."""
         h, skips, ctx = self.prologue(denoiser, inputs)
-        for k in range(len(self.blocks(denoiser))):
-            h, skips = self.run_block(denoiser, k, h, skips, ctx)
+        for unit in self.units(denoiser, fine):
+            h, skips = unit.run(h, skips, ctx)
         return self.epilogue(denoiser, h, ctx)
 
 

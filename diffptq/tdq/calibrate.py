@@ -377,7 +377,7 @@ class TdqConfig:
         return SequentialConfig(method=self.weight_method, weight=QuantSpec(self.wbits, group_size=self.group_size),
                                 act=self.act_spec(), damp=self.damp, act_order=self.act_order, blocks=self.blocks,
                                 holdout_every=self.holdout_every, act_factory=act_factory,
-                                before_record=before_record)
+                                before_record=before_record, granularity="block")  # refinement targets whole blocks
 
 
 @dataclass

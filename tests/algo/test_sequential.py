@@ -44,8 +44,9 @@ def test_each_selected_block_quantized_once_and_caches_stay_on_storage(name, mon
     monkeypatch.setattr(sq, "propagate", spy)
     res = sq.run()
     n_blocks = len(fam.blocks(den))
-    assert res.block_quant_calls == {k: 1 for k in range(n_blocks)}
-    assert [k for k, _, _, _ in seen] == list(range(n_blocks))
+    assert res.quant_calls == {u.name: 1 for u in fam.units(den)}
+    assert [k for k, _, _, _ in seen] == list(range(len(fam.units(den))))
+    assert set(res.block_stats) == set(range(n_blocks))
     # GPTQ needs the float stream only on the held-out records (for rel_out_err)
     assert all(n == len(calib) and kept == set(sq.held) and devs == {"cpu"} for _, n, kept, devs in seen)
     # every quantizable layer of every block was quantized and reported exactly once
@@ -83,7 +84,8 @@ def test_nan_in_calibration_names_layer_and_block():
 
 def _reference_codes(den, fam, calib, cfg):
     """The procedure the driver must reproduce, written the plain way: one layer at a time in forward order, each
-    from full passes of both streams over the training records, nothing shared, stopped early or prefetched."""
+    from full passes of both streams over the training records, nothing shared, stopped early or prefetched; unit
+    after unit of the configured granularity (the units' own forward is checked in tests/models)."""
     layers = SequentialQuantizer(den, fam, calib, cfg, "cpu", progress=False).swap()
     held = set(calib.holdout_indices(cfg.holdout_every))
     train = [i for i in range(len(calib)) if i not in held]
@@ -95,15 +97,17 @@ def _reference_codes(den, fam, calib, cfg):
         q.append((h, skips))
         ctxs.append(ctx)
 
+    units = fam.units(den, fine=cfg.granularity == "unit")
+
     def run(k, state, ctx, quant):
         if quant:
             set_quant_enabled(den, weights=True, acts=True)
             try:
-                return fam.run_block(den, k, *state, ctx)
+                return units[k].run(*state, ctx)
             finally:
                 set_quant_enabled(den, weights=False, acts=False)
         with float_mode(den):
-            return fam.run_block(den, k, *state, ctx)
+            return units[k].run(*state, ctx)
 
     def first_input(layer, k, state, ctx, quant):
         """The layer's input as its matmul sees it (after its activation quantizer in quantized mode)."""
@@ -115,8 +119,8 @@ def _reference_codes(den, fam, calib, cfg):
             handle.remove()
         return got[0]
 
-    for k, (prefix, _) in enumerate(fam.blocks(den)):
-        block = {n: m for n, m in layers.items() if n.startswith(prefix + ".")}
+    for k, unit in enumerate(units):
+        block = {n: m for n, m in layers.items() if n.startswith(unit.name + ".")}
         for m in block.values():
             m.act_quant.start_calibration()
         for i in train:
@@ -143,15 +147,16 @@ def _reference_codes(den, fam, calib, cfg):
     return {n: m.weight_codes for n, m in layers.items()}
 
 
-@pytest.mark.parametrize("name", ["tiny-dit", "tiny-unet"])
+@pytest.mark.parametrize("name,granularity", [("tiny-dit", "unit"), ("tiny-unet", "unit"), ("tiny-unet", "block")])
 @pytest.mark.parametrize("method", ["gptq", "qronos"])
 @torch.no_grad()
-def test_waves_give_the_same_weights_as_one_layer_at_a_time(name, method):
+def test_waves_give_the_same_weights_as_one_layer_at_a_time(name, granularity, method):
     pipe = load_pipeline(name)
     fam = family_of(pipe)
     calib = collect_calibration(pipe, PROMPTS, 2, batch_size=2, progress=False)
     base = copy.deepcopy(fam.denoiser(pipe))
-    cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(8, symmetric=False), holdout_every=3)
+    cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(8, symmetric=False), holdout_every=3,
+                           granularity=granularity)
     res = SequentialQuantizer(fam.denoiser(pipe), fam, calib, cfg, "cpu", progress=False).run()
     ref = _reference_codes(base, fam, calib, cfg)
     assert set(ref) == set(res.quant_layers)
@@ -197,3 +202,65 @@ def test_on_block_stops_cleanly_and_drop_float_weights():
     assert all(not m.is_quantized and not m.act_quant.enabled for m in rest.values())
     with torch.no_grad():  # the model still runs: later blocks float
         den(**next(calib.batches("cpu")), return_dict=False)
+
+
+def test_unit_state_moves_only_the_skips_the_unit_reads(monkeypatch):
+    _, fam, den, calib = _setup("tiny-unet", steps=1, prompts=PROMPTS[:1])
+    sq = _quantizer(den, fam, calib, method="rtn")
+    monkeypatch.setattr(sq, "_to_dev", lambda t: t.clone())  # a "move" makes a new tensor
+    state = (torch.zeros(1), [torch.zeros(1) for _ in range(3)])
+    for k, unit in enumerate(sq.units):
+        h, skips = sq._state_to_dev(k, state)
+        assert h is not state[0]
+        kept = [s is o for s, o in zip(skips, state[1])]
+        assert kept == [True] * (3 - unit.skips_read) + [False] * unit.skips_read, unit.name
+    assert any(u.skips_read for u in sq.units) and any(not u.skips_read for u in sq.units)
+
+
+def test_unit_granularity_re_runs_fewer_layers_on_the_unet():
+    """Each wave re-runs its unit from the unit's cached input: on the UNet, whose blocks hold several ResNets and
+    transformer blocks, the layers run in all passes drop; the same layers are quantized either way."""
+    calls, layers = {}, {}
+    for granularity in ("block", "unit"):
+        _, fam, den, calib = _setup("tiny-unet", steps=2, prompts=PROMPTS[:2])
+        sq = _quantizer(den, fam, calib, method="gptq", granularity=granularity)
+        count = [0]
+
+        def tick(module, args, count=count):
+            count[0] += 1
+        handles = [m.register_forward_pre_hook(tick) for m in sq.swap().values()]  # run() keeps these layers
+        res = sq.run()
+        for h in handles:
+            h.remove()
+        calls[granularity], layers[granularity] = count[0], set(res.quant_layers)
+        assert set(res.block_stats) == set(range(len(fam.blocks(den))))
+        assert sum(s["units"] for s in res.block_stats.values()) == len(sq.units)
+    assert layers["unit"] == layers["block"]
+    assert calls["unit"] < 0.7 * calls["block"], calls
+
+
+def test_granularity_is_checked():
+    with pytest.raises(ValueError, match="granularity must be one of unit, block"):
+        SequentialConfig(granularity="layer")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("granularity", ["unit", "block"])
+def test_pinned_host_caches_give_the_codes_of_device_caches(granularity):
+    """Caches in pinned host memory (prefetched, skips a unit does not read left on the host) vs on the GPU."""
+    pipe = load_pipeline("tiny-unet")
+    fam = family_of(pipe)
+    calib = collect_calibration(pipe, PROMPTS, 2, batch_size=2, progress=False)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    codes, h2d = {}, {}
+    for storage in ("cpu", "cuda"):
+        den = copy.deepcopy(fam.denoiser(pipe)).to(dev)
+        cfg = SequentialConfig(method="qronos", weight=QuantSpec(4), act=QuantSpec(8, symmetric=False),
+                               holdout_every=3, granularity=granularity)
+        res = SequentialQuantizer(den, fam, calib, cfg, dev, storage=storage, progress=False).run()
+        codes[storage] = {n: m.weight_codes.cpu() for n, m in res.quant_layers.items()}
+        h2d[storage] = sum(s["h2d_bytes"] for s in res.block_stats.values())
+    assert h2d["cpu"] > 0 == h2d["cuda"]
+    assert codes["cpu"].keys() == codes["cuda"].keys()
+    for n in codes["cpu"]:
+        assert torch.equal(codes["cpu"][n], codes["cuda"][n]), n

@@ -27,9 +27,9 @@ def _poison_move(t):
     return new
 
 
-def _spy_moves(monkeypatch, blocks):
-    """Block indices in the order the driver moves them, with the poisoning stand-in as the move."""
-    index = {id(m): k for k, (_, m) in enumerate(blocks)}
+def _spy_moves(monkeypatch, units):
+    """Unit indices in the order the driver moves them, with the poisoning stand-in as the move."""
+    index = {id(u.module): k for k, u in enumerate(units)}
     moved = []
     real = seq.move_module_tensors
 
@@ -71,14 +71,15 @@ def test_offload_done_gives_the_same_model_bit_for_bit(name, method, drop, monke
     den = fam.denoiser(pipe)
     ref = copy.deepcopy(den)
     ref_res = _run(ref, fam, calib, method=method, drop_float_weights=drop)
-    blocks = fam.blocks(den)
-    moved = _spy_moves(monkeypatch, blocks)
+    units = fam.units(den)
+    moved = _spy_moves(monkeypatch, units)
     seen = []
     res = _run(den, fam, calib, lambda k, sq: seen.append(list(moved)), method=method, drop_float_weights=drop,
                offload_done=True)
-    n = len(blocks)
-    assert seen == [list(range(k + 1)) for k in range(n)]  # each block leaves once done, before on_block
-    assert moved == [*range(n), *range(n)]  # and every one comes back before run() returns
+    n, u = len(fam.blocks(den)), len(units)
+    # each unit leaves once done, all of a block's before on_block sees it
+    assert seen == [[j for j in range(u) if units[j].block <= k] for k in range(n)]
+    assert moved == [*range(u), *range(u)]  # and every one comes back before run() returns
     assert all(res.block_stats[k]["offload_bytes"] > 0 for k in range(n))
     _assert_same_model(den, ref, calib, res, ref_res)
     if drop:  # the dequantized weight is still the parameter's memory, not a second copy
@@ -92,12 +93,14 @@ def test_offload_done_leaves_unselected_blocks_and_undoes_an_early_stop(monkeypa
     den = fam.denoiser(pipe)
     ref = copy.deepcopy(den)
     ref_res = _run(ref, fam, calib, lambda k, sq: k == 2, method="gptq", blocks=[0, 2, 4])
-    moved = _spy_moves(monkeypatch, fam.blocks(den))
+    units = fam.units(den)
+    moved = _spy_moves(monkeypatch, units)
     seen = []
     res = _run(den, fam, calib, lambda k, sq: seen.append(list(moved)) or k == 2, method="gptq", blocks=[0, 2, 4],
                offload_done=True)
     # block 1 (not selected, propagated) stays; block 4 is never reached; 0 and 2 come back after the stop
-    assert seen == [[0], [0], [0, 2]] and moved == [0, 2, 0, 2] and res.stopped_after == 2
+    of = {k: [j for j, unit in enumerate(units) if unit.block == k] for k in (0, 2)}
+    assert seen == [of[0], of[0], of[0] + of[2]] and moved == 2 * (of[0] + of[2]) and res.stopped_after == 2
     assert res.block_stats[1]["offload_bytes"] == 0
     _assert_same_model(den, ref, calib, res, ref_res)
 
@@ -107,7 +110,7 @@ def test_offload_done_moves_blocks_back_when_the_run_raises(monkeypatch):
     fam = family_of(pipe)
     calib = collect_calibration(pipe, PROMPTS[:2], 2, batch_size=2, progress=False)
     den = fam.denoiser(pipe)
-    moved = _spy_moves(monkeypatch, fam.blocks(den))
+    moved = _spy_moves(monkeypatch, fam.units(den))
 
     def fail(k, sq):
         raise RuntimeError("stop")

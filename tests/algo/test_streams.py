@@ -116,3 +116,19 @@ def test_prefetched_tensors_equal_the_cached_ones_and_round_trip_through_the_poo
             assert torch.equal(h, eh * 2 + 1) and torch.equal(sk[0], esk[0])
         cache["states"] = new
     assert pf.h2d_bytes > 0
+
+
+def test_prefetcher_moves_only_the_skips_a_unit_reads():
+    g = torch.Generator().manual_seed(0)
+    h, skips = torch.randn(2, 3, generator=g), [torch.randn(4, generator=g) for _ in range(3)]
+    ctx = {"emb": torch.randn(5, generator=g)}
+    pf = Prefetcher(torch.device("meta"))  # stands in for the compute device: a move makes a new (meta) tensor
+    for read in (0, 1, None):
+        pf.h2d_bytes = 0
+        (_, loaded), = list(pf([0], lambda i: ({"q": (h, skips)}, ctx), read))
+        h_dev, moved = loaded.states["q"]
+        first = 0 if read is None else len(skips) - read
+        assert h_dev.is_meta and loaded.ctx["emb"].is_meta
+        assert [s.is_meta for s in moved] == [j >= first for j in range(len(skips))]
+        assert all(m is s for m, s in zip(moved[:first], skips))  # left alone: the very host tensors
+        assert pf.h2d_bytes == 4 * (h.numel() + ctx["emb"].numel() + sum(s.numel() for s in skips[first:]))

@@ -22,8 +22,9 @@ def test_tiny_models_load_through_the_entry_point(name, family, cls):
     assert layers and all(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for _, m in layers)
 
 
-@pytest.mark.parametrize("name", ["tiny-dit", "tiny-unet"])
-def test_unrolled_forward_equals_the_denoiser(name):
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-unet", "bundled-unet"])
+@pytest.mark.parametrize("fine", [False, True])
+def test_unrolled_forward_equals_the_denoiser(name, fine):
     pipe = load_pipeline(name)
     fam = family_of(pipe)
     den = fam.denoiser(pipe)
@@ -38,7 +39,7 @@ def test_unrolled_forward_equals_the_denoiser(name):
               else {"sample": lat, "encoder_hidden_states": ehs, "timestep": t})
     with torch.no_grad():
         ref = den(**inputs, return_dict=False)[0]
-        out = fam.forward_unrolled(den, inputs)
+        out = fam.forward_unrolled(den, inputs, fine=fine)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
