@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffptq.quant.fused import fused_fake_quant
+
 SCALE_METHODS = ("minmax", "mse")
 MIN_SCALE = 1e-10  # floor for all-zero rows: keeps x / scale finite, codes of 0 stay exactly 0
 
@@ -175,9 +177,14 @@ def fake_quant(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tenso
 
     Gradient: straight-through (identity) for x where qmin <= x/scale + zero <= qmax, 0 where clamped; scale gets
     the LSQ gradient (q − zero − x/scale inside, q − zero outside), so a scale predictor can be trained.
+    When no gradient is needed, CUDA tensors take one fused Triton kernel (``diffptq.quant.fused``), same values.
     """
     s = expand_params(scale, x.shape[-1]).float()
     z = expand_params(zero, x.shape[-1]).float()
+    if not torch.is_grad_enabled() or not (x.requires_grad or s.requires_grad):
+        xq = fused_fake_quant(x, s, z, spec.qmin, spec.qmax)  # one kernel on CUDA; None where it does not apply
+        if xq is not None:
+            return xq
     return _FakeQuant.apply(x.float(), s, z, spec.qmin, spec.qmax).to(x.dtype)
 
 
