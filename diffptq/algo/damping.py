@@ -125,20 +125,32 @@ class DampedFactor:
     error: str = ""
 
 
-def _inverse_cholesky_upper(A: Tensor) -> Tensor | None:
+def _inverse_cholesky_upper(A: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Upper U with A⁻¹ = UᵀU: (U, None). A not positive definite: (None, None), A untouched. A factored but A⁻¹'s
+    factorization failed: (None, A⁻¹). A's memory is released once its factor exists (A.set_()), so at most two
+    (in, in) matrices are alive at a time."""
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
-        return None
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        return None, None
+    A.set_()
+    inv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(inv, upper=True)
     if int(info) != 0 or not bool(torch.isfinite(U).all()):
-        return None
-    return U
+        return None, inv
+    return U, None
 
 
-def damped_inverse_cholesky(H: Tensor, damping: Damping, live: Tensor | None = None) -> DampedFactor:
+def damped_inverse_cholesky(H: Tensor, damping: Damping, live: Tensor | None = None,
+                            overwrite: bool = False) -> DampedFactor:
     """Upper Cholesky factor U of (H + δI)⁻¹ (so (H + δI)⁻¹ = UᵀU), retrying with larger δ on failure.
 
     H: (in, in) float32, symmetric, dead columns already set to 1. live: (in,) bool, columns that were not dead.
+    overwrite: H is damped in place and its memory released once factored (it becomes an empty tensor, or holds a
+    damped H if every try fails): no (in, in) copy of H, for the largest layers (a 23040-wide UNet conv: 2.1 GB
+    each). Without it one working copy is made. Either way δ is added to the diagonal exactly (H + δI); in the rare
+    retry after (H + δI)⁻¹ failed to factor, an overwritten H is rebuilt from that inverse (off-diagonal entries to
+    rounding), a copied one from H.
     """
     mean_diag = float(torch.diagonal(H).mean())
     if not bool(torch.isfinite(H).all()):
@@ -149,14 +161,26 @@ def damped_inverse_cholesky(H: Tensor, damping: Damping, live: Tensor | None = N
     delta = initial_delta(H, damping, live)
     if not (math.isfinite(delta) and delta > 0):
         delta = damping.value * mean_diag
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    diag = torch.diagonal(H).clone()
+    A = H if overwrite else H.clone()
     for attempt in range(damping.max_retries + 1):
-        U = _inverse_cholesky_upper(H + delta * eye)
+        torch.diagonal(A).copy_(diag + delta)  # exactly H + δI
+        U, inv = _inverse_cholesky_upper(A)
         rel = delta / mean_diag
         if U is not None:
             if attempt:
                 log.info("Cholesky succeeded after %d retries with damp %.3g (delta %.3g)", attempt, rel, delta)
             return DampedFactor(U, delta, rel, attempt)
+        if inv is not None:  # A was released: rebuild it for the next try
+            if overwrite:
+                rebuilt = torch.linalg.inv(inv)
+                del inv
+                H.set_((rebuilt + rebuilt.T) / 2)  # the caller's H holds it until it is factored
+                del rebuilt
+                A = H
+            else:
+                del inv
+                A = H.clone()
         if attempt < damping.max_retries:
             delta *= damping.factor
     msg = f"Cholesky of H + delta*I failed {damping.max_retries + 1} times (last delta {delta:.3g}, damp {rel:.3g})"

@@ -20,8 +20,9 @@ from diffptq.quant.quantizer import QuantSpec, dequantize, expand_params, fit_we
 
 log = logging.getLogger(__name__)
 
-# (v, w_target, H, G, delta, U, s_cols, z_cols, codes, spec) -> None: quantizes column 0 of v in place and updates
-# the later columns (Qronos "correct the past, shape the future"); all tensors already act-order permuted.
+# (v, g, h0, delta, U, s_cols, z_cols, codes, spec) -> None: quantizes column 0 of v in place and updates the later
+# columns (Qronos "correct the past, shape the future"); g = W·Gᵀ (out, in), h0 = row 0 of H (in,); all tensors
+# already act-order permuted.
 FirstColumn = Callable[..., None]
 
 
@@ -35,12 +36,16 @@ def _fallback(W: Tensor, spec: QuantSpec, method: str, reason: str, delta: float
 
 def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
                      act_order: bool = False, block_size: int = 128, G: Tensor | None = None,
-                     first_column: FirstColumn | None = None, method: str = "gptq") -> QuantResult:
+                     first_column: FirstColumn | None = None, method: str = "gptq",
+                     consume: bool = False) -> QuantResult:
     """The shared engine: dead columns, static group scales, act-order, damping, then the column sweep.
 
     W: (out, in) or a conv weight (out, C, kh, kw) (flattened to (out, C·kh·kw)); H, G: (in, in).
-    With `first_column` (Qronos), column 0 (after act-order) is quantized by it, using G, and the GPTQ sweep
+    With `first_column` (Qronos), column 0 (after act-order) is quantized by it, using g = W·Gᵀ, and the GPTQ sweep
     continues from column 1 with the same factor U (U[1:, 1:] factors the rank-one-downdated inverse).
+    consume: H and G (float32, on W's device) are the caller's to give up: H is worked on in place and both are
+    released as soon as they are no longer needed (they become empty tensors), so at most two (in, in) float32
+    matrices are alive at once instead of four or more.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -52,11 +57,15 @@ def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | 
         if tuple(H.shape) != (cols, cols) or (G is not None and tuple(G.shape) != (cols, cols)):
             raise ValueError(f"H/G must be ({cols}, {cols}) for a weight with {cols} input columns, got "
                              f"{tuple(H.shape)}" + ("" if G is None else f" and {tuple(G.shape)}"))
-        H = H.detach().to(dev, torch.float32).clone()
-        G = None if G is None else G.detach().to(dev, torch.float32)
+        owned = consume and H.device == dev and H.dtype == torch.float32  # the caller's very tensor is released
+        H = H if owned else H.detach().to(dev, torch.float32, copy=True)  # worked on in place from here on
         if not bool(torch.isfinite(H).all()) or (G is not None and not bool(torch.isfinite(G).all())):
             return _fallback(W, spec, method, "non-finite H or G", float("nan"), float("nan"), 0)
-        w_target = v.clone()  # the float weights the target X·w uses (Qronos)
+        g = None
+        if G is not None:  # the only use of G: the float target's correlations g[r] = G w_r (Qronos)
+            g = v @ G.detach().to(dev, torch.float32).T
+            if consume:
+                G.set_()
         dead = torch.diagonal(H) == 0
         H[dead, dead] = 1.0
         v[:, dead] = 0.0
@@ -64,16 +73,19 @@ def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | 
         s_cols, z_cols = expand_params(scale, cols).expand(out, cols), expand_params(zero, cols).expand(out, cols)
         perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
         if perm is not None:
-            v, w_target, s_cols, z_cols = v[:, perm], w_target[:, perm], s_cols[:, perm], z_cols[:, perm]
-            H = H[perm][:, perm]
-            G = None if G is None else G[perm][:, perm]
-        fac = damped_inverse_cholesky(H, damping, live=~dead if perm is None else ~dead[perm])
+            v, s_cols, z_cols = v[:, perm], s_cols[:, perm], z_cols[:, perm]
+            g = None if g is None else g[:, perm]
+            unpermuted, H = H, H[perm][:, perm]
+            unpermuted.set_()
+        h0 = H[0].clone()  # undamped row 0 (after act-order): all of H that Qronos's first column reads
+        fac = damped_inverse_cholesky(H, damping, live=~dead if perm is None else ~dead[perm], overwrite=True)
+        del H
         if fac.U is None:
             return _fallback(W, spec, method, fac.error, fac.delta, fac.damp_rel, fac.retries)
         codes = torch.zeros_like(v)
         start = 0
         if first_column is not None and cols > 0:
-            first_column(v, w_target, H, G, fac.delta, fac.U, s_cols, z_cols, codes, spec)
+            first_column(v, g, h0, fac.delta, fac.U, s_cols, z_cols, codes, spec)
             start = 1
         gptq_sweep(v, fac.U, s_cols, z_cols, codes, spec, block_size, start)
         if perm is not None:
@@ -84,9 +96,9 @@ def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | 
 
 
 def gptq_quantize_ex(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
-                     act_order: bool = False, block_size: int = 128) -> QuantResult:
+                     act_order: bool = False, block_size: int = 128, consume: bool = False) -> QuantResult:
     """GPTQ with the full record (codes, scale, zero, damping used, RTN fallback). See hessian_quantize."""
-    return hessian_quantize(W, H, spec, damp, act_order, block_size, method="gptq")
+    return hessian_quantize(W, H, spec, damp, act_order, block_size, method="gptq", consume=consume)
 
 
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,

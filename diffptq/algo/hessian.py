@@ -104,6 +104,16 @@ class GramAccumulator:
             self._g.addmm_(rq.T, rf)
         self.n += rq.shape[0]
 
+    def finish(self) -> tuple[Tensor, Tensor | None]:
+        """(H, G) (G None unless `cross`), divided by n in place: no copies; the accumulator is empty after."""
+        if self._h is None:
+            raise RuntimeError("GramAccumulator.finish: no batch was accumulated")
+        n = max(self.n, 1)
+        H, G = self._h.div_(n), (self._g.div_(n) if self._g is not None else None)
+        self._h = self._g = None
+        self.n = 0
+        return H, G
+
     @property
     def H(self) -> Tensor:
         """X̃ᵀX̃ / n, (in, in) float32."""

@@ -16,28 +16,29 @@ from diffptq.algo.rtn import QuantResult
 from diffptq.quant.quantizer import QuantSpec, round_to_grid
 
 
-def qronos_first_column(v: Tensor, w_target: Tensor, H: Tensor, G: Tensor, delta: float, U: Tensor,
-                        s_cols: Tensor, z_cols: Tensor, codes: Tensor, spec: QuantSpec) -> None:
+def qronos_first_column(v: Tensor, g: Tensor, h0: Tensor, delta: float, U: Tensor, s_cols: Tensor, z_cols: Tensor,
+                        codes: Tensor, spec: QuantSpec) -> None:
     """Quantize column 0 of v (out, in) in place and re-solve columns 1.. (QRONOS.md steps 1–2).
 
-    w_target: (out, in) float weights of the target; H: (in, in) undamped (dead columns set to 1); G: (in, in);
-    U: upper Cholesky factor of (H + δI)⁻¹; s_cols, z_cols: per-column grid (out, in); codes: (out, in) float out.
+    g: (out, in), g[r] = G w_r = ⟨X̃_j, X w_r⟩ / n for the float weights w_r of the target; h0: (in,) row 0 of H,
+    undamped (dead columns set to 1; H is symmetric, so also its column 0); U: upper Cholesky factor of
+    (H + δI)⁻¹; s_cols, z_cols: per-column grid (out, in); codes: (out, in) float out.
     """
-    g = w_target @ G.T  # g[r] = G w_r: ⟨X̃_j, X w_r⟩ / n
-    num0 = g[:, 0] + delta * v[:, 0] - v[:, 1:] @ H[0, 1:]
-    q, q0 = round_to_grid(num0 / (H[0, 0] + delta), s_cols[:, 0], z_cols[:, 0], spec.qmin, spec.qmax)
+    num0 = g[:, 0] + delta * v[:, 0] - v[:, 1:] @ h0[1:]
+    q, q0 = round_to_grid(num0 / (h0[0] + delta), s_cols[:, 0], z_cols[:, 0], spec.qmin, spec.qmax)
     codes[:, 0] = q
-    rhs = g[:, 1:] + delta * v[:, 1:] - q0[:, None] * H[1:, 0][None, :]
+    rhs = g[:, 1:] + delta * v[:, 1:] - q0[:, None] * h0[1:][None, :]
     U11 = U[1:, 1:]
     v[:, 1:] = (rhs @ U11.T) @ U11  # rows of rhs times (H_11 + δI)⁻¹ = U11ᵀ U11
     v[:, 0] = q0
 
 
 def qronos_quantize_ex(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
-                       act_order: bool = False, block_size: int = 128) -> QuantResult:
-    """Qronos with the full record (codes, scale, zero, damping used, RTN fallback)."""
+                       act_order: bool = False, block_size: int = 128, consume: bool = False) -> QuantResult:
+    """Qronos with the full record (codes, scale, zero, damping used, RTN fallback). consume: see hessian_quantize.
+    """
     return hessian_quantize(W, H, spec, damp, act_order, block_size, G=G, first_column=qronos_first_column,
-                            method="qronos")
+                            method="qronos", consume=consume)
 
 
 def qronos_quantize(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,

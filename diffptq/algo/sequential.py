@@ -621,21 +621,27 @@ class SequentialQuantizer:
                     raise NonFiniteActivationError(
                         f"NaN/Inf in the input of layer {n} (block {self.units[k].block}) during calibration: check "
                         "the model weights and the calibration data (dtype overflow? try --dtype fp32 or bf16)")
-        stats = {n: (a.H, a.G if cross else None) for n, a in acc.items()}
+        stats = {n: a.finish() for n, a in acc.items()}  # in place: no copies of the (in, in) matrices
         acc.clear()
-        for name in names:
-            self._solve(k, name, layers[name], *stats[leader[name]])
+        last_use = {leader[n]: n for n in names}
+        for name in names:  # the last layer of a shared H/G gives them up: at most two (in, in) matrices alive
+            own = last_use[leader[name]] == name
+            H, G = stats.pop(leader[name]) if own else stats[leader[name]]
+            self._solve(k, name, layers[name], H, G, consume=own)
+            del H, G
 
-    def _solve(self, k: int, name: str, layer: QuantLayer, H: Tensor | None, G: Tensor | None) -> None:
+    def _solve(self, k: int, name: str, layer: QuantLayer, H: Tensor | None, G: Tensor | None,
+               consume: bool = False) -> None:
+        """Quantize one layer; with `consume` its H and G are released by the solver (no other layer reads them)."""
         cfg = self.cfg
         W = layer.weight_matrix()
         with self.timer("solve"):
             if cfg.method == "rtn":
                 res = rtn_quantize_ex(W, cfg.weight)
             elif cfg.method == "gptq":
-                res = gptq_quantize_ex(W, H, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size)
+                res = gptq_quantize_ex(W, H, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size, consume)
             else:
-                res = qronos_quantize_ex(W, H, G, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size)
+                res = qronos_quantize_ex(W, H, G, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size, consume)
         layer.set_quantized_weight(res.codes, res.scale, res.zero)
         self._report(k, name, res)
 

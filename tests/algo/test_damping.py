@@ -126,3 +126,17 @@ def test_fp32_matmul_restores_precision():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(prev)
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.5])  # -1.5: indefinite H, the first tries fail and δ grows
+def test_overwrite_gives_the_factor_of_a_copy_and_releases_h(shift):
+    H = _spectrum_H(torch.linspace(0.5, 3, 16)) + shift * torch.eye(16)
+    kept = H.clone()
+    ref = damped_inverse_cholesky(H, as_damping(0.01))
+    torch.testing.assert_close(H, kept, rtol=0, atol=0)  # without overwrite H is left as it was
+    own = damped_inverse_cholesky(H, as_damping(0.01), overwrite=True)
+    assert H.numel() == 0  # its memory went as soon as its factor existed
+    assert own.retries == ref.retries and own.delta == ref.delta and (shift == 0) == (ref.retries == 0)
+    assert torch.equal(own.U, ref.U)
+    A = kept + ref.delta * torch.eye(16)  # δ added to the diagonal: exactly H + δI
+    torch.testing.assert_close(ref.U.T @ ref.U, torch.linalg.inv(A.double()).float(), rtol=1e-4, atol=1e-5)

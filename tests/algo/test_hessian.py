@@ -104,3 +104,19 @@ def test_half_inputs_on_tensor_cores_are_exact_products(dtype):
     X, Xq = x.reshape(-1, 96).double(), xq.reshape(-1, 96).double()
     torch.testing.assert_close(acc.H.double(), Xq.T @ Xq / 2048, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(acc.G.double(), Xq.T @ X / 2048, rtol=1e-5, atol=1e-6)
+
+
+def test_finish_returns_h_and_g_in_place_and_empties_the_accumulator():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(50, 12, generator=g)
+    Xq = X + 0.1 * torch.randn(50, 12, generator=g)
+    acc = GramAccumulator(cross=True, chunk_rows=16)
+    acc.update(Xq, X)
+    H_prop, G_prop = acc.H, acc.G
+    raw = acc._h.data_ptr()
+    H, G = acc.finish()
+    assert H.data_ptr() == raw  # divided in place, no copy
+    assert torch.equal(H, H_prop) and torch.equal(G, G_prop)
+    torch.testing.assert_close(H.double(), Xq.double().T @ Xq.double() / 50, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="no batch"):
+        acc.finish()

@@ -69,3 +69,25 @@ def test_qronos_uses_g():
     assert not torch.equal(qronos_quantize(W, H, G, spec), qronos_quantize(W, H, H, spec))
     with pytest.raises(ValueError, match="H/G"):
         qronos_quantize(W, H, G[:5, :5], spec)
+
+
+@pytest.mark.parametrize("method", ["gptq", "qronos"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_consume_gives_the_same_result_and_releases_h_and_g(method, act_order):
+    x, xq = correlated_streams(3, d=48)
+    W = torch.randn(40, 48, generator=torch.Generator().manual_seed(7))
+    H, G = gram_from_inputs(xq, x)
+    H[5, :] = H[:, 5] = 0.0  # a dead column
+    kept = (H.clone(), G.clone())
+    spec = QuantSpec(4)
+
+    def solve(consume):
+        if method == "gptq":
+            return gptq_quantize_ex(W, H, spec, act_order=act_order, consume=consume)
+        return qronos_quantize_ex(W, H, G, spec, act_order=act_order, consume=consume)
+    ref = solve(False)
+    assert torch.equal(H, kept[0]) and torch.equal(G, kept[1])  # the caller's matrices are untouched
+    own = solve(True)
+    assert H.numel() == 0 and (G.numel() == 0) == (method == "qronos")  # given up: memory released
+    assert torch.equal(own.codes, ref.codes) and torch.equal(own.weight, ref.weight)
+    assert own.delta == ref.delta
