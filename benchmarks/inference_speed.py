@@ -2,11 +2,12 @@
 
 Full-size random-weight PixArt-XL-2-512 and SD 1.5 UNet (diffptq.models.fullsize), 512 px, batches 16, 1 and 4.
 Rows: FP16 eager, BF16 + torch.compile, fake-quant W4A8 (int8 per-token activations, eager), the W4A8 speed path
-(FP8 GEMMs, eager and compiled; also with static per-tensor activation scales), the W4 memory path (packed int4,
-eager and compiled), torchao FP8 dynamic row-wise + compile as the peer. Weights: RTN W4 of every block layer (per
-channel for W4A8 and fake-quant; groups of 128, or 64 where 128 does not divide, for the memory path). Also: model
-size on disk and in memory, a profiler breakdown of W4A8 steps, and the quality of the exact W4A8 numerics on
-bundled-dit (tiny-dit when its weights are absent; prompt_acc too with the bundled evaluator).
+(FP8 GEMMs, eager and compiled; also with static per-tensor activation scales; for PixArt at the headline batch also
+compiled with the Triton per-token quantization kernel, and with inductor's coordinate-descent tuning), the W4
+memory path (packed int4, eager and compiled), torchao FP8 dynamic row-wise + compile as the peer. Weights: RTN W4
+of every block layer (per channel for W4A8 and fake-quant; groups of 128, or 64 where 128 does not divide, for the
+memory path). Also: model size on disk and in memory, a profiler breakdown of W4A8 steps, and the quality of the
+exact W4A8 numerics on bundled-dit (tiny-dit when its weights are absent; prompt_acc too with the bundled evaluator).
 
 Scheduling: every (variant, batch) is measured in its own try block (a failure is recorded, the run goes on) and
 the JSON is rewritten after every row. `--budget_s` bounds the run (counted from process start when run as a
@@ -22,6 +23,7 @@ On the CPU (`--device cpu`, smoke tests) the real modules run their reference ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import gc
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+import torch._inductor.config as inductor_config
 from safetensors.torch import save_file
 from torch import nn
 
@@ -44,6 +47,7 @@ from diffptq.data.prompts import load_prompts
 from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
 from diffptq.io.checkpoint import save_quantized
 from diffptq.kernels import InferenceConfig, Int4WeightOnly, convert_for_inference, fp8_support, set_profile_scopes
+from diffptq.kernels.fp8_quant_triton import triton_available
 from diffptq.kernels.profiling import CATEGORIES, breakdown, kernel_records
 from diffptq.models import BUNDLED_MODELS, family_of, load_pipeline
 from diffptq.models.families import FAMILIES
@@ -62,7 +66,10 @@ class Variant:
     label: str
     dtype: torch.dtype
     compiled: bool
-    build: str  # float | fake | w4a8 | w4 | torchao
+    build: str  # float | fake | w4a8 | w4a8s | w4 | torchao
+    act_kernel: str = "torch"  # W4A8: per-token quantization as torch ops or the Triton kernel
+    inductor: tuple = ()  # (name, value) torch._inductor.config settings for this variant's compilation
+    headline_only: bool = False  # measured in the first pass only (the headline batch of compiled rows)
 
 
 VARIANTS = {v.key: v for v in (
@@ -71,15 +78,20 @@ VARIANTS = {v.key: v for v in (
     Variant("fake", "fake-quant W4A8 (int8 per token), eager FP16", torch.float16, False, "fake"),
     Variant("w4a8", "W4A8 speed path, eager", torch.bfloat16, False, "w4a8"),
     Variant("w4a8_compile", "W4A8 speed path + compile", torch.bfloat16, True, "w4a8"),
+    Variant("w4a8_compile_triton", "W4A8 speed path + compile, Triton activation quantization", torch.bfloat16, True,
+            "w4a8", act_kernel="triton", headline_only=True),
+    Variant("w4a8_compile_cdt", "W4A8 speed path + compile, coordinate-descent tuning", torch.bfloat16, True, "w4a8",
+            inductor=(("coordinate_descent_tuning", True),), headline_only=True),
     Variant("w4", "W4 memory path, eager FP16", torch.float16, False, "w4"),
     Variant("w4_compile", "W4 memory path + compile (BF16)", torch.bfloat16, True, "w4"),
     Variant("torchao_compile", "torchao FP8 dynamic row-wise + compile", torch.bfloat16, True, "torchao"),
     Variant("w4a8s_compile", "W4A8 speed path, static per-tensor activations + compile", torch.bfloat16, True,
             "w4a8s"),
 )}
-# measurement priority: the cheap eager rows, then the compilations the goals need first
-ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8_compile", "torchao_compile", "w4_compile",
-                    "w4a8s_compile"),
+# measurement priority: the cheap eager rows, then the compilations the goals need first (the PixArt W4A8 variants
+# of the speed goal at its batch right after their baseline)
+ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8_compile", "w4a8_compile_triton",
+                    "w4a8_compile_cdt", "torchao_compile", "w4_compile", "w4a8s_compile"),
          "sd": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4_compile", "w4a8_compile", "torchao_compile",
                 "w4a8s_compile")}
 QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
@@ -198,7 +210,7 @@ class FamilyRun:
             else:
                 self.record_checkpoint(den, kind)
                 mode = "static" if v.build == "w4a8s" else self.args.act_mode
-                cfg = InferenceConfig(act_mode=mode, others=self.args.others,
+                cfg = InferenceConfig(act_mode=mode, others=self.args.others, act_kernel=v.act_kernel,
                                       force=(torch.device(self.dev).type == "cpu"))
                 conv = convert_for_inference(den, "w4" if v.build == "w4" else "w4a8", self.dev, cfg)
                 self.result.setdefault("conversion", {})[v.build] = {"path": conv.path, "reason": conv.reason,
@@ -302,7 +314,6 @@ def profile_step(step) -> dict:
 def run_pass(run: FamilyRun, batches_of, deadline: float, save) -> None:
     """Measure the selected variants of one family at `batches_of(variant)` until `deadline` (time.monotonic())."""
     res, args = run.result, run.args
-    top = max(int(b) for b in args.batches.split(","))
     for key in [k for k in ORDER[run.name] if k in args.variants.split(",")]:
         v, batches = VARIANTS[key], batches_of(VARIANTS[key])
         if not batches:
@@ -311,37 +322,50 @@ def run_pass(run: FamilyRun, batches_of, deadline: float, save) -> None:
         if skip:
             res["rows"] += [{"variant": key, "label": v.label, "batch": b, "skipped": skip} for b in batches]
             continue
-        try:
-            den = run.build(v)
-        except Exception as err:  # noqa: BLE001 - any failure of one variant is recorded, the run goes on
-            res["rows"] += [{"variant": key, "label": v.label, "batch": b, "error": _err(err)} for b in batches]
-            _free()
-            save()
+        with inductor_settings(v):  # inductor reads them when each batch compiles, at its first call
+            measure_variant(run, v, batches, deadline, save)
+        _free()  # also resets dynamo: the next variant compiles afresh
+
+
+def inductor_settings(v: Variant) -> contextlib.AbstractContextManager:
+    """The variant's torch._inductor.config settings while it is built and measured, restored after."""
+    return inductor_config.patch(dict(v.inductor)) if v.inductor else contextlib.nullcontext()
+
+
+def measure_variant(run: FamilyRun, v: Variant, batches: list[int], deadline: float, save) -> None:
+    """Build one variant and record its rows at `batches` (errors and skips recorded as rows)."""
+    res, args = run.result, run.args
+    top = max(int(b) for b in args.batches.split(","))
+    try:
+        den = run.build(v)
+    except Exception as err:  # noqa: BLE001 - any failure of one variant is recorded, the run goes on
+        res["rows"] += [{"variant": v.key, "label": v.label, "batch": b, "error": _err(err)} for b in batches]
+        save()
+        return
+    for batch in batches:
+        if deadline - time.monotonic() < (run.compile_est if v.compiled else 5.0):
+            res["rows"].append({"variant": v.key, "label": v.label, "batch": batch, "skipped": "time budget"})
             continue
-        for batch in batches:
-            if deadline - time.monotonic() < (run.compile_est if v.compiled else 5.0):
-                res["rows"].append({"variant": key, "label": v.label, "batch": batch, "skipped": "time budget"})
-                continue
-            try:
-                row = run.measure(v, den, batch, profile=(batch == top and key in args.profile.split(",")))
-                if v.compiled:
-                    run.compile_est = max(run.compile_est, row["first_call_s"])
-            except Exception as err:  # noqa: BLE001
-                row = {"variant": key, "label": v.label, "batch": batch, "error": _err(err)}
-            res["rows"].append(row)
-            save()
-        del den
-        _free()
+        try:
+            row = run.measure(v, den, batch, profile=(batch == top and v.key in args.profile.split(",")))
+            if v.compiled:
+                run.compile_est = max(run.compile_est, row["first_call_s"])
+        except Exception as err:  # noqa: BLE001
+            row = {"variant": v.key, "label": v.label, "batch": batch, "error": _err(err)}
+        res["rows"].append(row)
+        save()
+    del den
 
 
 def run_all(families: list[str], args, tmp: Path, results: dict, save, start: float) -> None:
     """Passes over the families: first every variant, eager ones at all batches and compiled ones at the leading
     `--first_pass` batches; then one pass per remaining batch for the compiled variants (each compiled batch costs a
-    compilation). The first family may use half of the first pass's time, the first pass 90% of the budget."""
+    compilation; `headline_only` variants take no later pass). The first family may use half of the first pass's
+    time, the first pass 90% of the budget."""
     batches = [int(b) for b in args.batches.split(",")]
     first, later = batches[:args.first_pass], batches[args.first_pass:]
     passes = [(lambda v: first if v.compiled else batches, 0.9)]
-    passes += [(lambda v, b=b: [b] if v.compiled else [], 1.0) for b in later]
+    passes += [(lambda v, b=b: [b] if v.compiled and not v.headline_only else [], 1.0) for b in later]
     runs: dict[str, FamilyRun] = {}
     for batches_of, share in passes:
         for i, name in enumerate(families):
@@ -367,6 +391,8 @@ def _skip_reason(v: Variant, args, deadline: float, compile_est: float) -> str |
             return "torchao not installed"
     if v.build in ("w4a8", "w4a8s") and torch.device(args.device).type == "cuda" and not fp8_support(args.device)[0]:
         return f"no FP8 GEMM: {fp8_support(args.device)[1]}"
+    if v.act_kernel == "triton" and not triton_available():
+        return "Triton does not import"
     if deadline - time.monotonic() < (2 * compile_est if v.compiled else 15.0):
         return "time budget"
     return None
@@ -505,6 +531,9 @@ def goals(res: dict) -> list[str]:
     lat = "latency_ms"
     add("PixArt W4A8 + compile vs BF16 + compile, batch 16 (speed-up)", _value(p, "bf16_compile", 16, lat),
         _value(p, "w4a8_compile", 16, lat), 1.15)
+    for key in ("w4a8_compile_triton", "w4a8_compile_cdt"):  # the same goal, other activation quantization / tuning
+        add(f"PixArt {VARIANTS[key].label} vs BF16 + compile, batch 16 (speed-up)", _value(p, "bf16_compile", 16, lat),
+            _value(p, key, 16, lat), 1.15)
     add("PixArt W4A8 + compile vs FP16 eager, batch 16 (speed-up)", _value(p, "fp16", 16, lat),
         _value(p, "w4a8_compile", 16, lat), 1.4)
     for key in ("w4a8s_compile", "torchao_compile"):  # for comparison: static scales, and the peer
@@ -663,7 +692,8 @@ def main() -> None:
     p.add_argument("--compile_scope", default="auto", choices=["auto", "blocks", "full"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--profile", default="w4a8,w4a8_compile,bf16_compile", help="variants profiled at the top batch")
+    p.add_argument("--profile", default="w4a8,w4a8_compile,w4a8_compile_triton,bf16_compile",
+                   help="variants profiled at the top batch")
     p.add_argument("--budget_s", type=float, default=480.0, help="stop starting new measurements after this")
     p.add_argument("--quality_model", default=None, help="default: bundled-dit, tiny-dit when absent")
     p.add_argument("--quality_prompts", type=int, default=4)

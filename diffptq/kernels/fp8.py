@@ -1,7 +1,7 @@
 """FP8 (e4m3) numerics of the W4A8 speed path: activation scales, quantization, the scaled GEMM and its reference.
 
 One definition serves the CUDA kernel and the CPU reference:
-  activations x (M, K) get one fp32 scale per row, s_a (M, 1) = amax / 448 ("token": amax over the row; "tensor":
+  activations x (M, K) get one fp32 scale per row, s_a (M, 1) = amax · (1/448) ("token": amax over the row; "tensor":
     over the whole tensor; a static scale is given), and x8 = e4m3(clamp(x / s_a, -448, 448)), rounded to nearest
     even. Relative error of a normal e4m3 value ≤ 2^-4 (3 mantissa bits); below 2^-6 (subnormal) the absolute
     error ≤ 2^-10 in units of s_a.
@@ -21,6 +21,9 @@ E4M3_MAX = 448.0
 E4M3_EXACT_INT = 16  # every integer in [-16, 16] is exactly representable in e4m3
 ACT_MODES = ("token", "tensor", "static")
 _AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale: x / s_a stays 0, never nan
+# scales multiply by the fp32-rounded 1 / 448: what CUDA's division by a scalar computes, written out so that the
+# CPU, CUDA, inductor and the Triton kernel (fp8_quant_triton) all round the scale alike
+E4M3_INV_MAX = 1.0 / E4M3_MAX
 
 
 def fp8_support(device: str | torch.device | None = None) -> tuple[bool, str]:
@@ -51,7 +54,7 @@ def act_scale(x2d: Tensor, mode: str) -> Tensor:
         amax = amax.expand(x2d.shape[0], 1).contiguous()
     else:
         raise ValueError(f"dynamic activation scale mode must be 'token' or 'tensor', got {mode!r}")
-    return amax.clamp_min(_AMAX_FLOOR) / E4M3_MAX
+    return amax.clamp_min(_AMAX_FLOOR) * E4M3_INV_MAX
 
 
 def quantize_e4m3(x2d: Tensor, scale: Tensor) -> Tensor:

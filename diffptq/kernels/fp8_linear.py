@@ -6,6 +6,9 @@ weight side is bit-for-bit the fake-quant W4 weight: s_w · (q − z). Activatio
 scale (the GEMM's `scale_a`): per token (dynamic), per tensor (dynamic), or "static", derived from the layer's
 calibrated integer activation quantizer (static or time-conditioned): scale = the grid's largest magnitude / 448.
 e4m3 activations are not the integer A8 grid of the fake-quant model: the benchmark reports their quality.
+Per-token quantization runs as torch ops (act_kernel "torch") or as one Triton kernel (act_kernel "triton",
+diffptq.kernels.fp8_quant_triton: what the torch ops compute eagerly, bit for bit, in one pass over x; inductor's
+fusion of the torch ops divides approximately, so compiled "torch" may differ from both in rare codes).
 Memory: 1 byte per weight (the memory path is Int4WeightOnlyLinear).
 """
 from __future__ import annotations
@@ -15,10 +18,12 @@ from torch import Tensor, nn
 
 from diffptq.kernels.common import KeepDtypeBuffers, frozen_parameter, profile_scope
 from diffptq.kernels.fp8 import ACT_MODES, E4M3_MAX, act_scale, codes_to_e4m3, fp8_scaled_mm, quantize_e4m3
+from diffptq.kernels.fp8_quant_triton import fp8_quant_rows, triton_available
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer
 from diffptq.quant.layers import QuantLinear
 
 GEMM_ALIGN = 16  # torch._scaled_mm needs K and N divisible by 16
+ACT_KERNELS = ("torch", "triton")
 
 
 def fp8_unsupported_reason(layer: nn.Module) -> str | None:
@@ -44,13 +49,17 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
     act_mode: "token" | "tensor" | "static" (static needs `act_quant`: a calibrated per-tensor quantizer whose
       params() give the integer grid's scale and zero). use_fast_accum: the FP8 tensor cores' fast accumulation.
     backend: "auto" (torch._scaled_mm on CUDA, the fp32 reference elsewhere), "kernel" or "reference".
+    act_kernel: "torch" (torch ops; under torch.compile inductor fuses them with the producer of x) or "triton" (one
+      kernel computing the same values: used for act_mode "token" on CUDA inputs when Triton imports, the torch ops
+      elsewhere; static and per-tensor scales always take the torch ops, pointwise ops inductor fuses anyway).
     The GEMM outputs bf16 (row-wise scaling supports no other output on every sm_89+ build), cast to x's dtype.
     """
 
     _keep_dtype = ("weight_fp8", "weight_scale")
 
     def __init__(self, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None = None, act_mode: str = "token",
-                 act_quant: ActQuantizer | None = None, use_fast_accum: bool = True, backend: str = "auto"):
+                 act_quant: ActQuantizer | None = None, use_fast_accum: bool = True, backend: str = "auto",
+                 act_kernel: str = "torch"):
         super().__init__()
         out_features, in_features = weight_fp8.shape
         if in_features % GEMM_ALIGN or out_features % GEMM_ALIGN:
@@ -60,6 +69,8 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
             raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
         if act_mode == "static" and (act_quant is None or isinstance(act_quant, DynamicActQuantizer)):
             raise ValueError("act_mode 'static' needs a calibrated static or time-conditioned activation quantizer")
+        if act_kernel not in ACT_KERNELS:
+            raise ValueError(f"act_kernel must be one of {ACT_KERNELS}, got {act_kernel!r}")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_fp8", weight_fp8.contiguous())
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(1, out_features).contiguous())
@@ -68,18 +79,20 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
         self.act_quant = act_quant if act_mode == "static" else None
         self.use_fast_accum = use_fast_accum
         self.backend = backend
+        self.act_kernel = act_kernel
         self.out_dtype = torch.bfloat16
 
     @classmethod
     @torch.no_grad()
     def from_quant_linear(cls, layer: QuantLinear, act_mode: str = "token", use_fast_accum: bool = True,
-                          backend: str = "auto") -> Fp8W4A8Linear:
+                          backend: str = "auto", act_kernel: str = "torch") -> Fp8W4A8Linear:
         """Convert a quantized per-channel QuantLinear (codes, never re-quantizing the float weight)."""
         reason = fp8_unsupported_reason(layer)
         if reason is not None:
             raise ValueError(f"cannot build an Fp8W4A8Linear: {reason}")
         w8 = codes_to_e4m3(layer.weight_codes, layer.weight_zero)
-        return cls(w8, layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend)
+        return cls(w8, layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend,
+                   act_kernel)
 
     def dequantized_weight(self) -> Tensor:
         """The weight the GEMM multiplies by, s_w · (q − z), float32 (out, in): equal to the fake-quant weight."""
@@ -99,8 +112,11 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         with profile_scope("diffptq::fp8_quant_act"):
-            scale_a = self.activation_scale(x, x2d)
-            x8 = quantize_e4m3(x2d, scale_a)
+            if self.act_kernel == "triton" and self.act_mode == "token" and x2d.is_cuda and triton_available():
+                x8, scale_a = fp8_quant_rows(x2d)
+            else:
+                scale_a = self.activation_scale(x, x2d)
+                x8 = quantize_e4m3(x2d, scale_a)
         with profile_scope("diffptq::fp8_gemm"):
             y = fp8_scaled_mm(x8, scale_a, self.weight_fp8, self.weight_scale, self.bias, self.out_dtype,
                               self.use_fast_accum, self.backend)
@@ -108,4 +124,5 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"act_mode={self.act_mode}, fast_accum={self.use_fast_accum}, backend={self.backend}")
+                f"act_mode={self.act_mode}, fast_accum={self.use_fast_accum}, backend={self.backend}, "
+                f"act_kernel={self.act_kernel}")

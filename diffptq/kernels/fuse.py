@@ -33,10 +33,10 @@ def concat_layers(layers: list[nn.Module]) -> nn.Module | None:
     bias = _cat_bias(layers)
     if isinstance(first, Fp8W4A8Linear):
         if any(m.act_mode != "token" or m.use_fast_accum != first.use_fast_accum or m.backend != first.backend
-               for m in layers):
+               or m.act_kernel != first.act_kernel for m in layers):
             return None  # different static / per-tensor scales would change the numerics
         return Fp8W4A8Linear(torch.cat([m.weight_fp8 for m in layers]), torch.cat([m.weight_scale for m in layers], 1),
-                             bias, "token", None, first.use_fast_accum, first.backend)
+                             bias, "token", None, first.use_fast_accum, first.backend, first.act_kernel)
     if isinstance(first, Int4WeightOnlyLinear):
         if any(m.signed != first.signed or m.scale.shape[1] != first.scale.shape[1]
                or m.scale.dtype != first.scale.dtype or (m.zero is None) != (first.zero is None) for m in layers):

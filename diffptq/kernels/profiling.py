@@ -1,8 +1,9 @@
 """GPU time of one profiled step split into GEMMs, convolutions, attention, quantize/dequantize and the rest.
 
 Each device kernel is attributed, in this order, by: the innermost `diffptq::…` profiler range around its launch
-(the inference modules open them in eager mode, see common.set_profile_scopes), the aten operator that launched it
-(aten::_scaled_mm / mm / addmm -> gemm, convolution -> conv, scaled_dot_product_* -> attention), and finally its
+(the inference modules open them in eager mode, see common.set_profile_scopes; the custom op
+diffptq::fp8_quant_rows records its own, compiled too), the aten operator that launched it (aten::_scaled_mm / mm /
+addmm -> gemm, convolution -> conv, scaled_dot_product_* -> attention), and finally its
 kernel name (cuBLAS / CUTLASS -> gemm, flash / fmha -> attention, and inductor's fused Triton kernels: those
 computing an amax or clamp (activation quantization, fused with the op before it) or bit shifts (int4 unpacking) ->
 quant/dequant). What matches nothing is "other" (norms, element-wise ops, copies).
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 CATEGORIES = ("gemm", "conv", "attention", "quant/dequant", "other")
 _SCOPES = {"diffptq::fp8_gemm": "gemm", "diffptq::fp8_quant_act": "quant/dequant",
-           "diffptq::int4_dequant": "quant/dequant"}
+           "diffptq::int4_dequant": "quant/dequant", "diffptq::fp8_quant_rows": "quant/dequant"}
 _OPS = (
     (("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm",
       "aten::_weight_int4pack_mm"), "gemm"),

@@ -23,7 +23,7 @@ from torch import nn
 
 from diffptq.kernels.common import replace_module
 from diffptq.kernels.fp8 import fp8_support
-from diffptq.kernels.fp8_linear import Fp8W4A8Linear, fp8_unsupported_reason
+from diffptq.kernels.fp8_linear import ACT_KERNELS, Fp8W4A8Linear, fp8_unsupported_reason
 from diffptq.kernels.fuse import fuse_attention_projections
 from diffptq.kernels.int4_weight_only import Int4WeightOnly, int4_module_from_layer, int4_unsupported_reason
 from diffptq.quant.act import DynamicActQuantizer
@@ -44,6 +44,8 @@ class InferenceConfig:
     others (w4a8): what layers that cannot take the FP8 GEMM become: "dequant" | "w4" | "fake".
     scale_dtype (w4): group scales' dtype, float16 (default) or float32; None: fp16 unless out of fp16's range.
     use_fast_accum (w4a8): FP8 tensor-core fast accumulation. fuse_qkv: one GEMM for q/k/v (k/v in cross-attention).
+    act_kernel (w4a8): per-token activation quantization as torch ops ("torch") or one Triton kernel ("triton", same
+      values; CUDA only, torch ops elsewhere). See Fp8W4A8Linear.
     force: use the real modules even where the device does not support them (the FP8 GEMM then runs its reference).
     """
 
@@ -53,12 +55,15 @@ class InferenceConfig:
     use_fast_accum: bool = True
     fuse_qkv: bool = True
     force: bool = False
+    act_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         if self.act_mode not in ("token", "tensor", "static", "auto"):
             raise ValueError(f"InferenceConfig.act_mode must be token|tensor|static|auto, got {self.act_mode!r}")
         if self.others not in OTHERS:
             raise ValueError(f"InferenceConfig.others must be one of {OTHERS}, got {self.others!r}")
+        if self.act_kernel not in ACT_KERNELS:
+            raise ValueError(f"InferenceConfig.act_kernel must be one of {ACT_KERNELS}, got {self.act_kernel!r}")
 
 
 @dataclass
@@ -120,7 +125,7 @@ def _convert_layer(layer: QuantLayer, path: str, cfg: InferenceConfig) -> tuple[
         reason = fp8_unsupported_reason(layer)
         if reason is None:
             mode = _fp8_act_mode(layer, cfg.act_mode)
-            return Fp8W4A8Linear.from_quant_linear(layer, mode, cfg.use_fast_accum), ""
+            return Fp8W4A8Linear.from_quant_linear(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""
         if cfg.others == "dequant":
             return _dense(layer), ""
         if cfg.others == "fake":
@@ -161,7 +166,7 @@ def convert_for_inference(model: nn.Module, path: str = "w4a8", device: str | to
     if cfg.fuse_qkv:
         result.fused_attention = fuse_attention_projections(model)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts().items())) or "no layer converted"
-    act = f", {cfg.act_mode} e4m3 activations" if path == "w4a8" else ", weight-only"
+    act = f", {cfg.act_mode} e4m3 activations ({cfg.act_kernel})" if path == "w4a8" else ", weight-only"
     log.info("convert_for_inference: %s path on %s (%s): %s%s, %d attention projections fused, %d kept fake-quant",
              path, dev, result.reason, counts, act, result.fused_attention, len(result.kept))
     return result

@@ -162,3 +162,27 @@ def test_traces_into_one_graph():
     x = torch.randn(2, 5, 64)
     compiled = torch.compile(fp8, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), fp8(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("act_mode", ["token", "static"])
+def test_compiled_layers_share_one_graph_without_breaks(act_mode):
+    """Under torch.compile each W4A8 layer traces whole (no graph break), and layers of one shape share the graph: a
+    static scale is a buffer input, not a constant guarded per layer (28 PixArt blocks compile twice, not 28 times)."""
+    from torch._dynamo.utils import counters
+
+    def layer(seed):
+        torch.manual_seed(seed)
+        aq = StaticActQuantizer(QuantSpec(8))
+        aq.observe(torch.randn(64) * (seed + 1))
+        aq.finish_calibration()
+        return Fp8W4A8Linear.from_quant_linear(_quant_linear(act=aq), act_mode=act_mode)
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        for seed in range(3):
+            fp8 = layer(seed)
+            assert torch.equal(torch.compile(fp8, backend="eager")(x), fp8(x))
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
