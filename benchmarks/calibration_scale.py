@@ -127,7 +127,7 @@ def summary(args, method: str, meta: dict, sq: SequentialQuantizer, total_s: flo
     return {
         **meta, "granularity": sq.cfg.granularity, "units": len(sq.units),
         "method": method, "partial": partial, "blocks_done": len(sq.block_stats),
-        "blocks_total": len(sq.selected), "quantize_s": total_s, "phases": timings,
+        "blocks_total": len({sq.units[u].block for u in sq.selected}), "quantize_s": total_s, "phases": timings,
         "peak_vram_gib": _gib(max(peaks.values())) if peaks else None,
         "peak_vram_after_blocks_gib": {m: peaks[m - 1] / GiB for m in marks},
         "allocated_after_blocks_gib": {m: _gib(sq.block_stats[m - 1]["allocated_bytes"]) for m in marks},

@@ -52,3 +52,13 @@ def test_tdq_scripts_refuse_rotate_with_the_reason(folder, name, tmp_path, capsy
     assert code == 2 and "Traceback" not in err
     assert "--rotate hadamard: the TDQ scripts do not rotate layer inputs" in err
     assert not (tmp_path / "o").exists()  # refused before the output folder or the model
+
+
+def test_granularity_flag_reaches_the_sequential_config():
+    from diffptq.cli import sequential_config
+
+    parse = _script("qronos_diffusion", "quantize_qronos_4blocks").parse_args
+    assert sequential_config(parse([]), None).granularity == "unit"
+    assert sequential_config(parse(["--granularity", "block"]), [0]).granularity == "block"
+    with pytest.raises(SystemExit):
+        parse(["--granularity", "layer"])
