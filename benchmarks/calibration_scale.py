@@ -7,7 +7,8 @@ blocks?) and VRAM allocated after each block, peak host memory, and the FP16 inf
 --drop_float_weights --offload_done keep only the blocks still to come on the GPU (finished ones wait on --storage
 and come back at the end; the peak of that move back is recorded too). One JSON per method goes to --out,
 rewritten after every block ("partial": true until the method ends), so a run stopped by --max_seconds or killed
-still leaves numbers; merge them into markdown with --report.
+still leaves numbers; merge them into markdown with --report. --granularity unit (default) quantizes the UNet's
+ResNets / transformer blocks / resamplers one after the other; block re-runs whole blocks per wave (for comparison).
 
   python benchmarks/calibration_scale.py --family pixart --methods rtn,gptq,qronos --out results/calib_scale
   # VRAM flat in the number of blocks: finished blocks wait in host memory until the end

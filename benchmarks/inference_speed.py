@@ -97,7 +97,10 @@ ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8_compile"
 QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
                   "fake_int8_token": "fake-quant W4A8: int8 per-token activations",
                   "w4_only": "W4 weights only", "fp8_token": "W4A8 speed path: e4m3 per-token activations (timed)",
-                  "fp8_tensor": "W4A8 speed path: e4m3 per-tensor activations"}
+                  "fp8_tensor": "W4A8 speed path: e4m3 per-tensor activations",
+                  "fake_int8_static": "fake-quant W4A8: int8 static per-tensor activations (calibrated)",
+                  "fp8_static": "W4A8 speed path: e4m3 static per-tensor activations from that int8 grid (timed "
+                                "as 'static per-tensor')"}
 TITLES = {"pixart": "PixArt-XL-2-512 (PixArtTransformer2DModel)", "sd": "SD 1.5 UNet (UNet2DConditionModel)"}
 
 
@@ -417,11 +420,25 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def quality_pipelines(pipe, fam, dev: str) -> tuple[dict, dict]:
-    """({numerics: (pipeline, dtype)}, {act mode: GEMM used}) for the FP, BF16, fake-quant, W4-only and W4A8 rows."""
+def calibrate_static_on(den: nn.Module, records: list, dev: str) -> None:
+    """Fit the static int8 activation ranges of `den`'s quant layers on recorded denoiser inputs."""
+    quantizers = [layer.act_quant for _, layer in quant_layers(den)]
+    for aq in quantizers:
+        aq.start_calibration()
+    with torch.no_grad():
+        for r in records:
+            den(**move_inputs(r.inputs, dev, torch.float32))
+    for aq in quantizers:
+        aq.finish_calibration()
+
+
+def quality_pipelines(pipe, fam, dev: str, calib_records: list) -> tuple[dict, dict]:
+    """({numerics: (pipeline, dtype)}, {act mode: GEMM used}) for the FP, BF16, fake-quant, W4-only and W4A8 rows;
+    the static rows' int8 ranges are fitted on `calib_records`."""
     q = copy.deepcopy(pipe)
     den = fam.denoiser(q)
-    install_codes(den, rtn_codes(den, block_layers(fam, den), grouped=False), A8)
+    codes = rtn_codes(den, block_layers(fam, den), grouped=False)
+    install_codes(den, codes, A8)
     w4 = copy.deepcopy(q)
     set_quant_enabled(fam.denoiser(w4), acts=False)
     pipes = {"fp32": (pipe, torch.float32), "bf16": (copy.deepcopy(pipe).to(dtype=torch.bfloat16), torch.bfloat16),
@@ -433,6 +450,14 @@ def quality_pipelines(pipe, fam, dev: str) -> tuple[dict, dict]:
         conv = convert_for_inference(fam.denoiser(speed), "w4a8", dev, cfg)
         kernels[mode] = "fp32 reference" if "forced" in conv.reason else "torch._scaled_mm"
         pipes[f"fp8_{mode}"] = (speed.to(dtype=torch.bfloat16), torch.bfloat16)
+    static = copy.deepcopy(pipe)
+    install_codes(fam.denoiser(static), codes, A8, "static")
+    calibrate_static_on(fam.denoiser(static), calib_records, dev)
+    pipes["fake_int8_static"] = (static, torch.float32)
+    speed = copy.deepcopy(static)
+    conv = convert_for_inference(fam.denoiser(speed), "w4a8", dev, InferenceConfig(act_mode="static", force=True))
+    kernels["static"] = "fp32 reference" if "forced" in conv.reason else "torch._scaled_mm"
+    pipes["fp8_static"] = (speed.to(dtype=torch.bfloat16), torch.bfloat16)
     return pipes, kernels
 
 
@@ -452,8 +477,9 @@ def quality(args) -> dict:
     calib = collect_calibration(pipe, load_prompts(n=args.quality_prompts), args.quality_steps,
                                 batch_size=args.quality_prompts, progress=False, **kwargs)
     records = list(calib.records)[-args.quality_records:]
+    fit = list(calib.records)[:-args.quality_records] or records  # static ranges from records not evaluated
     channels = fam.denoiser(pipe).config.in_channels  # the noise prediction (PixArt also predicts a variance)
-    pipes, kernels = quality_pipelines(pipe, fam, dev)
+    pipes, kernels = quality_pipelines(pipe, fam, dev, fit)
     outs = {}
     with torch.no_grad():
         for key, (p, dtype) in pipes.items():

@@ -24,7 +24,9 @@ results (layer reports, block_stats, on_block) are reported per block. Below, "b
       what the one-group-at-a-time order gives it. Qronos's first float pass runs the whole block and keeps its
       output: the float stream of the next block does not depend on anything quantized. In quantized passes each
       layer input is fake-quantized once, in a pre-hook (q/k/v with equal quantizers share it; the accumulation
-      reads it): the same tensors as the layers' own quantizers give, computed fewer times.
+      reads it): the same tensors as the layers' own quantizers give, computed fewer times. The last layer that
+      reads an H/G hands it to the solver (consume), which works on it in place: per solve at most two (in, in)
+      float32 matrices are alive (the widest SD 1.5 conv: 23040 inputs, 1.98 GiB each).
 3. Propagate: the quantized stream through the block (quantization on), and the float stream where it is still
    needed (Qronos: every record; GPTQ/RTN: only the held-out records, for rel_out_err = ‖X̃Ŵᵀ − XWᵀ‖/‖XWᵀ‖).
 4. With offload_done, the finished block's weights move to `storage` (they are not needed until the run ends: later
