@@ -39,6 +39,9 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     assert conv["w4a8s"]["fused_attention"] == 0  # static scales differ per layer: q/k/v stay apart
     quality = {r["numerics"]: r for r in res["quality"]["rows"]}
     assert quality["fp8_token"]["psnr_vs_fp_db"] > 30 and quality["fake_int8_token"]["psnr_vs_fake_db"] == float("inf")
+    # the static numerics the w4a8s row times: e4m3 with the scale of the calibrated int8 grid, close to that grid
+    assert res["quality"]["kernel"]["static"] == "fp32 reference"
+    assert quality["fp8_static"]["psnr_vs_fp_db"] > 25 and quality["fake_int8_static"]["psnr_vs_fp_db"] > 25
     text = report.read_text()
     assert "Card: CPU (smoke run)" in text and "## Goals" in text and "W4A8 speed path" in text
 
