@@ -37,9 +37,9 @@ def test_driver_accumulates_h_and_g_on_rotated_inputs_and_keeps_groups(tiny_dit,
     for rotate in (False, True):
         seen = grams[rotate] = {}
 
-        def spy(self, k, name, layer, H, G, seen=seen):
-            seen[name] = (H, G)
-            return solve(self, k, name, layer, H, G)
+        def spy(self, k, name, layer, H, G, consume=False, seen=seen):
+            seen[name] = (H.clone(), None if G is None else G.clone())  # the solver may consume (empty) them
+            return solve(self, k, name, layer, H, G, consume)
         monkeypatch.setattr(SequentialQuantizer, "_solve", spy)
         _, _, drv = _driver(tiny_dit, rotate)
         drv.run()
