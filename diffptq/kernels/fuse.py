@@ -1,8 +1,9 @@
 """Fused attention projections for the inference modules: one GEMM for q, k, v (self-attention) or k, v (cross).
 
 Per-channel weights concatenated along the output dimension compute exactly what the separate layers compute:
-each output row keeps its codes and scale. For Fp8W4A8Linear with per-token activation scales the three layers
-quantize the same input identically, so fusing also shares one activation quantization instead of three.
+each output row keeps its codes and scale. For Fp8W4A8Linear with per-token activation scales, or static ones of
+equal scale and zero, the three layers quantize the same input identically, so fusing also shares one activation
+quantization instead of three.
 The diffusers Attention module then runs FusedAttnProcessor2_0, which calls `to_qkv` / `to_kv`.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from diffptq.kernels.fp8_linear import Fp8W4A8Linear
 from diffptq.kernels.int4_weight_only import Int4WeightOnlyLinear
+from diffptq.quant.act import StaticActQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,18 @@ def _cat_bias(layers: list[nn.Module]) -> torch.Tensor | None:
     return torch.cat([m.bias.detach() if m.bias is not None else ref.new_zeros(m.out_features) for m in layers])
 
 
+def _same_static_scales(layers: list[Fp8W4A8Linear]) -> bool:
+    """All layers use static scales from calibrated per-tensor quantizers with one grid and equal scale and zero
+    (e.g. q/k/v calibrated on their one shared input): one quantization of x serves them all."""
+    quantizers = [m.act_quant for m in layers]
+    if any(m.act_mode != "static" or type(q) is not StaticActQuantizer or not q.calibrated for m, q in
+           zip(layers, quantizers)):
+        return False
+    q0 = quantizers[0]
+    return all(q.spec == q0.spec and torch.equal(q.scale, q0.scale) and torch.equal(q.zero, q0.zero)
+               for q in quantizers[1:])
+
+
 def concat_layers(layers: list[nn.Module]) -> nn.Module | None:
     """One module computing torch.cat([m(x) for m in layers], -1), or None when they cannot be fused."""
     first = layers[0]
@@ -32,11 +46,14 @@ def concat_layers(layers: list[nn.Module]) -> nn.Module | None:
         return None
     bias = _cat_bias(layers)
     if isinstance(first, Fp8W4A8Linear):
-        if any(m.act_mode != "token" or m.use_fast_accum != first.use_fast_accum or m.backend != first.backend
+        if any(m.use_fast_accum != first.use_fast_accum or m.backend != first.backend
                or m.act_kernel != first.act_kernel for m in layers):
-            return None  # different static / per-tensor scales would change the numerics
+            return None
+        if not (all(m.act_mode == "token" for m in layers) or _same_static_scales(layers)):
+            return None  # different (or per-tensor dynamic) scales would change the numerics
         return Fp8W4A8Linear(torch.cat([m.weight_fp8 for m in layers]), torch.cat([m.weight_scale for m in layers], 1),
-                             bias, "token", None, first.use_fast_accum, first.backend, first.act_kernel)
+                             bias, first.act_mode, first.act_quant, first.use_fast_accum, first.backend,
+                             first.act_kernel)
     if isinstance(first, Int4WeightOnlyLinear):
         if any(m.signed != first.signed or m.scale.shape[1] != first.scale.shape[1]
                or m.scale.dtype != first.scale.dtype or (m.zero is None) != (first.zero is None) for m in layers):

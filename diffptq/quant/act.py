@@ -42,7 +42,9 @@ class StaticActQuantizer(ActQuantizer):
 
     Calibrate: `start_calibration()`, run batches (forward observes and returns x unchanged), `finish_calibration()`;
     or call `observe(x)` directly. min-max uses the exact running range; "mse" searches clipping ratios on a random
-    sample of at most `max_samples` observed values (each batch's extremes always kept).
+    sample of at most `max_samples` observed values (each batch's extremes always kept), drawn by the quantizer's own
+    generator (reseeded at start_calibration): quantizers that observe the same tensors get the same scale and zero
+    (q/k/v reading one input can then share one fused FP8 GEMM), whatever the global RNG did in between.
     Buffers `scale`, `zero` (shape (1,)) are saved in state dicts; loading them marks the quantizer calibrated.
     """
 
@@ -57,6 +59,7 @@ class StaticActQuantizer(ActQuantizer):
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "calibrated", True))
 
     def _reset_stats(self) -> None:
+        self._gen: torch.Generator | None = None
         self._min: Tensor | None = None
         self._max: Tensor | None = None
         self._samples: list[Tensor] = []
@@ -65,6 +68,11 @@ class StaticActQuantizer(ActQuantizer):
     def start_calibration(self) -> None:
         self._reset_stats()
         self.calibrating = True
+
+    def _generator(self, like: Tensor) -> torch.Generator:
+        if self._gen is None or self._gen.device != like.device:
+            self._gen = torch.Generator(device=like.device).manual_seed(0)
+        return self._gen
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -78,13 +86,14 @@ class StaticActQuantizer(ActQuantizer):
         if self.spec.scale_method == "mse":
             budget = max(self.max_samples // 16, 1)
             if flat.numel() > budget:
-                idx = torch.randint(flat.numel(), (budget,), device=flat.device)
+                idx = torch.randint(flat.numel(), (budget,), device=flat.device, generator=self._generator(flat))
                 flat = torch.cat([flat[idx], lo.reshape(1), hi.reshape(1)])
             self._samples.append(flat)
             self._n_samples += flat.numel()
             if self._n_samples > self.max_samples:  # thin out uniformly, keeping the global extremes
                 allv = torch.cat(self._samples)
-                keep = allv[torch.randint(allv.numel(), (self.max_samples // 2,), device=allv.device)]
+                keep = allv[torch.randint(allv.numel(), (self.max_samples // 2,), device=allv.device,
+                                          generator=self._generator(allv))]
                 self._samples = [keep, self._min.reshape(1), self._max.reshape(1)]
                 self._n_samples = sum(t.numel() for t in self._samples)
 

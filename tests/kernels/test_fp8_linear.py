@@ -186,3 +186,38 @@ def test_compiled_layers_share_one_graph_without_breaks(act_mode):
             assert torch.equal(torch.compile(fp8, backend="eager")(x), fp8(x))
     assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+A8_MSE = QuantSpec(8, symmetric=False, scale_method="mse")
+
+
+def _static_quantizer(batches):
+    aq = StaticActQuantizer(A8_MSE, max_samples=4096)
+    aq.start_calibration()
+    for b in batches:
+        aq.observe(b)
+        torch.rand(7)  # other work drawing from the global RNG in between
+    aq.finish_calibration()
+    return aq
+
+
+def test_static_qkv_with_equal_scales_fuse_into_one_gemm():
+    """q/k/v calibrated on their one input get equal static scales (the MSE sample comes from each quantizer's own
+    generator), so one quantization of x and one GEMM serve all three: outputs equal the separate layers'."""
+    from diffptq.kernels.fuse import concat_layers
+
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 600) * 2 for _ in range(3)]
+    quantizers = [_static_quantizer(batches) for _ in range(3)]
+    assert all(torch.equal(q.scale, quantizers[0].scale) and torch.equal(q.zero, quantizers[0].zero)
+               for q in quantizers)
+    layers = [Fp8W4A8Linear.from_quant_linear(_quant_linear(n_in=64, n_out=16, act=q), act_mode="static")
+              for q in quantizers]
+    fused = concat_layers(layers)
+    assert fused is not None and fused.act_mode == "static" and fused.out_features == 48
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), torch.cat([m(x) for m in layers], -1), rtol=0, atol=0)
+    other = _static_quantizer([b * 3 for b in batches])  # another range: its layer cannot share the quantization
+    layers[2] = Fp8W4A8Linear.from_quant_linear(_quant_linear(n_in=64, n_out=16, act=other), act_mode="static")
+    assert concat_layers(layers) is None
