@@ -118,13 +118,7 @@ def _sweep_triton(W: Tensor, U: Tensor, s_cols: Tensor, z_cols: Tensor, codes: T
 
 
 if triton is not None:
-    @triton.jit
-    def _round_half_even(t):
-        """torch.round's rounding (half to even), exactly, for finite t."""
-        f = tl.floor(t)
-        d = t - f
-        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-        return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    from diffptq.quant.fused import round_half_even  # torch.round's rounding, one definition for both kernels
 
     @triton.jit(do_not_specialize=["n_rows", "i1", "width"])
     def _sweep_block_kernel(W, U, S, Z, Q, E, n_rows, i1, width,
@@ -142,7 +136,7 @@ if triton is not None:
             c = i1 + i
             w = tl.sum(tl.where((cols == i)[None, :], tile, 0.0), axis=1)
             s = tl.load(S + rows * ss_r + c * ss_c, mask=rmask, other=1.0)
-            q = _round_half_even(tl.math.div_rn(w, s))
+            q = round_half_even(tl.math.div_rn(w, s))
             if HAS_ZERO:
                 z = tl.load(Z + rows * sz_r + c * sz_c, mask=rmask, other=0.0)
                 q = tl.minimum(tl.maximum(q + z, qmin), qmax)
