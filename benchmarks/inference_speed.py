@@ -32,6 +32,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,13 +234,7 @@ class FamilyRun:
 
     def calibrate_static(self, den: nn.Module, dtype: torch.dtype) -> None:
         """Fit the static int8 activation ranges on one batch of 2 (what the FP8 static scales derive from)."""
-        quantizers = [layer.act_quant for _, layer in quant_layers(den)]
-        for aq in quantizers:
-            aq.start_calibration()
-        with torch.no_grad():
-            den(**denoiser_inputs(self.name, 2, dtype, self.dev, self.args.latent), return_dict=False)
-        for aq in quantizers:
-            aq.finish_calibration()
+        fit_static_ranges(den, [denoiser_inputs(self.name, 2, dtype, self.dev, self.args.latent)])
 
     def compile(self, den: nn.Module) -> None:
         mode = self.args.compile_mode
@@ -423,14 +418,14 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def calibrate_static_on(den: nn.Module, records: list, dev: str) -> None:
-    """Fit the static int8 activation ranges of `den`'s quant layers on recorded denoiser inputs."""
+def fit_static_ranges(den: nn.Module, batches: Iterable[dict]) -> None:
+    """Fit the static int8 activation ranges of `den`'s quant layers on denoiser keyword-argument batches."""
     quantizers = [layer.act_quant for _, layer in quant_layers(den)]
     for aq in quantizers:
         aq.start_calibration()
     with torch.no_grad():
-        for r in records:
-            den(**move_inputs(r.inputs, dev, torch.float32))
+        for inputs in batches:
+            den(**inputs, return_dict=False)
     for aq in quantizers:
         aq.finish_calibration()
 
@@ -455,7 +450,7 @@ def quality_pipelines(pipe, fam, dev: str, calib_records: list) -> tuple[dict, d
         pipes[f"fp8_{mode}"] = (speed.to(dtype=torch.bfloat16), torch.bfloat16)
     static = copy.deepcopy(pipe)
     install_codes(fam.denoiser(static), codes, A8_STATIC, "static")
-    calibrate_static_on(fam.denoiser(static), calib_records, dev)
+    fit_static_ranges(fam.denoiser(static), (move_inputs(r.inputs, dev, torch.float32) for r in calib_records))
     pipes["fake_int8_static"] = (static, torch.float32)
     speed = copy.deepcopy(static)
     conv = convert_for_inference(fam.denoiser(speed), "w4a8", dev, InferenceConfig(act_mode="static", force=True))

@@ -59,7 +59,7 @@ from diffptq.algo.streams import Loaded, PhaseTimer, PinnedPool, Prefetcher, mov
 from diffptq.data.calib import CalibrationSet, CalibRecord
 from diffptq.errors import DiffptqError
 from diffptq.models.families import ModelFamily
-from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
+from diffptq.quant.act import ActQuantizer, same_quantization
 from diffptq.quant.layers import QuantConfig, QuantLayer, float_mode, set_quant_enabled, swap_modules
 from diffptq.quant.quantizer import QuantSpec
 
@@ -205,12 +205,7 @@ def same_matmul_input(a: QuantLayer, b: QuantLayer) -> bool:
     qa, qb = a.act_quant, b.act_quant
     if qa is None or qb is None:
         return qa is None and qb is None
-    if type(qa) is not type(qb) or qa.spec != qb.spec or qa.channel_dim != qb.channel_dim or qa.enabled != qb.enabled:
-        return False
-    if type(qa) is DynamicActQuantizer:
-        return True
-    return (type(qa) is StaticActQuantizer and qa.calibrated and qb.calibrated and not qa.calibrating
-            and not qb.calibrating and torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero))
+    return qa.enabled == qb.enabled and same_quantization(qa, qb)
 
 
 def set_layers(layers, quant: bool) -> None:
@@ -257,7 +252,8 @@ class SequentialQuantizer:
         if not blocks or blocks[0] < 0 or blocks[-1] >= n:
             raise ValueError(f"blocks {config.blocks} out of range: the model has {n} blocks (0..{n - 1})")
         self.units = family.units(denoiser, fine=config.granularity == "unit")
-        self.selected = [u for u, unit in enumerate(self.units) if unit.block in set(blocks)]  # unit indices
+        chosen = set(blocks)
+        self.selected = [u for u, unit in enumerate(self.units) if unit.block in chosen]  # unit indices
         self.timer = PhaseTimer(self.device)
         self.quant_calls: dict[str, int] = defaultdict(int)
         self.block_peak_vram: dict[int, int] = {}

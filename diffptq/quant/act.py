@@ -133,6 +133,18 @@ class DynamicActQuantizer(ActQuantizer):
         return params_from_range(lo, hi, self.spec)
 
 
+def same_quantization(a: ActQuantizer, b: ActQuantizer) -> bool:
+    """True if a and b (when on) map every input to the same output: one class, grid and channel dim, and either
+    dynamic per token, or static, calibrated (not calibrating), with equal scale and zero. Any other kind (e.g.
+    time-conditioned): False."""
+    if type(a) is not type(b) or a.spec != b.spec or a.channel_dim != b.channel_dim:
+        return False
+    if type(a) is DynamicActQuantizer:
+        return True
+    return (type(a) is StaticActQuantizer and a.calibrated and b.calibrated and not a.calibrating
+            and not b.calibrating and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero))
+
+
 class TimeConditionedActQuantizer(ActQuantizer):
     """Per-tensor scale predicted from a condition (timestep, log-SNR, ...), cached per sampling step.
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffptq.quant.act import DynamicActQuantizer, StaticActQuantizer, TimeConditionedActQuantizer
+from diffptq.quant.act import DynamicActQuantizer, StaticActQuantizer, TimeConditionedActQuantizer, same_quantization
 from diffptq.quant.quantizer import QuantSpec
 
 
@@ -149,3 +149,23 @@ def test_static_mse_sample_is_bounded_and_keeps_the_range():
     q.finish_calibration()
     absmax = max(float(b.abs().max()) for b in batches)
     assert 0.2 * absmax / 127 <= q.scale.item() <= absmax / 127 * (1 + 1e-6)
+
+
+def test_same_quantization_means_equal_outputs():
+    x = torch.randn(3, 40) * 4
+
+    def static(data, spec=None):
+        q = StaticActQuantizer(spec or QuantSpec(8, symmetric=False))
+        q.observe(data)
+        q.finish_calibration()
+        return q
+    a, b, c = static(x), static(x.clone()), static(x * 2)
+    assert same_quantization(a, b) and torch.equal(a(x), b(x))
+    assert not same_quantization(a, c) and not torch.equal(a(x), c(x))
+    assert not same_quantization(a, static(x, QuantSpec(8)))  # another grid
+    assert same_quantization(DynamicActQuantizer(QuantSpec(8)), DynamicActQuantizer(QuantSpec(8)))
+    assert not same_quantization(a, DynamicActQuantizer(QuantSpec(8, symmetric=False)))
+    tdq = TimeConditionedActQuantizer(QuantSpec(8), nn.Linear(1, 1))
+    assert not same_quantization(tdq, tdq)  # its scale depends on the condition it is given
+    fresh = StaticActQuantizer(QuantSpec(8, symmetric=False))
+    assert not same_quantization(fresh, fresh)  # not calibrated
