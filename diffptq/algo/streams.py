@@ -1,8 +1,8 @@
 """Plumbing of the sequential driver: cached block states in pinned host memory, their prefetch onto the compute
 device, finished blocks moved off the compute device and back, and phase timing that does not synchronize the device.
 
-- PinnedPool: page-locked host buffers reused from block to block (allocating pinned memory is slow); a state's
-  buffers are handed back once its record has been read for the last time.
+- PinnedPool: page-locked host buffers reused from block to block (pinning memory is slow); a state's buffers are
+  handed back once its record has been read for the last time, and buffers left unused for a unit are released.
 - Prefetcher: copies record i+1's tensors host→device on a side CUDA stream while record i computes; the compute
   stream waits on an event before using them, and record_stream keeps the allocator from reusing them early.
   Before each copy the side stream waits for the compute stream's earlier work, so a buffer written device→host
@@ -12,6 +12,8 @@ device, finished blocks moved off the compute device and back, and phase timing 
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -23,23 +25,114 @@ from torch import Tensor, nn
 
 
 class PinnedPool:
-    """Free lists of pinned host tensors by (shape, dtype)."""
+    """Page-locked host buffers for cached states, reused across shapes and released when no longer needed.
 
-    def __init__(self) -> None:
-        self._free: dict[tuple, list[Tensor]] = defaultdict(list)
+    Each buffer is a flat byte tensor; take(shape, dtype) returns a view of the smallest free buffer that holds the
+    tensor without wasting more than half of it, else of a new one; give() hands tensors the pool made back (others
+    are ignored); trim() releases the free buffers not taken since the last trim (e.g. after the resolution
+    changed), so free memory does not pile up by shape. Buffers of at least `register_min` bytes are ordinary
+    memory page-locked with cudaHostRegister, page by page: torch's pinned allocator rounds every block up to a
+    power of two (up to 2× the host memory of the caches) and keeps freed blocks. Smaller ones come from torch's
+    pinned allocator (all of them with DIFFPTQ_PINNED=torch). `pinned=False`: ordinary memory throughout.
+    """
+
+    PAGE = 4096
+
+    def __init__(self, pinned: bool = True, register_min: int = 1 << 20) -> None:
+        self.pinned = pinned
+        register = pinned and os.environ.get("DIFFPTQ_PINNED", "register") != "torch" and _can_register()
+        self.register_min = register_min if register else None
+        self._free: list[_Buffer] = []
+        self._live: dict[int, _Buffer] = {}  # data_ptr of a taken view → its buffer
+        self._generation = 0
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(b.nbytes for b in self._free)
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(b.nbytes for b in self._live.values())
 
     def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        free = self._free.get((tuple(shape), dtype))
-        if free:
-            return free.pop()
-        return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
+        shape = tuple(shape)
+        need = math.prod(shape) * _itemsize(dtype)
+        if not need:
+            return torch.empty(shape, dtype=dtype)
+        fits = [b for b in self._free if need <= b.nbytes <= 2 * need]
+        buf = min(fits, key=lambda b: b.nbytes) if fits else self._new(need)
+        if fits:
+            self._free.remove(buf)
+        buf.used = self._generation
+        view = buf.data[:need].view(dtype).view(shape)
+        self._live[view.data_ptr()] = buf
+        return view
 
     def give(self, tensors: Iterable[Tensor]) -> None:
         for t in tensors:
-            self._free[(tuple(t.shape), t.dtype)].append(t)
+            buf = self._live.pop(t.data_ptr(), None) if t.numel() else None
+            if buf is not None:
+                self._free.append(buf)
+
+    def trim(self) -> int:
+        """Release the free buffers not taken since the last trim; returns the bytes released. Synchronizes the
+        device first when it unregisters memory (a copy may still read it)."""
+        old = [b for b in self._free if b.used < self._generation]
+        self._free = [b for b in self._free if b.used == self._generation]
+        self._generation += 1
+        self._release(old)
+        return sum(b.nbytes for b in old)
 
     def clear(self) -> None:
-        self._free.clear()
+        """Release every buffer; views still held elsewhere stay valid (as ordinary memory)."""
+        self._release(self._free + list(self._live.values()))
+        self._free, self._live = [], {}
+
+    def _new(self, nbytes: int) -> "_Buffer":
+        if self.register_min is None or nbytes < self.register_min:
+            return _Buffer(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned), None)
+        # whole pages of a block of our own: no other allocation shares a registered page
+        raw = torch.empty(nbytes + 2 * self.PAGE, dtype=torch.uint8)
+        start = -raw.data_ptr() % self.PAGE
+        size = (nbytes + self.PAGE - 1) // self.PAGE * self.PAGE
+        data = raw[start:start + size]
+        _cuda_check(torch.cuda.cudart().cudaHostRegister(data.data_ptr(), size, 0), "cudaHostRegister")
+        return _Buffer(data, raw)
+
+    @staticmethod
+    def _release(bufs: list["_Buffer"]) -> None:
+        registered = [b for b in bufs if b.raw is not None]
+        if registered:
+            torch.cuda.synchronize()
+            for b in registered:
+                _cuda_check(torch.cuda.cudart().cudaHostUnregister(b.data.data_ptr()), "cudaHostUnregister")
+                b.raw = None
+
+
+@dataclass(eq=False)
+class _Buffer:
+    """A flat byte tensor of the pool; `raw`: the allocation it lies in while its pages are registered."""
+
+    data: Tensor
+    raw: Tensor | None
+    used: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _can_register() -> bool:
+    return torch.cuda.is_available() and hasattr(torch.cuda.cudart(), "cudaHostRegister")
+
+
+def _cuda_check(code, what: str) -> None:
+    if int(code) != 0:
+        raise RuntimeError(f"{what} failed with CUDA error {int(code)}")
 
 
 @dataclass

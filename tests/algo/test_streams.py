@@ -132,3 +132,53 @@ def test_prefetcher_moves_only_the_skips_a_unit_reads():
         assert [s.is_meta for s in moved] == [j >= first for j in range(len(skips))]
         assert all(m is s for m, s in zip(moved[:first], skips))  # left alone: the very host tensors
         assert pf.h2d_bytes == 4 * (h.numel() + ctx["emb"].numel() + sum(s.numel() for s in skips[first:]))
+
+
+def test_pinned_pool_reuses_buffers_across_shapes_within_twice_the_size():
+    pool = PinnedPool(pinned=False)
+    a = pool.take((4, 8), torch.float32)  # 128 bytes
+    assert a.shape == (4, 8) and a.dtype == torch.float32 and a.is_contiguous()
+    a.copy_(torch.arange(32.0).view(4, 8))
+    ptr = a.data_ptr()
+    pool.give([a, torch.zeros(3)])  # a tensor the pool did not make is ignored
+    assert pool.free_bytes == 128 and pool.live_bytes == 0
+    b = pool.take((3, 10), torch.bfloat16)  # 60 bytes: 128 would waste more than half
+    assert b.data_ptr() != ptr and pool.free_bytes == 128
+    pool.take((20,), torch.int16)  # 40 bytes: 2 × 40 < 128, a new buffer
+    pool.take((5, 3), torch.float32)  # 60 bytes: a new buffer too
+    e = pool.take((2, 16), torch.float16)  # 64 bytes ≤ 128 ≤ 128: the first buffer again
+    assert e.data_ptr() == ptr and e.shape == (2, 16) and e.dtype == torch.float16
+    assert pool.free_bytes == 0 and pool.live_bytes == 128 + 60 + 40 + 60
+    e.copy_(torch.full((2, 16), 3.0))
+    assert torch.equal(e, torch.full((2, 16), 3.0, dtype=torch.float16))
+    assert pool.take((0, 5), torch.float32).shape == (0, 5)
+
+
+def test_pinned_pool_trim_releases_free_buffers_untouched_since_the_last_trim():
+    pool = PinnedPool(pinned=False)
+    big, small = pool.take((256,), torch.float32), pool.take((16,), torch.float32)
+    pool.give([big, small])
+    assert pool.trim() == 0  # both were taken since the pool began
+    again = pool.take((200,), torch.float32)  # reuses the 1024-byte buffer: it stays, the 64-byte one goes
+    assert again.data_ptr() == big.data_ptr()
+    pool.give([again])
+    assert pool.trim() == 64 and pool.free_bytes == 1024
+    assert pool.trim() == 1024 and pool.free_bytes == 0  # untouched for a whole generation
+    live = pool.take((8,), torch.float32)
+    pool.clear()
+    assert pool.free_bytes == pool.live_bytes == 0 and live.numel() == 8
+
+
+@cuda
+def test_pinned_pool_registers_large_buffers_and_unregisters_them_on_release():
+    pool = PinnedPool(register_min=1 << 16)
+    large, small = pool.take((64, 1024), torch.float32), pool.take((16,), torch.float32)
+    assert large.is_pinned() and small.is_pinned()
+    assert large.data_ptr() % PinnedPool.PAGE == 0
+    dev = large.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(dev.cpu(), large)
+    pool.give([large])
+    assert pool.trim() == 0 and pool.trim() == 64 * 1024 * 4
+    assert not large.is_pinned()  # unregistered; the memory stays valid while referenced
+    pool.clear()

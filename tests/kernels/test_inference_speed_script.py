@@ -57,14 +57,20 @@ def test_goals_report_measured_ratios(bench):
               "sizes": {"disk": {"fp16": 1222e6, "w4": 340e6}, "checkpoint": {"w4": 334e6},
                         "fp16_quantized_weights": 1188e6, "memory": {"fp16": 1222e6}},
               "rows": [_row("fp16", 16, 57.7), _row("bf16_compile", 16, 46.3), _row("w4a8_compile", 16, 38.0),
+                       _row("w4a8s_compile", 16, 36.0), _row("torchao_compile", 16, 47.0),
                        _row("fp16", 1, 5.0, 1.4), _row("w4", 1, 6.0, 0.5), {"variant": "w4", "batch": 16,
                                                                            "label": "w4", "error": "OOM"}]}
     res = {"meta": {"gpu": "H100", "torch": "2.11", "diffusers": "0.42", "torchao": "0.17", "date": "2026-11-25",
                     "batches": [16, 1], "latent": 64, "act_mode": "token", "others": "dequant",
                     "compile_mode": "default", "warmup": 3, "repeats": 10}, "families": {"pixart": pixart}}
     text = bench.render(res)
-    assert "| PixArt W4A8 + compile vs BF16 + compile, batch 16 (speed-up) | 1.22× | ≥ 1.15× | yes |" in text
-    assert "| PixArt W4A8 + compile vs FP16 eager, batch 16 (speed-up) | 1.52× | ≥ 1.4× | yes |" in text
+    assert "| PixArt W4A8 speed path + compile vs BF16 + compile, batch 16 (speed-up) | 1.22× | ≥ 1.15× | yes |" in text
+    assert "| PixArt W4A8 speed path + compile vs FP16 eager, batch 16 (speed-up) | 1.52× | ≥ 1.4× | yes |" in text
+    assert ("| PixArt W4A8 speed path, static per-tensor activations + compile vs torchao FP8 dynamic row-wise + "
+            "compile, batch 16 (speed-up) | 1.31× | ≥ 1.3× | yes |") in text
+    assert ("| PixArt W4A8 speed path + compile vs torchao FP8 dynamic row-wise + compile, batch 16 (speed-up) "
+            "| 1.24× | ≥ 1.3× | no |") in text
+    assert "Triton" not in text  # variants not measured get no goal rows
     assert "memory-path tensors / FP16 | 0.28× | ≤ 0.3× | yes |" in text
     assert "peak VRAM at batch 1 / FP16 eager | 0.36× | ≤ 0.5× | yes |" in text
     assert "W4 memory path, eager FP16 vs FP16 eager, batch 16 (speed-up) | n/a" in text
