@@ -125,20 +125,52 @@ class DampedFactor:
     error: str = ""
 
 
-def _inverse_cholesky_upper(A: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """Upper U with A⁻¹ = UᵀU: (U, None). A not positive definite: (None, None), A untouched. A factored but A⁻¹'s
-    factorization failed: (None, A⁻¹). A's memory is released once its factor exists (A.set_()), so at most two
-    (in, in) matrices are alive at a time."""
-    L, info = torch.linalg.cholesky_ex(A)
+def reverse_in_place(A: Tensor, chunk: int = 1 << 24) -> Tensor:
+    """A (n, n) → J A J (rows and columns reversed), in place. Row- or column-major A (LAPACK's factors are
+    column-major): its elements in memory are reversed, with at most 2·chunk elements of scratch; any other layout
+    goes through one copy. Returns A."""
+    if not (A.is_contiguous() or A.t().is_contiguous()):
+        return A.copy_(A.flip(0, 1))
+    a = (A if A.is_contiguous() else A.t()).view(-1)
+    n, i = a.numel(), 0
+    while i < n // 2:
+        c = min(chunk, n // 2 - i)
+        lo, hi = a[i:i + c], a[n - i - c:n - i]
+        tmp = lo.flip(0)
+        lo.copy_(hi.flip(0))
+        hi.copy_(tmp)
+        i += c
+    return A
+
+
+def invert_lower_in_place(L: Tensor, block: int = 1024) -> Tensor:
+    """L (n, n) lower triangular (zeros above the diagonal) → L⁻¹, in place, block column by block column from the
+    last: with L = [[A, 0], [B, C]] and C already inverted, L⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]. Scratch: one
+    (n, block) panel. Returns L."""
+    n = L.shape[0]
+    for j in reversed(range(0, n, block)):
+        e = min(j + block, n)
+        eye = torch.eye(e - j, dtype=L.dtype, device=L.device)
+        d_inv = torch.linalg.solve_triangular(L[j:e, j:e], eye, upper=False)
+        if e < n:
+            L[e:, j:e] = (L[e:, e:] @ L[e:, j:e]) @ d_inv.neg_()
+            d_inv.neg_()
+        L[j:e, j:e] = d_inv
+    return L
+
+
+def _inverse_cholesky_upper(A: Tensor) -> Tensor | None:
+    """Upper U with A⁻¹ = UᵀU, or None when A is not positive definite (A then left as it was).
+
+    With J the reversal, J A J = L Lᵀ gives A⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular with a
+    positive diagonal: the factor, without forming A⁻¹. A is reversed in place, factored into a new L, released
+    (A.set_()), and L is inverted and reversed in place: at most two (in, in) matrices are alive at a time."""
+    L, info = torch.linalg.cholesky_ex(reverse_in_place(A))
     if int(info) != 0:
-        return None, None
+        reverse_in_place(A)
+        return None
     A.set_()
-    inv = torch.cholesky_inverse(L)
-    del L
-    U, info = torch.linalg.cholesky_ex(inv, upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(U).all()):
-        return None, inv
-    return U, None
+    return reverse_in_place(invert_lower_in_place(L))
 
 
 def damped_inverse_cholesky(H: Tensor, damping: Damping, live: Tensor | None = None,
@@ -148,9 +180,9 @@ def damped_inverse_cholesky(H: Tensor, damping: Damping, live: Tensor | None = N
     H: (in, in) float32, symmetric, dead columns already set to 1. live: (in,) bool, columns that were not dead.
     overwrite: H is damped in place and its memory released once factored (it becomes an empty tensor, or holds a
     damped H if every try fails): no (in, in) copy of H, for the largest layers (a 23040-wide UNet conv: 2.1 GB
-    each). Without it one working copy is made. Either way δ is added to the diagonal exactly (H + δI); in the rare
-    retry after (H + δI)⁻¹ failed to factor, an overwritten H is rebuilt from that inverse (off-diagonal entries to
-    rounding), a copied one from H.
+    each), and at most two such matrices alive (H and its factor). Without it one working copy is made. Either way
+    δ is added to the diagonal exactly (H + δI). An inverse factor that overflows (not finite) counts as a failed
+    try; with overwrite, H is gone by then and the layer falls back.
     """
     mean_diag = float(torch.diagonal(H).mean())
     if not bool(torch.isfinite(H).all()):
@@ -162,25 +194,22 @@ def damped_inverse_cholesky(H: Tensor, damping: Damping, live: Tensor | None = N
     if not (math.isfinite(delta) and delta > 0):
         delta = damping.value * mean_diag
     diag = torch.diagonal(H).clone()
-    A = H if overwrite else H.clone()
+    if overwrite and not H.is_contiguous():
+        H.set_(H.contiguous())  # the row-major layout the in-place reversal needs; values unchanged
+    A = H if overwrite else H.clone(memory_format=torch.contiguous_format)
     for attempt in range(damping.max_retries + 1):
         torch.diagonal(A).copy_(diag + delta)  # exactly H + δI
-        U, inv = _inverse_cholesky_upper(A)
+        U = _inverse_cholesky_upper(A)
         rel = delta / mean_diag
+        if U is not None and not bool(torch.isfinite(U).all()):  # overflow in L⁻¹: A is gone
+            if overwrite:
+                msg = f"the inverse Cholesky factor of H + delta*I is not finite (delta {delta:.3g}, damp {rel:.3g})"
+                return DampedFactor(None, delta, rel, attempt, msg)
+            U, A = None, H.clone(memory_format=torch.contiguous_format)
         if U is not None:
             if attempt:
                 log.info("Cholesky succeeded after %d retries with damp %.3g (delta %.3g)", attempt, rel, delta)
             return DampedFactor(U, delta, rel, attempt)
-        if inv is not None:  # A was released: rebuild it for the next try
-            if overwrite:
-                rebuilt = torch.linalg.inv(inv)
-                del inv
-                H.set_((rebuilt + rebuilt.T) / 2)  # the caller's H holds it until it is factored
-                del rebuilt
-                A = H
-            else:
-                del inv
-                A = H.clone()
         if attempt < damping.max_retries:
             delta *= damping.factor
     msg = f"Cholesky of H + delta*I failed {damping.max_retries + 1} times (last delta {delta:.3g}, damp {rel:.3g})"

@@ -13,6 +13,7 @@ device, finished blocks moved off the compute device and back, and phase timing 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import time
 from collections import defaultdict
@@ -90,31 +91,30 @@ class PinnedPool:
 
     def _new(self, nbytes: int) -> "_Buffer":
         if self.register_min is None or nbytes < self.register_min:
-            return _Buffer(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned), None)
-        # whole pages of a block of our own: no other allocation shares a registered page
-        raw = torch.empty(nbytes + 2 * self.PAGE, dtype=torch.uint8)
-        start = -raw.data_ptr() % self.PAGE
+            return _Buffer(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned), False)
+        # an anonymous mapping of whole pages: page-aligned (its first byte is the storage's, so is_pinned() sees the
+        # registration), shared with no other allocation, returned to the system when dropped
         size = (nbytes + self.PAGE - 1) // self.PAGE * self.PAGE
-        data = raw[start:start + size]
+        data = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
         _cuda_check(torch.cuda.cudart().cudaHostRegister(data.data_ptr(), size, 0), "cudaHostRegister")
-        return _Buffer(data, raw)
+        return _Buffer(data, True)
 
     @staticmethod
     def _release(bufs: list["_Buffer"]) -> None:
-        registered = [b for b in bufs if b.raw is not None]
+        registered = [b for b in bufs if b.registered]
         if registered:
             torch.cuda.synchronize()
             for b in registered:
                 _cuda_check(torch.cuda.cudart().cudaHostUnregister(b.data.data_ptr()), "cudaHostUnregister")
-                b.raw = None
+                b.registered = False
 
 
 @dataclass(eq=False)
 class _Buffer:
-    """A flat byte tensor of the pool; `raw`: the allocation it lies in while its pages are registered."""
+    """A flat byte tensor of the pool; `registered`: page-locked by cudaHostRegister (until released)."""
 
     data: Tensor
-    raw: Tensor | None
+    registered: bool
     used: int = 0
 
     @property

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffptq.algo import gptq_quantize_ex, qronos_quantize_ex, rtn_quantize_ex
-from diffptq.algo.damping import Damping, as_damping, damped_inverse_cholesky, fp32_matmul, initial_delta, lambda_max
+from diffptq.algo.damping import (Damping, as_damping, damped_inverse_cholesky, fp32_matmul, initial_delta,
+                                  invert_lower_in_place, lambda_max, reverse_in_place)
 from diffptq.quant.quantizer import QuantSpec, dequantize
 
 SPEC = QuantSpec(4)
@@ -140,3 +141,43 @@ def test_overwrite_gives_the_factor_of_a_copy_and_releases_h(shift):
     assert torch.equal(own.U, ref.U)
     A = kept + ref.delta * torch.eye(16)  # δ added to the diagonal: exactly H + δI
     torch.testing.assert_close(ref.U.T @ ref.U, torch.linalg.inv(A.double()).float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,chunk", [(7, 5), (8, 1 << 24), (9, 1)])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_reverse_in_place_is_j_a_j_for_both_layouts(n, chunk, column_major):
+    A = torch.arange(n * n, dtype=torch.float32).view(n, n)
+    if column_major:
+        A = A.t().contiguous().t()
+    ref, ptr = A.flip(0, 1).clone(), A.data_ptr()
+    out = reverse_in_place(A, chunk)
+    assert out is A and A.data_ptr() == ptr and A.stride() == ((1, n) if column_major else (n, 1))
+    assert torch.equal(A, ref)
+    strided = torch.arange(4 * 6.0).view(4, 6)[:, ::2].clone().as_strided((3, 3), (1, 4))  # neither layout
+    ref = strided.flip(0, 1).clone()
+    assert torch.equal(reverse_in_place(strided), ref)
+
+
+@pytest.mark.parametrize("n,block", [(1, 4), (10, 3), (16, 4), (33, 1024)])
+def test_invert_lower_in_place_matches_the_inverse(n, block):
+    g = torch.Generator().manual_seed(n)
+    L = torch.tril(torch.randn(n, n, generator=g, dtype=torch.float64)) + 3 * torch.eye(n, dtype=torch.float64)
+    ref = torch.linalg.inv(L)
+    col = L.t().contiguous().t()  # LAPACK's layout
+    for M in (L.clone(), col):
+        ptr = M.data_ptr()
+        invert_lower_in_place(M, block)
+        assert M.data_ptr() == ptr
+        torch.testing.assert_close(M, ref, rtol=1e-10, atol=1e-12)
+        assert torch.equal(M.triu(1), torch.zeros_like(M))
+
+
+def test_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    """Unique factor: U upper with a positive diagonal and UᵀU = (H + δI)⁻¹ equals LAPACK's upper Cholesky factor
+    of the explicitly inverted matrix (float64 reference)."""
+    H = _spectrum_H(torch.logspace(-3, 1, 48), seed=3)
+    f = damped_inverse_cholesky(H, as_damping(0.01))
+    A = H.double() + f.delta * torch.eye(48, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(A), upper=True)
+    assert torch.equal(f.U, f.U.triu()) and bool((torch.diagonal(f.U) > 0).all())
+    torch.testing.assert_close(f.U.double(), ref, rtol=0, atol=3e-5 * float(ref.abs().max()))  # float32 rounding
