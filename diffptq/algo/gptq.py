@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffptq.algo.damping import Damping, as_damping, damped_inverse_cholesky, fp32_matmul
+from diffptq.algo.damping import Damping, all_finite, as_damping, damped_inverse_cholesky, fp32_matmul
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
 from diffptq.algo.sweep import gptq_sweep
 from diffptq.quant.quantizer import QuantSpec, dequantize, expand_params, fit_weight_params
@@ -59,7 +59,7 @@ def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | 
                              f"{tuple(H.shape)}" + ("" if G is None else f" and {tuple(G.shape)}"))
         owned = consume and H.device == dev and H.dtype == torch.float32  # the caller's very tensor is released
         H = H if owned else H.detach().to(dev, torch.float32, copy=True)  # worked on in place from here on
-        if not bool(torch.isfinite(H).all()) or (G is not None and not bool(torch.isfinite(G).all())):
+        if not all_finite(H) or (G is not None and not all_finite(G)):
             return _fallback(W, spec, method, "non-finite H or G", float("nan"), float("nan"), 0)
         g = None
         if G is not None:  # the only use of G: the float target's correlations g[r] = G w_r (Qronos)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from diffptq.algo.damping import any_nonfinite
 from diffptq.algo.gptq import gptq_quantize_ex
 from diffptq.algo.hessian import GramAccumulator
 from diffptq.algo.qronos import qronos_quantize_ex
@@ -536,7 +537,7 @@ class SequentialQuantizer:
         if leader[name] != name:
             return  # same matmul input as its leader, which was accumulated already
         xq = mod.quant_input(x)
-        flag = torch.isfinite(xq).all().logical_not()
+        flag = any_nonfinite(xq)
         bad[name] = flag if name not in bad else bad[name] | flag
         with self.timer("accumulate"):
             acc[name].update(xq, x_fp.get(name))

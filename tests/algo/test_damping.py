@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffptq.algo import gptq_quantize_ex, qronos_quantize_ex, rtn_quantize_ex
-from diffptq.algo.damping import (Damping, as_damping, damped_inverse_cholesky, fp32_matmul, initial_delta,
-                                  invert_lower_in_place, lambda_max, reverse_in_place)
+from diffptq.algo.damping import (Damping, all_finite, any_nonfinite, as_damping, damped_inverse_cholesky, fp32_matmul,
+                                  initial_delta, invert_lower_in_place, lambda_max, reverse_in_place)
 from diffptq.quant.quantizer import QuantSpec, dequantize
 
 SPEC = QuantSpec(4)
@@ -181,3 +181,15 @@ def test_factor_is_the_upper_cholesky_factor_of_the_inverse():
     ref = torch.linalg.cholesky(torch.linalg.inv(A), upper=True)
     assert torch.equal(f.U, f.U.triu()) and bool((torch.diagonal(f.U) > 0).all())
     torch.testing.assert_close(f.U.double(), ref, rtol=0, atol=3e-5 * float(ref.abs().max()))  # float32 rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_nonfinite_finds_nan_and_both_infinities(dtype):
+    t = torch.randn(5, 7).to(dtype)
+    assert not bool(any_nonfinite(t)) and all_finite(t) and all_finite(torch.empty(0, 3))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[3, 2] = bad
+        assert bool(any_nonfinite(u)) == (not bool(torch.isfinite(u).all())) == (not all_finite(u)) is True
+    huge = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # finite extremes are finite
+    assert all_finite(huge) and all_finite(-huge)
