@@ -5,7 +5,8 @@ Runs the same sequential driver as the scripts over `--n_prompts` prompts × `--
 accumulation, solve), seconds and passes per block, peak VRAM (cumulative after each block: flat in the number of
 blocks?) and VRAM allocated after each block, peak host memory, and the FP16 inference peak of the same batch.
 --drop_float_weights --offload_done keep only the blocks still to come on the GPU (finished ones wait on --storage
-and come back at the end; the peak of that move back is recorded too). One JSON per method goes to --out,
+and come back at the end; the peak of that move back is recorded too); --offload_pending also keeps those still to
+come on --storage until their turn, so the GPU holds one block's weights at a time. One JSON per method goes to --out,
 rewritten after every block ("partial": true until the method ends), so a run stopped by --max_seconds or killed
 still leaves numbers; merge them into markdown with --report. --granularity unit (default) quantizes the UNet's
 ResNets / transformer blocks / resamplers one after the other; block re-runs whole blocks per wave (for comparison).
@@ -158,7 +159,7 @@ def run_method(args, method: str, out: Path, shared: dict) -> dict:
             "records": len(calib), "collect_s": time.perf_counter() - t0,
             "fp16_inference_peak_gib": inference_peak(pipe, calib, device), "dtype": args.dtype,
             "storage": args.storage, "drop_float_weights": args.drop_float_weights, "offload_done": args.offload_done,
-            "granularity": args.granularity,
+            "offload_pending": args.offload_pending, "granularity": args.granularity,
             "sweep": os.environ.get("DIFFPTQ_SWEEP", "auto"), "num_layers": args.num_layers,
             "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "date": dt.date.today().isoformat(), "command": " ".join(sys.argv)}
@@ -170,7 +171,7 @@ def run_method(args, method: str, out: Path, shared: dict) -> dict:
     cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(8, symmetric=False), damp=args.damp,
                            holdout_every=args.holdout_every, blocks=blocks,
                            drop_float_weights=args.drop_float_weights, offload_done=args.offload_done,
-                           granularity=args.granularity)
+                           offload_pending=args.offload_pending, granularity=args.granularity)
     path = out / f"{args.family}_{method}{'_block_units' if args.granularity == 'block' else ''}.json"
     t_start = time.perf_counter()
 
@@ -203,7 +204,9 @@ def report(folder: Path) -> str:
     r0 = rows[0]
     options = "".join([", float weights dropped once a block is done" if r0.get("drop_float_weights") else "",
                        f", each finished block moved to {r0['storage']} until the end of the run (offload_done)"
-                       if r0.get("offload_done") else ""])
+                       if r0.get("offload_done") else "",
+                       f", the blocks still to come waiting on {r0['storage']} until their turn (offload_pending)"
+                       if r0.get("offload_pending") else ""])
     lines = [f"# Calibration at full scale: {r0['family']}",
              "", f"Card: {r0['gpu']}; torch {r0['torch']}; {r0['date']}. Full-size architecture, random weights, "
              f"W4A8 (weights symmetric per channel, activations static per tensor), {r0['n_prompts']} prompts × "
@@ -298,6 +301,8 @@ def main() -> None:
     p.add_argument("--offload_done", action="store_true",
                    help="move each finished block to --storage until the run ends: with --drop_float_weights, "
                    "VRAM flat in the block count")
+    p.add_argument("--offload_pending", action="store_true",
+                   help="keep the blocks still to come on --storage, each moved to the GPU just before its turn")
     p.add_argument("--max_seconds", type=float, default=None,
                    help="stop after the block that passes this many seconds since start; JSON marked partial")
     p.add_argument("--check_sweep", action="store_true", help="first time the eager and Triton GPTQ sweeps")

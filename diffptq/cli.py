@@ -183,7 +183,8 @@ def run_main(main) -> None:
         raise SystemExit(2) from None
     except torch.OutOfMemoryError:
         print("error: CUDA out of memory. Try fewer calibration prompts or a smaller batch (--n_calib, "
-              "--calib_batch_size), --offload_done (finished blocks wait in host memory), fewer --blocks at a time, "
+              "--calib_batch_size), --offload_done --offload_pending (blocks wait in host memory but for their turn), "
+              "fewer --blocks at a time, "
               "or --device cpu; calibration caches already live in CPU memory. Nothing was written under a final "
               "name.", file=sys.stderr)
         raise SystemExit(3) from None
@@ -239,6 +240,9 @@ def add_quant_args(parser: argparse.ArgumentParser, method_flag: str = "--method
     parser.add_argument("--offload_done", action="store_true",
                         help="keep finished blocks in host memory until the end of the calibration, so GPU memory "
                              "does not grow with depth (same result; costs one copy of each block each way)")
+    parser.add_argument("--offload_pending", action="store_true",
+                        help="keep the blocks still to come in host memory, each moved to the GPU just before its "
+                             "turn (with --offload_done: one block's weights on the GPU at a time; same result)")
     parser.add_argument("--granularity", default="unit", choices=["unit", "block"],
                         help="sequential unit: 'unit' quantizes the UNet's ResNets / transformer blocks / resamplers "
                              "one after the other (several times faster on the UNet), 'block' its down/mid/up blocks "
@@ -278,6 +282,7 @@ def sequential_config(args: argparse.Namespace, blocks: list[int] | None):
     weight = QuantSpec(args.wbits, symmetric=True, group_size=args.group_size)
     return SequentialConfig(method=args.method, weight=weight, act=act, act_kind=args.act_quant, damp=args.damp,
                             act_order=args.act_order, blocks=blocks, offload_done=getattr(args, "offload_done", False),
+                            offload_pending=getattr(args, "offload_pending", False),
                             granularity=getattr(args, "granularity", "unit"))
 
 

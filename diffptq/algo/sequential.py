@@ -105,6 +105,9 @@ class SequentialConfig:
     is smaller than the codes (full-size PixArt-XL-2, bf16: 1.86 GiB allocated at the end vs 3.19 GiB in block 0);
     without drop_float_weights also a dequantized copy of each quantized weight. SequentialResult.peak_vram_bytes
     includes the move back. Nothing moves when `storage` is the compute device.
+    offload_pending: the selected units after the first wait on `storage` from the start and each moves to the
+    compute device just before its turn: with offload_done, the device holds one unit's weights (plus the float
+    prologue/epilogue and the units not selected) instead of all those still to come. Moved back like offload_done's.
     rotate / rotate_seed / rotate_conv: an online input rotation of the swapped layers (as in
     diffptq.quant.layers.QuantConfig), set at the swap, so H, G, the activation quantizers and rel_out_err all see
     the rotated inputs.
@@ -125,6 +128,7 @@ class SequentialConfig:
     before_record: Callable[[CalibRecord], None] | None = None
     drop_float_weights: bool = False
     offload_done: bool = False
+    offload_pending: bool = False
     rotate: str | None = None
     rotate_seed: int = 0
     rotate_conv: bool = False
@@ -732,6 +736,12 @@ class SequentialQuantizer:
             move_module_tensors(self.units[k].module, lambda t: t.to(self.device), _is_act_quantizer)
         self._offloaded.clear()
 
+    def _fetch(self, k: int) -> None:
+        """Bring pending unit k (SequentialConfig.offload_pending) back to the compute device before its turn."""
+        if k in self._offloaded:
+            move_module_tensors(self.units[k].module, lambda t: t.to(self.device), _is_act_quantizer)
+            self._offloaded.remove(k)
+
     def _finish_unit(self, k: int, t0: float, before: dict[str, float], peak: int) -> None:
         """Add unit k's statistics to its block's (block_stats, block_peak_vram)."""
         phases = self.timer.totals  # synchronizes
@@ -778,6 +788,7 @@ class SequentialQuantizer:
                 peak = max(peak, torch.cuda.max_memory_allocated(self.device))
                 torch.cuda.reset_peak_memory_stats(self.device)
             if k in selected:
+                self._fetch(k)
                 self.quantize_block(k)
                 self.propagate(k, self._block_layers(k))
                 done.add(k)
@@ -803,6 +814,9 @@ class SequentialQuantizer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.swap()
         try:
+            if self.cfg.offload_pending:
+                for k in self.selected[1:]:
+                    self._offload(k)
             self.init_streams()
             stopped, done = self._run_blocks()
         finally:

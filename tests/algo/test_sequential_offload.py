@@ -133,22 +133,48 @@ def test_offload_done_keeps_cuda_memory_flat_and_returns_the_model_on_the_device
     calib = collect_calibration(pipe, PROMPTS, 2, batch_size=2, progress=False)
     dev = torch.device("cuda", torch.cuda.current_device())
     runs = {}
-    for offload in (False, True):
+    for offload, pending in ((False, False), (True, False), (True, True)):
         den = copy.deepcopy(fam.denoiser(pipe)).to(dev)
         cfg = SequentialConfig(method="gptq", weight=QuantSpec(4), act=QuantSpec(8, symmetric=False),
-                               holdout_every=3, drop_float_weights=True, offload_done=offload)
+                               holdout_every=3, drop_float_weights=True, offload_done=offload,
+                               offload_pending=pending)
         res = SequentialQuantizer(den, fam, calib, cfg, dev, progress=False).run()
         assert all(t.device == dev for t in _tensors(den).values())
         assert all(m.weight.data_ptr() == m.weight_q.data_ptr() for m in res.quant_layers.values())
         with torch.no_grad():
             out = den(**next(calib.batches(dev)), return_dict=False)[0].cpu()
-        runs[offload] = ([res.block_stats[k]["allocated_bytes"] for k in sorted(res.block_stats)], out,
-                         res.peak_vram_bytes, _device_bytes(den, dev))
+        runs[offload, pending] = ([res.block_stats[k]["allocated_bytes"] for k in sorted(res.block_stats)], out,
+                                  res.peak_vram_bytes, _device_bytes(den, dev))
         del den, res  # the next run starts from an empty device
         gc.collect()
         torch.cuda.empty_cache()
-    (grow, out, peak, size), (flat, out_off, peak_off, size_off) = runs[False], runs[True]
+    (grow, out, peak, size), (flat, out_off, peak_off, size_off) = runs[False, False], runs[True, False]
+    lean, out_lean, peak_lean, size_lean = runs[True, True]
     assert all(b <= a for a, b in zip(flat, flat[1:])) and flat[-1] < flat[0], flat  # finished blocks leave
     assert grow[-1] > flat[-1], (grow, flat)  # without the option the codes of finished blocks stay
     assert size_off == size and peak_off <= peak  # the same model comes back, without a higher peak
+    assert lean[0] < flat[0] and size_lean == size  # the blocks still to come wait in host memory
+    torch.testing.assert_close(out_lean, out)
     torch.testing.assert_close(out_off, out)
+
+
+@pytest.mark.parametrize("done", [True, False])
+def test_offload_pending_moves_each_unit_in_just_before_its_turn(done, monkeypatch):
+    """Units after the first wait on storage (poisoned where they were) until their turn: a pass that read a pending
+    unit before it moved in, or a unit left behind, changes the model, which must equal the plain run's."""
+    pipe = load_pipeline("tiny-unet")
+    fam = family_of(pipe)
+    calib = collect_calibration(pipe, PROMPTS[:2], 2, batch_size=2, progress=False)
+    den = fam.denoiser(pipe)
+    ref = copy.deepcopy(den)
+    ref_res = _run(ref, fam, calib, method="qronos", drop_float_weights=True)
+    units = fam.units(den)
+    u = len(units)
+    moved = _spy_moves(monkeypatch, units)
+    res = _run(den, fam, calib, method="qronos", drop_float_weights=True, offload_done=done, offload_pending=True)
+    away = list(range(1, u))
+    if done:  # away; 0 done and out; each later one in and, once done, out; all back at the end
+        assert moved == away + [0] + [j for k in away for j in (k, k)] + list(range(u))
+    else:  # away, then each in before its turn; nothing left to bring back
+        assert moved == away + away
+    _assert_same_model(den, ref, calib, res, ref_res)

@@ -80,7 +80,7 @@ def test_cuda_oom_is_caught_with_advice(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 3
     err = capsys.readouterr().err
     assert "CUDA out of memory" in err and "--n_calib" in err and "--calib_batch_size" in err
-    assert "--offload_done" in err
+    assert "--offload_done --offload_pending" in err
     assert not any((tmp_path / "o").iterdir())
 
 

@@ -31,15 +31,17 @@ def test_script_on_a_saved_directory(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1",
                                                                                "PATH": "/usr/bin:/bin"})
     assert again.returncode == 2 and "--overwrite" in again.stderr
-    # --offload_done (finished blocks wait in host memory) gives the same checkpoint and errors
+    # --offload_done --offload_pending (blocks wait in host memory but for their turn): the same checkpoint and errors
     from safetensors.torch import load_file
 
     off = tmp_path / "off"
-    cmd_off = cmd[:cmd.index("--out_dir")] + ["--out_dir", str(off), "--save_path", str(off / "q.pt"), "--offload_done"]
+    cmd_off = cmd[:cmd.index("--out_dir")] + ["--out_dir", str(off), "--save_path", str(off / "q.pt"), "--offload_done",
+                                              "--offload_pending"]
     res = subprocess.run(cmd_off, capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1",
                                                                                  "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((off / "config.json").read_text())["args"]["offload_done"] is True
+    assert json.loads((off / "config.json").read_text())["args"]["offload_pending"] is True
     first, second = load_file(out / "q.pt"), load_file(off / "q.pt")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert [r["rel_out_err"] for r in csv.DictReader((off / "layers.csv").open())] == [r["rel_out_err"] for r in rows]
