@@ -30,11 +30,13 @@ class PinnedPool:
 
     Each buffer is a flat byte tensor; take(shape, dtype) returns a view of the smallest free buffer that holds the
     tensor without wasting more than half of it, else of a new one; give() hands tensors the pool made back (others
-    are ignored); trim() releases the free buffers not taken since the last trim (e.g. after the resolution
-    changed), so free memory does not pile up by shape. Buffers of at least `register_min` bytes are ordinary
-    memory page-locked with cudaHostRegister, page by page: torch's pinned allocator rounds every block up to a
-    power of two (up to 2× the host memory of the caches) and keeps freed blocks. Smaller ones come from torch's
-    pinned allocator (all of them with DIFFPTQ_PINNED=torch). `pinned=False`: ordinary memory throughout.
+    are ignored); trim() releases the free buffers neither taken nor given back since the last trim (e.g. those of a
+    resolution no longer produced), so free memory does not pile up by shape, while the buffers one unit's states
+    gave back serve the next unit's (pinning them again would cost more than the copies). Buffers of at least
+    `register_min` bytes are ordinary memory page-locked with cudaHostRegister, page by page: torch's pinned
+    allocator rounds every block up to a power of two (up to 2× the host memory of the caches) and keeps freed
+    blocks. Smaller ones come from torch's pinned allocator (all of them with DIFFPTQ_PINNED=torch).
+    `pinned=False`: ordinary memory throughout.
     """
 
     PAGE = 4096
@@ -73,11 +75,12 @@ class PinnedPool:
         for t in tensors:
             buf = self._live.pop(t.data_ptr(), None) if t.numel() else None
             if buf is not None:
+                buf.used = self._generation  # in use until now: kept for the next unit's states of the same size
                 self._free.append(buf)
 
     def trim(self) -> int:
-        """Release the free buffers not taken since the last trim; returns the bytes released. Synchronizes the
-        device first when it unregisters memory (a copy may still read it)."""
+        """Release the free buffers neither taken nor given back since the last trim; returns the bytes released.
+        Synchronizes the device first when it unregisters memory (a copy may still read it)."""
         old = [b for b in self._free if b.used < self._generation]
         self._free = [b for b in self._free if b.used == self._generation]
         self._generation += 1

@@ -158,11 +158,12 @@ def test_pinned_pool_trim_releases_free_buffers_untouched_since_the_last_trim():
     pool = PinnedPool(pinned=False)
     big, small = pool.take((256,), torch.float32), pool.take((16,), torch.float32)
     pool.give([big, small])
-    assert pool.trim() == 0  # both were taken since the pool began
+    assert pool.trim() == 0  # both were in use since the pool began
     again = pool.take((200,), torch.float32)  # reuses the 1024-byte buffer: it stays, the 64-byte one goes
     assert again.data_ptr() == big.data_ptr()
-    pool.give([again])
-    assert pool.trim() == 64 and pool.free_bytes == 1024
+    assert pool.trim() == 64 and pool.free_bytes == 0
+    pool.give([again])  # given back in this generation: kept for the next unit, which may want the same size
+    assert pool.trim() == 0 and pool.free_bytes == 1024
     assert pool.trim() == 1024 and pool.free_bytes == 0  # untouched for a whole generation
     live = pool.take((8,), torch.float32)
     pool.clear()
@@ -179,6 +180,6 @@ def test_pinned_pool_registers_large_buffers_and_unregisters_them_on_release():
     torch.cuda.synchronize()
     assert torch.equal(dev.cpu(), large)
     pool.give([large])
-    assert pool.trim() == 0 and pool.trim() == 64 * 1024 * 4
+    assert pool.trim() == 0 and pool.trim() == 64 * 1024 * 4  # kept one generation after its return
     assert not large.is_pinned()  # unregistered; the memory stays valid while referenced
     pool.clear()
