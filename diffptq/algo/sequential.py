@@ -699,7 +699,7 @@ class SequentialQuantizer:
                 self._pool.give(t for tid, t in old.items() if tid not in keep)
         self.fp, self.q = new_fp, new_q
         self._next_fp.clear()
-        self._pool.trim()  # buffers of shapes this unit no longer produced (e.g. another resolution) go
+        self._pool.trim()  # free buffers this unit neither took nor gave back (e.g. of another resolution) go
         if k in self.selected:
             self.streams_equal = False
         if measure and num:

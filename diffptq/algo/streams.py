@@ -59,7 +59,7 @@ class PinnedPool:
 
     def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
         shape = tuple(shape)
-        need = math.prod(shape) * _itemsize(dtype)
+        need = math.prod(shape) * dtype.itemsize
         if not need:
             return torch.empty(shape, dtype=dtype)
         fits = [b for b in self._free if need <= b.nbytes <= 2 * need]
@@ -123,10 +123,6 @@ class _Buffer:
     @property
     def nbytes(self) -> int:
         return self.data.numel()
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _can_register() -> bool:
