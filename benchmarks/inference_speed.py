@@ -14,7 +14,8 @@ the JSON is rewritten after every row. `--budget_s` bounds the run (counted from
 script): a first pass measures every variant of PixArt, then of the UNet, eager ones at all batches and compiled ones
 at the headline batch 16 (`--first_pass`); later passes the compiled variants at batch 1, then 4; what would not
 finish in time is marked skipped (each compiled batch costs a compilation: tens of seconds for PixArt's block,
-about a minute for the whole UNet).
+about a minute for the whole UNet). Within a pass the variants go in the order of `--variants` (default: the
+baseline, then the fastest W4A8 variant, then the peer), so a short budget cuts the last ones.
 On the CPU (`--device cpu`, smoke tests) the real modules run their reference kernels and "compiled" rows eagerly.
 
   python benchmarks/inference_speed.py --out results/inference_speed --report benchmarks/results/inference_speed.md
@@ -92,12 +93,12 @@ VARIANTS = {v.key: v for v in (
     Variant("w4a8s_compile", "W4A8 speed path, static per-tensor activations + compile", torch.bfloat16, True,
             "w4a8s"),
 )}
-# measurement priority: the cheap eager rows, then the compilations the goals need first (the PixArt W4A8 variants
-# of the speed goal at its batch right after their baseline)
-ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8_compile", "w4a8_compile_triton",
-                    "w4a8_compile_cdt", "torchao_compile", "w4_compile", "w4a8s_compile"),
-         "sd": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4_compile", "w4a8_compile", "torchao_compile",
-                "w4a8s_compile")}
+# measurement priority without --variants: the cheap eager rows, then the compilations the goals need first (the
+# baseline, the fastest W4A8 variant, the peer), so a time budget cuts the least needed rows
+ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8s_compile", "w4a8_compile", "torchao_compile",
+                    "w4a8_compile_triton", "w4a8_compile_cdt", "w4_compile"),
+         "sd": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8s_compile", "w4_compile", "torchao_compile",
+                "w4a8_compile")}
 QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
                   "fake_int8_token": "fake-quant W4A8: int8 per-token activations",
                   "w4_only": "W4 weights only", "fp8_token": "W4A8 speed path: e4m3 per-token activations (timed)",
@@ -315,7 +316,8 @@ def profile_step(step) -> dict:
 def run_pass(run: FamilyRun, batches_of, deadline: float, save) -> None:
     """Measure the selected variants of one family at `batches_of(variant)` until `deadline` (time.monotonic())."""
     res, args = run.result, run.args
-    for key in [k for k in ORDER[run.name] if k in args.variants.split(",")]:
+    wanted = ORDER[run.name] if args.variants is None else args.variants.split(",")
+    for key in [k for k in wanted if k in ORDER[run.name]]:  # --variants: in the order given
         v, batches = VARIANTS[key], batches_of(VARIANTS[key])
         if not batches:
             continue
@@ -700,7 +702,9 @@ def process_age_s() -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default="pixart,sd", help="comma list of pixart, sd (empty: quality only)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None,
+                   help="comma list, measured in this order (default: all, in the order of priority): "
+                   + ", ".join(VARIANTS))
     p.add_argument("--batches", default="16,1,4", help="measured in this order (the first is the headline)")
     p.add_argument("--first_pass", type=int, default=1,
                    help="compiled variants measure the first N batches in the first pass, each other one in a pass of "
@@ -728,6 +732,9 @@ def main() -> None:
     p.add_argument("--report", default=None, help="markdown report to write")
     p.add_argument("--render", default=None, help="only re-render the markdown from this folder's results.json")
     args = p.parse_args()
+    unknown = [] if args.variants is None else [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown --variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("diffptq.kernels").setLevel(logging.INFO)  # the path each conversion chose, and why
     if args.render:

@@ -23,13 +23,13 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     out, report = tmp_path / "out", tmp_path / "r.md"
     monkeypatch.setattr(sys, "argv", [
         "inference_speed.py", "--families", "pixart", "--num_layers", "1", "--latent", "8", "--batches", "1",
-        "--device", "cpu", "--variants", "fp16,w4,w4a8,w4a8s_compile", "--quality_model", "tiny-dit",
+        "--device", "cpu", "--variants", "w4,fp16,w4a8s_compile,w4a8", "--quality_model", "tiny-dit",
         "--quality_prompts", "2", "--quality_steps", "2", "--quality_records", "1", "--warmup", "0",
         "--repeats", "1", "--profile", "", "--out", str(out), "--report", str(report)])
     bench.main()
     res = json.loads((out / "results.json").read_text())
     rows = {r["variant"]: r for r in res["families"]["pixart"]["rows"]}
-    assert set(rows) == {"fp16", "w4", "w4a8", "w4a8s_compile"}  # compiled rows run eagerly on the CPU
+    assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8"]  # measured in the order given (compiled: eagerly)
     assert all("error" not in r and r["latency_ms"] is None for r in rows.values())
     sizes = res["families"]["pixart"]["sizes"]
     assert sizes["memory"]["w4"] < 0.7 * sizes["memory"]["fp16"] and sizes["disk"]["w4"] < sizes["disk"]["fp16"]
@@ -45,6 +45,13 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     assert quality["fp8_static"]["psnr_vs_fp_db"] > 25 and quality["fake_int8_static"]["psnr_vs_fp_db"] > 25
     text = report.read_text()
     assert "Card: CPU (smoke run)" in text and "## Goals" in text and "W4A8 speed path" in text
+
+
+def test_unknown_variant_is_a_usage_error(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["inference_speed.py", "--variants", "fp16,w4a16", "--device", "cpu"])
+    with pytest.raises(SystemExit) as err:
+        bench.main()
+    assert err.value.code == 2 and "unknown --variants w4a16; known: fp16, bf16_compile" in capsys.readouterr().err
 
 
 def _row(variant, batch, ms=None, peak=None):
