@@ -167,8 +167,8 @@ def invert_lower_in_place(L: Tensor, block: int = 1024) -> Tensor:
         eye = torch.eye(e - j, dtype=L.dtype, device=L.device)
         d_inv = torch.linalg.solve_triangular(L[j:e, j:e], eye, upper=False)
         if e < n:
-            L[e:, j:e] = (L[e:, e:] @ L[e:, j:e]) @ d_inv.neg_()
-            d_inv.neg_()
+            L[e:, j:e] = (L[e:, e:] @ L[e:, j:e]) @ d_inv
+            L[e:, j:e].neg_()
         L[j:e, j:e] = d_inv
     return L
 

@@ -730,17 +730,17 @@ class SequentialQuantizer:
         self._offload_bytes += move_module_tensors(self.units[k].module, lambda t: t.to(self.storage),
                                                    _is_act_quantizer, shared)
 
-    def _restore_offloaded(self) -> None:
-        """Move every offloaded block back to the compute device."""
-        for k in self._offloaded:
-            move_module_tensors(self.units[k].module, lambda t: t.to(self.device), _is_act_quantizer)
-        self._offloaded.clear()
-
     def _fetch(self, k: int) -> None:
-        """Bring pending unit k (SequentialConfig.offload_pending) back to the compute device before its turn."""
+        """Bring unit k back to the compute device if it is offloaded (a pending unit before its turn, or any at
+        the end)."""
         if k in self._offloaded:
             move_module_tensors(self.units[k].module, lambda t: t.to(self.device), _is_act_quantizer)
             self._offloaded.remove(k)
+
+    def _restore_offloaded(self) -> None:
+        """Move every offloaded unit back to the compute device."""
+        for k in list(self._offloaded):
+            self._fetch(k)
 
     def _finish_unit(self, k: int, t0: float, before: dict[str, float], peak: int) -> None:
         """Add unit k's statistics to its block's (block_stats, block_peak_vram)."""
