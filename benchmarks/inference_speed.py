@@ -92,11 +92,13 @@ VARIANTS = {v.key: v for v in (
     Variant("torchao_compile", "torchao FP8 dynamic row-wise + compile", torch.bfloat16, True, "torchao"),
     Variant("w4a8s_compile", "W4A8 speed path, static per-tensor activations + compile", torch.bfloat16, True,
             "w4a8s"),
+    Variant("w4a8s_compile_cdt", "W4A8 speed path, static per-tensor activations + compile, coordinate-descent tuning",
+            torch.bfloat16, True, "w4a8s", inductor=(("coordinate_descent_tuning", True),), headline_only=True),
 )}
 # measurement priority without --variants: the cheap eager rows, then the compilations the goals need first (the
 # baseline, the fastest W4A8 variant, the peer), so a time budget cuts the least needed rows
 ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8s_compile", "w4a8_compile", "torchao_compile",
-                    "w4a8_compile_triton", "w4a8_compile_cdt", "w4_compile"),
+                    "w4a8_compile_triton", "w4a8_compile_cdt", "w4a8s_compile_cdt", "w4_compile"),
          "sd": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8s_compile", "w4_compile", "torchao_compile",
                 "w4a8_compile")}
 QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
@@ -558,7 +560,8 @@ def goals(res: dict) -> list[str]:
                      f"{'n/a' if ok is None else 'yes' if ok else 'no'} |")
 
     lat = "latency_ms"
-    speed = ("w4a8_compile", "w4a8s_compile", "w4a8_compile_triton", "w4a8_compile_cdt")  # activation numerics
+    # the W4A8 variants (activation numerics and compile settings)
+    speed = ("w4a8_compile", "w4a8s_compile", "w4a8_compile_triton", "w4a8_compile_cdt", "w4a8s_compile_cdt")
     for ref, target in (("bf16_compile", 1.15), ("fp16", 1.4), ("torchao_compile", 1.3)):
         for key in speed:
             if key == "w4a8_compile" or _value(p, key, 16, lat):
