@@ -17,9 +17,8 @@ from torch import nn
 
 from diffptq.io.checkpoint import CheckpointError, apply_checkpoint, check_base, read_checkpoint
 from diffptq.kernels.common import replace_module
-from diffptq.kernels.fuse import fuse_attention_projections
 from diffptq.kernels.int4_weight_only import Int4WeightOnlyConv2d, Int4WeightOnlyLinear, choose_scale_dtype
-from diffptq.kernels.select import Conversion, InferenceConfig, convert_for_inference
+from diffptq.kernels.select import Conversion, InferenceConfig, convert_for_inference, finish_model
 from diffptq.quant.quantizer import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -96,8 +95,9 @@ def load_for_inference(denoiser: nn.Module, checkpoint: str | Path, path: str = 
     cfg = config or InferenceConfig()
     if path == "w4" and (cfg.force or (dev.type == "cuda" and torch.cuda.is_available())):
         loaded = load_int4_checkpoint(denoiser, (meta, tensors), cfg.scale_dtype, check=False)
-        fused = fuse_attention_projections(denoiser) if cfg.fuse_qkv else 0
-        return Conversion("w4", "packed int4 loaded from the checkpoint",
-                          {n: type(m).__name__ for n, m in loaded.items()}, fused_attention=fused)
+        result = Conversion("w4", "packed int4 loaded from the checkpoint",
+                            {n: type(m).__name__ for n, m in loaded.items()})
+        finish_model(denoiser, cfg, result)
+        return result
     apply_checkpoint(denoiser, meta, tensors, act_builder)
     return convert_for_inference(denoiser, path, dev, cfg)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from diffptq.kernels.activations import use_sigmoid_form_gelu
 from diffptq.kernels.common import replace_module
 from diffptq.kernels.fp8 import fp8_support
 from diffptq.kernels.fp8_linear import ACT_KERNELS, Fp8W4A8Linear, fp8_unsupported_reason
@@ -44,6 +45,8 @@ class InferenceConfig:
     others (w4a8): what layers that cannot take the FP8 GEMM become: "dequant" | "w4" | "fake".
     scale_dtype (w4): group scales' dtype, float16 (default) or float32; None: fp16 unless out of fp16's range.
     use_fast_accum (w4a8): FP8 tensor-core fast accumulation. fuse_qkv: one GEMM for q/k/v (k/v in cross-attention).
+    sigmoid_gelu: tanh-approximated GELU blocks compute x · σ(2v) (the same function, cheaper once compiled; see
+      diffptq.kernels.activations).
     act_kernel (w4a8): per-token activation quantization as torch ops ("torch") or one Triton kernel ("triton", same
       values; CUDA only, torch ops elsewhere). See Fp8W4A8Linear.
     force: use the real modules even where the device does not support them (the FP8 GEMM then runs its reference).
@@ -54,6 +57,7 @@ class InferenceConfig:
     scale_dtype: torch.dtype | None = torch.float16
     use_fast_accum: bool = True
     fuse_qkv: bool = True
+    sigmoid_gelu: bool = True
     force: bool = False
     act_kernel: str = "torch"
 
@@ -75,6 +79,7 @@ class Conversion:
     modules: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed fake-quant
     fused_attention: int = 0
+    sigmoid_gelu: int = 0  # GELU blocks switched to the sigmoid form
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.modules.values()))
@@ -163,13 +168,21 @@ def convert_for_inference(model: nn.Module, path: str = "w4a8", device: str | to
             continue
         replace_module(model, name, new)
         result.modules[name] = type(new).__name__
-    if cfg.fuse_qkv:
-        result.fused_attention = fuse_attention_projections(model)
+    finish_model(model, cfg, result)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(result.counts().items())) or "no layer converted"
     act = f", {cfg.act_mode} e4m3 activations ({cfg.act_kernel})" if path == "w4a8" else ", weight-only"
-    log.info("convert_for_inference: %s path on %s (%s): %s%s, %d attention projections fused, %d kept fake-quant",
-             path, dev, result.reason, counts, act, result.fused_attention, len(result.kept))
+    log.info("convert_for_inference: %s path on %s (%s): %s%s, %d attention projections fused, %d GELU blocks in "
+             "sigmoid form, %d kept fake-quant", path, dev, result.reason, counts, act, result.fused_attention,
+             result.sigmoid_gelu, len(result.kept))
     return result
+
+
+def finish_model(model: nn.Module, cfg: InferenceConfig, result: Conversion) -> None:
+    """The model-level rewrites of a real path, in place: fused attention projections, sigmoid-form GELU."""
+    if cfg.fuse_qkv:
+        result.fused_attention = fuse_attention_projections(model)
+    if cfg.sigmoid_gelu:
+        result.sigmoid_gelu = use_sigmoid_form_gelu(model)
 
 
 def is_inference_module(m: nn.Module) -> bool:

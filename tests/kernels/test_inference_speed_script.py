@@ -38,6 +38,7 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     assert conv["w4a8"]["counts"] == {"Fp8W4A8Linear": 10} and conv["w4a8"]["fused_attention"] == 2
     # q/k/v (and the cross-attention k/v) calibrated on their shared input get equal static scales: fused as well
     assert conv["w4a8s"]["fused_attention"] == 2
+    assert conv["w4a8"]["sigmoid_gelu"] == conv["w4a8s"]["sigmoid_gelu"] == conv["w4"]["sigmoid_gelu"] == 1
     quality = {r["numerics"]: r for r in res["quality"]["rows"]}
     assert quality["fp8_token"]["psnr_vs_fp_db"] > 30 and quality["fake_int8_token"]["psnr_vs_fake_db"] == float("inf")
     # the static numerics the w4a8s row times: e4m3 with the scale of the calibrated int8 grid, close to that grid
@@ -77,7 +78,10 @@ def test_goals_report_measured_ratios(bench):
             "compile, batch 16 (speed-up) | 1.31× | ≥ 1.3× | yes |") in text
     assert ("| PixArt W4A8 speed path + compile vs torchao FP8 dynamic row-wise + compile, batch 16 (speed-up) "
             "| 1.24× | ≥ 1.3× | no |") in text
-    assert "Triton" not in text  # variants not measured get no goal rows
+    assert "Triton" not in text and "sigmoid form" not in text  # variants not measured get no goal rows
+    pixart["rows"].append(_row("bf16_compile_sgelu", 16, 43.2))
+    assert ("| PixArt W4A8 speed path, static per-tensor activations + compile vs BF16 + compile, GELU in sigmoid "
+            "form, batch 16 (speed-up) | 1.20× | ≥ 1.15× | yes |") in bench.render(res)
     assert "memory-path tensors / FP16 | 0.28× | ≤ 0.3× | yes |" in text
     assert "peak VRAM at batch 1 / FP16 eager | 0.36× | ≤ 0.5× | yes |" in text
     assert "W4 memory path, eager FP16 vs FP16 eager, batch 16 (speed-up) | n/a" in text
