@@ -98,6 +98,8 @@ VARIANTS = {v.key: v for v in (
             "w4a8s"),
     Variant("w4a8s_compile_cdt", "W4A8 speed path, static per-tensor activations + compile, coordinate-descent tuning",
             torch.bfloat16, True, "w4a8s", inductor=(("coordinate_descent_tuning", True),), headline_only=True),
+    Variant("w4a8s_compile_tanh", "W4A8 speed path, static per-tensor activations + compile, stock tanh GELU",
+            torch.bfloat16, True, "w4a8s", headline_only=True, sigmoid_gelu=False),
 )}
 # measurement priority without --variants: the cheap eager rows, then the compilations the goals need first (the
 # baseline, the fastest W4A8 variant, the peer), so a time budget cuts the least needed rows

@@ -55,6 +55,13 @@ def test_unknown_variant_is_a_usage_error(bench, monkeypatch, capsys):
     assert err.value.code == 2 and "unknown --variants w4a16; known: fp16, bf16_compile" in capsys.readouterr().err
 
 
+def test_every_ordered_variant_is_defined(bench):
+    for family, keys in bench.ORDER.items():
+        assert set(keys) <= set(bench.VARIANTS), family
+        assert len(set(keys)) == len(keys), family
+    assert set(bench.VARIANTS) == set(bench.ORDER["pixart"])  # PixArt measures every variant
+
+
 def _row(variant, batch, ms=None, peak=None):
     return {"variant": variant, "batch": batch, "label": variant, "latency_ms": ms, "peak_vram_gib": peak}
 
