@@ -89,6 +89,13 @@ def test_goals_report_measured_ratios(bench):
     pixart["rows"].append(_row("bf16_compile_sgelu", 16, 43.2))
     assert ("| PixArt W4A8 speed path, static per-tensor activations + compile vs BF16 + compile, GELU in sigmoid "
             "form, batch 16 (speed-up) | 1.20× | ≥ 1.15× | yes |") in bench.render(res)
+    # references under coordinate-descent tuning are compared with the W4A8 rows tuned alike only
+    pixart["rows"] += [_row("torchao_compile_cdt", 16, 45.0), _row("w4a8s_compile_cdt", 16, 36.0)]
+    text = bench.render(res)
+    assert ("| PixArt W4A8 speed path, static per-tensor activations + compile, coordinate-descent tuning vs torchao "
+            "FP8 dynamic row-wise + compile, coordinate-descent tuning, batch 16 (speed-up) | 1.25× | ≥ 1.3× | no |"
+            in text)
+    assert "+ compile vs torchao FP8 dynamic row-wise + compile, coordinate-descent" not in text
     assert "memory-path tensors / FP16 | 0.28× | ≤ 0.3× | yes |" in text
     assert "peak VRAM at batch 1 / FP16 eager | 0.36× | ≤ 0.5× | yes |" in text
     assert "W4 memory path, eager FP16 vs FP16 eager, batch 16 (speed-up) | n/a" in text
