@@ -55,6 +55,20 @@ def test_unknown_variant_is_a_usage_error(bench, monkeypatch, capsys):
     assert err.value.code == 2 and "unknown --variants w4a16; known: fp16, bf16_compile" in capsys.readouterr().err
 
 
+def test_cuda_graphs_with_per_block_compilation_is_a_usage_error(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["inference_speed.py", "--compile_mode", "reduce-overhead", "--compile_scope",
+                                      "blocks", "--device", "cpu"])
+    with pytest.raises(SystemExit) as err:
+        bench.main()
+    assert err.value.code == 2 and "use --compile_scope full" in capsys.readouterr().err
+    args = bench.argparse.Namespace(compile_scope="auto", compile_mode="reduce-overhead")
+    run = object.__new__(bench.FamilyRun)  # compile_scope reads only these two fields
+    run.name, run.args = "pixart", args
+    assert run.compile_scope() == "full"
+    args.compile_mode = "default"
+    assert run.compile_scope() == "blocks"
+
+
 def test_every_ordered_variant_is_defined(bench):
     for family, keys in bench.ORDER.items():
         assert set(keys) <= set(bench.VARIANTS), family
@@ -96,6 +110,10 @@ def test_goals_report_measured_ratios(bench):
             "FP8 dynamic row-wise + compile, coordinate-descent tuning, batch 16 (speed-up) | 1.25× | ≥ 1.3× | no |"
             in text)
     assert "+ compile vs torchao FP8 dynamic row-wise + compile, coordinate-descent" not in text
+    assert "coordinate-descent tuning vs torchao FP8 dynamic row-wise + compile, batch 16" not in text
+    assert "coordinate-descent tuning vs FP16 eager, batch 16 (speed-up) | 1.60×" in text  # eager: no tuning
+    del pixart["sizes"]["disk"]["w4"]
+    assert "PixArt W4 transformer on disk (MB)" not in bench.render(res)  # not built: no row
     assert "memory-path tensors / FP16 | 0.28× | ≤ 0.3× | yes |" in text
     assert "peak VRAM at batch 1 / FP16 eager | 0.36× | ≤ 0.5× | yes |" in text
     assert "W4 memory path, eager FP16 vs FP16 eager, batch 16 (speed-up) | n/a" in text
