@@ -13,16 +13,12 @@ other only by float rounding in the updates (fused multiply-adds), which may fli
 """
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 from torch import Tensor
 
 from diffptq.quant.quantizer import QuantSpec
+from diffptq.triton_backend import TritonBackend
 
-log = logging.getLogger(__name__)
-BACKENDS = ("auto", "eager", "triton")
 MAX_TRITON_BLOCK = 128
 
 try:  # Triton is optional: CPU-only installs sweep eagerly
@@ -31,7 +27,7 @@ try:  # Triton is optional: CPU-only installs sweep eagerly
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-_triton_broken: str | None = None  # set once the kernel failed to build or run; auto then stays eager
+BACKEND = TritonBackend("DIFFPTQ_SWEEP", "Triton GPTQ sweep", lambda: triton is not None)
 
 
 def gptq_sweep(W: Tensor, U: Tensor, s_cols: Tensor, z_cols: Tensor, codes: Tensor, spec: QuantSpec,
@@ -41,35 +37,17 @@ def gptq_sweep(W: Tensor, U: Tensor, s_cols: Tensor, z_cols: Tensor, codes: Tens
     U: upper Cholesky factor of the damped H⁻¹ (in, in); s_cols, z_cols: per-column scale/zero (out, in), views
     allowed. Column i: q = Q(w_i); e = (w_i − q)/U_ii; w_{>i} −= e·U_{i,>i} (inside the block now, after it once
     per block). On return W[:, i] holds the value column i had when it was quantized.
+    backend: "auto" | "eager" | "triton" (None: the DIFFPTQ_SWEEP environment variable, default auto).
     """
-    name = _pick_backend(W, block_size, backend)
-    if name == "triton":
-        global _triton_broken
+    if BACKEND.choose(W.is_cuda and block_size <= MAX_TRITON_BLOCK, backend) == "triton":
+        if block_size > MAX_TRITON_BLOCK:
+            raise ValueError(f"the Triton sweep takes block_size <= {MAX_TRITON_BLOCK}, got {block_size}")
         try:
             _sweep_triton(W, U, s_cols, z_cols, codes, spec, block_size, start)
             return
         except Exception as e:  # noqa: BLE001 - any build/launch failure: the eager sweep is always right
-            if backend == "triton" or os.environ.get("DIFFPTQ_SWEEP") == "triton":
-                raise
-            _triton_broken = f"{type(e).__name__}: {e}"
-            log.warning("Triton GPTQ sweep failed (%s); using the eager sweep from now on", _triton_broken)
+            BACKEND.fall_back(e, backend)
     _sweep_eager(W, U, s_cols, z_cols, codes, spec, block_size, start)
-
-
-def _pick_backend(W: Tensor, block_size: int, backend: str | None) -> str:
-    name = backend or os.environ.get("DIFFPTQ_SWEEP", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"sweep backend must be one of {BACKENDS}, got {name!r}")
-    if name == "triton":
-        if triton is None:
-            raise RuntimeError("sweep backend 'triton' requested but Triton is not installed")
-        if block_size > MAX_TRITON_BLOCK:
-            raise ValueError(f"the Triton sweep takes block_size <= {MAX_TRITON_BLOCK}, got {block_size}")
-        return name
-    if name == "auto":
-        usable = triton is not None and W.is_cuda and block_size <= MAX_TRITON_BLOCK and _triton_broken is None
-        return "triton" if usable else "eager"
-    return name
 
 
 def _sweep_eager(W: Tensor, U: Tensor, s_cols: Tensor, z_cols: Tensor, codes: Tensor, spec: QuantSpec,

@@ -19,16 +19,13 @@ under ``TRITON_INTERPRET=1``, and raises instead of falling back.
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
-BACKENDS = ("auto", "eager", "triton")
-ENV_VAR = "DIFFPTQ_FAKEQUANT"
+from diffptq.triton_backend import TritonBackend
+
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK = 2048  # elements per program (4 warps). H100: per-tensor at copy bandwidth, per-token bf16 ~15% below
 
@@ -38,22 +35,12 @@ try:  # Triton is optional: CPU-only installs fake-quantize eagerly
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-_triton_broken: str | None = None  # set once the kernel failed to build or run; auto then stays eager
+BACKEND = TritonBackend("DIFFPTQ_FAKEQUANT", "Triton fake-quant kernel", lambda: triton is not None)
 
 
 def fake_quant_backend(x: Tensor) -> str:
     """"triton" or "eager": which path ``fused_fake_quant`` takes for x under ``DIFFPTQ_FAKEQUANT``."""
-    name = os.environ.get(ENV_VAR, "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
-    if name == "triton":
-        if triton is None:
-            raise RuntimeError(f"{ENV_VAR}=triton but Triton is not installed")
-        return name
-    if name == "auto":
-        usable = triton is not None and x.is_cuda and _triton_broken is None and not torch.compiler.is_compiling()
-        return "triton" if usable else "eager"
-    return name
+    return BACKEND.choose(x.is_cuda and not torch.compiler.is_compiling())
 
 
 def param_layout(x_shape: torch.Size, p_shape: torch.Size) -> tuple[int, int] | None:
@@ -103,14 +90,10 @@ def fused_fake_quant(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: in
     layout = param_layout(x.shape, scale.shape)
     if layout is None:
         return None
-    global _triton_broken
     try:
         return _launch(x, scale, zero, qmin, qmax, *layout)
     except Exception as e:  # noqa: BLE001 - any build/launch failure: the eager path is always right
-        if os.environ.get(ENV_VAR) == "triton":
-            raise
-        _triton_broken = f"{type(e).__name__}: {e}"
-        log.warning("Triton fake-quant kernel failed (%s); using eager fake-quant from now on", _triton_broken)
+        BACKEND.fall_back(e)
         return None
 
 

@@ -41,6 +41,28 @@ def test_eager_sweep_matches_the_plain_column_loop():
     assert (codes != ref).float().mean() < 0.01
 
 
+def test_failing_kernel_under_auto_sweeps_eagerly_with_the_same_codes(monkeypatch):
+    from diffptq.algo import sweep
+
+    def broken(*args):
+        raise RuntimeError("no GPU compiler")
+
+    monkeypatch.setattr(sweep, "_sweep_triton", broken)
+    monkeypatch.setattr(sweep.BACKEND, "broken", None)
+    monkeypatch.setattr(sweep.BACKEND, "choose", lambda usable, backend=None: "triton")  # as on a GPU
+    monkeypatch.delenv("DIFFPTQ_SWEEP", raising=False)
+    W, H, _ = _problem()
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + 0.01 * torch.eye(64))), upper=True)
+    s, z = torch.full_like(W, 0.3), torch.zeros_like(W)
+    got, ref = torch.zeros_like(W), torch.zeros_like(W)
+    gptq_sweep(W.clone(), U, s, z, got, QuantSpec(4), block_size=16)
+    assert sweep.BACKEND.broken == "RuntimeError: no GPU compiler"
+    gptq_sweep(W.clone(), U, s, z, ref, QuantSpec(4), block_size=16, backend="eager")
+    assert torch.equal(got, ref)
+    with pytest.raises(RuntimeError, match="no GPU compiler" if triton is not None else "not installed"):
+        gptq_sweep(W.clone(), U, s, z, got, QuantSpec(4), block_size=16, backend="triton")  # forced: no fallback
+
+
 def test_backend_choice_is_checked():
     W, H, _ = _problem()
     with pytest.raises(ValueError, match="backend"):
