@@ -40,6 +40,7 @@ def test_load_for_inference_and_refusals(tiny, tmp_path):
     fresh = fam.denoiser(load_pipeline("tiny-dit"))
     result = load_for_inference(fresh, path, "w4", config=InferenceConfig(force=True))
     assert result.path == "w4" and result.fused_attention == 4
+    assert result.sigmoid_gelu == len(fresh.transformer_blocks)  # the model-level rewrites of convert_for_inference
     assert set(result.modules.values()) == {"Int4WeightOnlyLinear"}
     other = fam.denoiser(load_pipeline("tiny-dit"))
     assert load_for_inference(other, path, "w4a8").path in ("fake", "w4a8")  # fake-quant without an FP8 GPU
