@@ -3,7 +3,8 @@
   convert_for_inference(model, path="w4a8" | "w4" | "fake", device)   fake-quant layers -> inference modules
   load_for_inference / load_int4_checkpoint                          a checkpoint straight into them
   Fp8W4A8Linear, Int4WeightOnlyLinear, Int4WeightOnlyConv2d           the modules
-  fp8 (numerics and the reference GEMM), int4 (packing), profiling (GPU time breakdown of a step)
+  fp8 (numerics and the reference GEMM), int4 (packing), activations (the tanh GELU in sigmoid form),
+  profiling (GPU time breakdown of a step)
 """
 from diffptq.kernels.common import set_profile_scopes
 from diffptq.kernels.fp8 import fp8_scaled_mm, fp8_support, scaled_mm_reference
