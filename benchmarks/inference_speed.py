@@ -4,7 +4,10 @@ Full-size random-weight PixArt-XL-2-512 and SD 1.5 UNet (diffptq.models.fullsize
 Rows: FP16 eager, BF16 + torch.compile, fake-quant W4A8 (int8 per-token activations, eager), the W4A8 speed path
 (FP8 GEMMs, eager and compiled; also with static per-tensor activation scales; for PixArt at the headline batch also
 compiled with the Triton per-token quantization kernel, and with inductor's coordinate-descent tuning), the W4
-memory path (packed int4, eager and compiled), torchao FP8 dynamic row-wise + compile as the peer. Weights: RTN W4
+memory path (packed int4, eager and compiled), torchao FP8 dynamic row-wise + compile as the peer. PixArt at the
+headline batch also: BF16, torchao and static W4A8 under coordinate-descent tuning (goal rows compare compiled rows
+under the same tuning only), static W4A8 with the stock tanh GELU and BF16 with the sigmoid-form one (what that
+rewrite gives; the real paths use it by default). Weights: RTN W4
 of every block layer (per channel for W4A8 and fake-quant; groups of 128, or 64 where 128 does not divide, for the
 memory path). Also: model size on disk and in memory, a profiler breakdown of W4A8 steps, and the quality of the
 exact W4A8 numerics on bundled-dit (tiny-dit when its weights are absent; prompt_acc too with the bundled evaluator).
@@ -17,6 +20,8 @@ finish in time is marked skipped (each compiled batch costs a compilation: tens 
 about a minute for the whole UNet). Within a pass the variants go in the order of `--variants` (default: the
 baseline, then the fastest W4A8 variant, then the peer), so a short budget cuts the last ones.
 On the CPU (`--device cpu`, smoke tests) the real modules run their reference kernels and "compiled" rows eagerly.
+`--compile_mode reduce-overhead` (CUDA graphs) compiles the whole model (per-block graphs would overwrite each
+other's outputs) and marks every timed call as a new graph step.
 
   python benchmarks/inference_speed.py --out results/inference_speed --report benchmarks/results/inference_speed.md
   python benchmarks/inference_speed.py --render results/inference_speed --report x.md     (markdown from the JSON)
