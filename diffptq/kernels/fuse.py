@@ -15,7 +15,7 @@ from torch import nn
 
 from diffptq.kernels.fp8_linear import Fp8W4A8Linear
 from diffptq.kernels.int4_weight_only import Int4WeightOnlyLinear
-from diffptq.quant.act import StaticActQuantizer, same_quantization
+from diffptq.quant.act import same_quantization
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ def _cat_bias(layers: list[nn.Module]) -> torch.Tensor | None:
 def _same_static_scales(layers: list[Fp8W4A8Linear]) -> bool:
     """All layers use static scales from calibrated per-tensor quantizers with one grid and equal scale and zero
     (e.g. q/k/v calibrated on their one shared input): one quantization of x serves them all."""
-    q0 = layers[0].act_quant
-    return (type(q0) is StaticActQuantizer and all(m.act_mode == "static" for m in layers)
-            and all(same_quantization(q0, m.act_quant) for m in layers))
+    # act_mode "static" guarantees a quantizer; same_quantization is False unless both are equal calibrated static ones
+    return (all(m.act_mode == "static" for m in layers)
+            and all(same_quantization(layers[0].act_quant, m.act_quant) for m in layers))
 
 
 def concat_layers(layers: list[nn.Module]) -> nn.Module | None:
