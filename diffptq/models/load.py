@@ -22,7 +22,8 @@ from diffptq.models.tiny import TINY_MODELS, build_tiny_pipeline
 log = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).parent / "bundled" / "weights"
-BUNDLED_MODELS = {"bundled-dit": BUNDLED_DIR / "dit", "bundled-unet": BUNDLED_DIR / "unet"}
+BUNDLED_MODELS = {"bundled-dit": BUNDLED_DIR / "dit", "bundled-dit-deep": BUNDLED_DIR / "dit-deep",
+                  "bundled-unet": BUNDLED_DIR / "unet"}
 KNOWN_HUB_MODELS = {
     "PixArt-alpha/PixArt-XL-2-512x512": PixArtAlphaPipeline,
     "PixArt-alpha/PixArt-XL-2-1024-MS": PixArtAlphaPipeline,
@@ -102,16 +103,16 @@ def _load_directory(path: Path, dtype: torch.dtype):
 def _load_bundled(name: str, dtype: torch.dtype):
     path = BUNDLED_MODELS[name]
     if not (path / "model_index.json").is_file():
-        which = name.split("-")[1]
+        which = name.removeprefix("bundled-")
         raise ModelNotFoundError(
             f"bundled model {name} has no weights at {path}; train them with "
-            f"`python -m diffptq.models.bundled.train --which {which}` (or use tiny-{which} for a random-weight model)"
+            f"`python -m diffptq.models.bundled.train --which {which}` (or use tiny-{which.split('-')[0]} for a random-weight model)"
         )
     pipe = _load_directory(path, dtype)
     from diffptq.models.bundled.specs import SAMPLING
 
     # guidance scale the bundled models were tuned for; steps and sizes come from the pipeline and the flags
-    pipe.diffptq_sampling = {"guidance_scale": SAMPLING[name.split("-")[1]]["guidance_scale"]}
+    pipe.diffptq_sampling = {"guidance_scale": SAMPLING[name.removeprefix("bundled-")]["guidance_scale"]}
     pipe.diffptq_prompts = _bundled_prompts
     return pipe
 

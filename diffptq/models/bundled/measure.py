@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         entry = {"prompt_acc": sweep, "best_guidance": best,
                  "default_guidance": SAMPLING[which]["guidance_scale"]}
         if args.quant_check:
-            den_name = "transformer" if which == "dit" else "unet"
+            den_name = "transformer" if hasattr(pipe, "transformer") else "unet"
             fp = getattr(pipe, den_name)
             for wb, ab in ((8, 8), (4, None), (4, 4)):
                 setattr(pipe, den_name, rtn_fake_quant(fp, wb, ab))

@@ -8,7 +8,7 @@ from diffusers import DiffusionPipeline, PixArtAlphaPipeline, StableDiffusionPip
 
 from diffptq.models.bundled.dataset import sample_scenes
 from diffptq.models.bundled.evaluator import BundledEvaluator
-from diffptq.models.bundled.specs import SAMPLING, WEIGHTS_DIR
+from diffptq.models.bundled.specs import BUNDLED, SAMPLING, WEIGHTS_DIR, dit_deep_spec
 
 EVAL_PROMPT_SEED = 424_242  # prompts for measuring prompt_acc (no training pool uses this seed)
 
@@ -19,14 +19,18 @@ def eval_prompts(n: int, seed: int = EVAL_PROMPT_SEED) -> list[str]:
 
 
 def kind_of(pipe: DiffusionPipeline) -> str:
-    return "dit" if hasattr(pipe, "transformer") else "unet"
+    """The SAMPLING key of a bundled pipeline: 'dit-deep' for the 28-block DiT, 'dit' for other PixArt pipelines,
+    'unet' for Stable Diffusion ones."""
+    if hasattr(pipe, "transformer"):
+        return "dit-deep" if pipe.transformer.config.num_layers == dit_deep_spec().num_layers else "dit"
+    return "unet"
 
 
 def load_bundled(which: str, path: str | Path | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> DiffusionPipeline:
-    """The committed bundled pipeline `which` ('dit' | 'unet'), or the one saved at `path`."""
+    """The committed bundled pipeline `which` ('dit' | 'dit-deep' | 'unet'), or the one saved at `path`."""
     path = Path(path) if path is not None else WEIGHTS_DIR / which
-    if which == "dit":
+    if BUNDLED[which][0] == "pixart":
         pipe = PixArtAlphaPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,

@@ -27,6 +27,14 @@ def dit_spec() -> DiTSpec:
                    text_heads=4, max_tokens=MAX_TOKENS, vae=vae_spec())
 
 
+def dit_deep_spec() -> DiTSpec:
+    """PixArtTransformer2DModel as deep as PixArt-XL-2: 28 blocks of bundled-dit's width (5 heads x 32 = 160 hidden,
+    patch 4 on 32x32 latents: 64 tokens), so that only depth separates it from bundled-dit; its own T5 encoder
+    2 layers x 128. 11.6M denoiser parameters (23 MB in fp16)."""
+    return DiTSpec(num_layers=28, heads=5, head_dim=32, sample_size=32, patch_size=4, text_dim=128, text_layers=2,
+                   text_heads=4, max_tokens=MAX_TOKENS, vae=vae_spec())
+
+
 def unet_spec() -> UNetSpec:
     """UNet2DConditionModel: channels (32, 64, 128) at 32x32, 16x16, 8x8 latents, cross-attention at 16x16 and 8x8
     (and the mid block); CLIP encoder 2 layers x 96."""
@@ -62,9 +70,13 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-# Call arguments for sampling (besides prompt, generator and output_type).
+# Call arguments for sampling (besides prompt, generator and output_type), per bundled model.
+_PIXART_CALL = {"num_inference_steps": 20, "guidance_scale": 4.5, "height": IMAGE_SIZE, "width": IMAGE_SIZE,
+                "use_resolution_binning": False, "clean_caption": False, "max_sequence_length": MAX_TOKENS}
 SAMPLING = {
-    "dit": {"num_inference_steps": 20, "guidance_scale": 4.5, "height": IMAGE_SIZE, "width": IMAGE_SIZE,
-            "use_resolution_binning": False, "clean_caption": False, "max_sequence_length": MAX_TOKENS},
+    "dit": dict(_PIXART_CALL),
+    "dit-deep": dict(_PIXART_CALL),
     "unet": {"num_inference_steps": 20, "guidance_scale": 4.5, "height": IMAGE_SIZE, "width": IMAGE_SIZE},
 }
+# The bundled text-to-image models: name (as --which and the weights folder) -> (pipeline kind, spec builder).
+BUNDLED = {"dit": ("pixart", dit_spec), "dit-deep": ("pixart", dit_deep_spec), "unet": ("sd", unet_spec)}

@@ -2,7 +2,7 @@
 
     python -m diffptq.models.bundled.train --which vae       --out DIR     # AutoencoderKL (first)
     python -m diffptq.models.bundled.train --which evaluator --out DIR     # evaluation CNN (independent)
-    python -m diffptq.models.bundled.train --which dit  --vae VAE_DIR --out DIR
+    python -m diffptq.models.bundled.train --which dit  --vae VAE_DIR --out DIR   # also dit-deep (28 blocks)
     python -m diffptq.models.bundled.train --which unet --vae VAE_DIR --out DIR
 
 `--out` defaults to diffptq/models/bundled/weights/<which> (vae: weights/vae, not committed: the pipelines carry it
@@ -28,6 +28,7 @@ DEFAULTS = {  # minutes, batch size, peak lr per model
     "vae": (1.25, 256, 1e-3),
     "evaluator": (1.0, 256, 2e-3),
     "dit": (6.25, 1024, 1e-3),
+    "dit-deep": (8.0, 512, 8e-4),
     "unet": (6.25, 1024, 8e-4),
 }
 
@@ -36,12 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", required=True, choices=tuple(DEFAULTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--minutes", type=float, help="wall-clock budget (default: vae 1.25, evaluator 1, dit/unet 6.25)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget (default: vae 1.25, evaluator 1, dit/unet 6.25, dit-deep 8)")
     p.add_argument("--steps", type=int, default=1_000_000, help="stop after this many steps at the latest")
     p.add_argument("--batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--pool_size", type=int, default=800_000, help="dit/unet: scenes encoded once at the start")
-    p.add_argument("--vae", type=Path, default=WEIGHTS_DIR / "dit" / "vae", help="dit/unet: trained VAE directory")
+    p.add_argument("--vae", type=Path, default=WEIGHTS_DIR / "dit" / "vae", help="diffusion models: trained VAE directory")
     p.add_argument("--high_noise_fraction", type=float, default=0.0, help="dit/unet: share of t from the upper half")
     p.add_argument("--high_noise_weight", type=float, default=1.0, help="dit/unet: loss weight cap where SNR < 1")
     p.add_argument("--warmup", type=int, default=300)

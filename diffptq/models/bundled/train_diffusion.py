@@ -1,4 +1,4 @@
-"""Train a bundled text-to-image pipeline (`dit`: PixArtAlphaPipeline, `unet`: StableDiffusionPipeline) from
+"""Train a bundled text-to-image pipeline (`dit`, `dit-deep`: PixArtAlphaPipeline, `unet`: StableDiffusionPipeline) from
 scratch on the procedural scenes, denoiser and text encoder jointly, with a trained (frozen) VAE.
 
 Data: a pool of `cfg.pool_size` scenes is drawn (numpy, in worker processes), rendered and encoded to latents once
@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffptq.models.build import build_pixart_pipeline, build_sd_pipeline
 from diffptq.models.bundled.dataset import SceneBatch, render, sample_scenes
 from diffptq.models.bundled.scenes import vocabulary
-from diffptq.models.bundled.specs import TrainConfig, dit_spec, unet_spec
+from diffptq.models.bundled.specs import BUNDLED, TrainConfig
 from diffptq.models.bundled.train_common import (
     EMA,
     Budget,
@@ -38,12 +38,11 @@ POOL_CHUNK = 20_000
 
 def build_untrained(which: str, vae: AutoencoderKL, seed: int) -> DiffusionPipeline:
     """A random-weight pipeline of the bundled size with the trained `vae` in place."""
-    if which == "dit":
-        pipe = build_pixart_pipeline(dit_spec(), vocabulary(), seed)
-    elif which == "unet":
-        pipe = build_sd_pipeline(unet_spec(), vocabulary(), seed)
-    else:
-        raise ValueError(f"which must be 'dit' or 'unet', got {which!r}")
+    if which not in BUNDLED:
+        raise ValueError(f"which must be one of {', '.join(BUNDLED)}, got {which!r}")
+    kind, spec = BUNDLED[which]
+    build = build_pixart_pipeline if kind == "pixart" else build_sd_pipeline
+    pipe = build(spec(), vocabulary(), seed)
     pipe.vae = vae
     pipe.register_modules(vae=vae)
     return pipe
