@@ -106,7 +106,8 @@ def _load_bundled(name: str, dtype: torch.dtype):
         which = name.removeprefix("bundled-")
         raise ModelNotFoundError(
             f"bundled model {name} has no weights at {path}; train them with "
-            f"`python -m diffptq.models.bundled.train --which {which}` (or use tiny-{which.split('-')[0]} for a random-weight model)"
+            f"`python -m diffptq.models.bundled.train --which {which}` (or use tiny-{which.split('-')[0]} for a "
+            "random-weight model)"
         )
     pipe = _load_directory(path, dtype)
     from diffptq.models.bundled.specs import SAMPLING

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from diffptq.models import family_of
 from diffptq.quant.quantizer import QuantSpec, fit_rows
-from diffptq.tdq.calibrate import TdqActQuantizer
+from diffptq.tdq.quantizer import TdqActQuantizer
 from diffptq.tdq.schedule import log_snr_at, make_condition_fn
 
 COLOURS = {"static": "tab:gray", "timestep": "tab:blue", "logsnr": "tab:red"}

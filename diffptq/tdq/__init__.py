@@ -5,19 +5,12 @@ fourier    Fourier features of the scalar condition
 scale_mlp  ScaleMLP: condition → positive scale(s), initialised at the static scale
 fit        per-condition optimal scales (MSE search) → trained ScaleMLP, with fit errors
 condition  denoiser pre-hook: current timestep → set_condition(c) on every conditioned quantizer
-calibrate  TdqActQuantizer (calibrated by the sequential driver), calibrate_tdq_pipeline
+quantizer  TdqActQuantizer: the runtime quantizer (scale MLP of the condition), calibrating itself when asked
+calibrate  calibrate_tdq_pipeline: TDQ activations + weights, block by block through the sequential driver
 inference  attach_tdq(pipe): the condition hook on a pipeline's denoiser, for any scheduler
 checkpoint build_tdq_act(entry): rebuild a TdqActQuantizer when loading a checkpoint
 """
-from .calibrate import (
-    CONDITIONS,
-    OffsetZero,
-    TdqActQuantizer,
-    TdqCalibration,
-    TdqConfig,
-    calibrate_tdq_pipeline,
-    tdq_quantizers,
-)
+from .calibrate import CONDITIONS, TdqCalibration, TdqConfig, calibrate_tdq_pipeline
 from .condition import (
     ConditionHook,
     apply_condition,
@@ -42,6 +35,7 @@ from .fit import (
 )
 from .fourier import FourierFeatures, fourier_features, fourier_frequencies
 from .inference import attach_tdq, detach_tdq
+from .quantizer import OffsetZero, TdqActQuantizer, tdq_quantizers
 from .scale_mlp import ScaleMLP, softplus_inverse
 from .schedule import (
     AffineNormalizer,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from diffptq.io.checkpoint import CheckpointError
 from diffptq.quant.quantizer import QuantSpec
 
-from .calibrate import TdqActQuantizer
+from .quantizer import TdqActQuantizer
 
 
 def build_tdq_act(entry: dict) -> TdqActQuantizer:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffptq.models.families import family_of
 
-from .calibrate import tdq_quantizers
+from .quantizer import tdq_quantizers
 from .condition import ConditionHook, attach_condition_hook
 from .schedule import make_condition_fn
 

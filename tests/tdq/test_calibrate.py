@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from diffptq.quant.quantizer import QuantSpec, fit_rows
-from diffptq.tdq.calibrate import TdqActQuantizer, record_trajectories
+from diffptq.tdq.calibrate import record_trajectories
+from diffptq.tdq.quantizer import TdqActQuantizer
 from diffptq.tdq.checkpoint import build_tdq_act
 from diffptq.tdq.fit import TdqFitConfig, quant_mse
 

@@ -6,7 +6,8 @@ from diffptq.io.checkpoint import save_quantized
 from diffptq.io.load import load_quantized
 from diffptq.models import family_of, load_pipeline
 from diffptq.run.tdq import switch_scheduler
-from diffptq.tdq.calibrate import TdqConfig, calibrate_tdq_pipeline, tdq_quantizers
+from diffptq.tdq.calibrate import TdqConfig, calibrate_tdq_pipeline
+from diffptq.tdq.quantizer import tdq_quantizers
 from diffptq.tdq.fit import TdqFitConfig
 from diffptq.tdq.inference import HOOK_ATTR
 

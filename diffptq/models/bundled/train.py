@@ -37,12 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", required=True, choices=tuple(DEFAULTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--minutes", type=float, help="wall-clock budget (default: vae 1.25, evaluator 1, dit/unet 6.25, dit-deep 8)")
+    p.add_argument("--minutes", type=float,
+                   help="wall-clock budget (default: vae 1.25, evaluator 1, dit/unet 6.25, dit-deep 8)")
     p.add_argument("--steps", type=int, default=1_000_000, help="stop after this many steps at the latest")
     p.add_argument("--batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--pool_size", type=int, default=800_000, help="dit/unet: scenes encoded once at the start")
-    p.add_argument("--vae", type=Path, default=WEIGHTS_DIR / "dit" / "vae", help="diffusion models: trained VAE directory")
+    p.add_argument("--vae", type=Path, default=WEIGHTS_DIR / "dit" / "vae",
+                   help="diffusion models: trained VAE directory")
     p.add_argument("--high_noise_fraction", type=float, default=0.0, help="dit/unet: share of t from the upper half")
     p.add_argument("--high_noise_weight", type=float, default=1.0, help="dit/unet: loss weight cap where SNR < 1")
     p.add_argument("--warmup", type=int, default=300)
