@@ -28,12 +28,12 @@ from diffptq.eval.metrics.similarity import psnr_score
 from diffptq.eval.report import write_text_atomic
 from diffptq.kernels import InferenceConfig, convert_for_inference
 from diffptq.models import family_of, load_pipeline
-from diffptq.models.bundled.dataset import sample_scenes
+from diffptq.data.calib import collect_calibration
+from diffptq.data.prompts import calibration_prompts
 from diffptq.models.bundled.evaluator import load_evaluator
 from diffptq.models.bundled.sampling import eval_prompts, prompt_acc
 from diffptq.quant.quantizer import QuantSpec
-from diffptq.run.tdq import CALIB_PROMPT_SEED
-from diffptq.tdq.calibrate import TdqConfig, calibrate_tdq_pipeline, record_trajectories
+from diffptq.tdq.calibrate import TdqConfig, calibrate_tdq_pipeline
 from diffptq.tdq.inference import attach_tdq, detach_tdq
 
 W4 = QuantSpec(4)
@@ -66,8 +66,7 @@ def main() -> None:
     t_start = time.perf_counter()
     fp = load_pipeline(args.model)
     fam = family_of(fp)
-    prompts = sample_scenes(args.n_calib, CALIB_PROMPT_SEED).captions()
-    calib = record_trajectories(fp, prompts, args.calib_steps, progress=False)
+    calib = collect_calibration(fp, calibration_prompts(fp, args.n_calib), args.calib_steps, progress=False)
 
     static = copy.deepcopy(fp)
     quantize_sequential(fam.denoiser(static), fam, calib, SequentialConfig(method="rtn", weight=W4, act=A8),

@@ -499,14 +499,13 @@ def quality(args) -> dict:
     kwargs = {}
     prompts = load_prompts(n=args.quality_prompts)
     if name.startswith("bundled"):
-        from diffptq.models.bundled.dataset import sample_scenes
+        from diffptq.data.prompts import calibration_prompts
         from diffptq.models.bundled.specs import SAMPLING
-        from diffptq.run.tdq import CALIB_PROMPT_SEED
 
-        kwargs = {k: v for k, v in SAMPLING[name.split("-")[1]].items() if k != "num_inference_steps"}
+        kwargs = {k: v for k, v in SAMPLING[name.removeprefix("bundled-")].items() if k != "num_inference_steps"}
         # the captions the model knows (as the quantization scripts calibrate): static ranges fitted on everyday
         # captions made the static rows' prompt_acc fall to 0.05-0.14
-        prompts = sample_scenes(args.quality_prompts, CALIB_PROMPT_SEED).captions()
+        prompts = calibration_prompts(pipe, args.quality_prompts)
     calib = collect_calibration(pipe, prompts, args.quality_steps,
                                 batch_size=args.quality_prompts, progress=False, **kwargs)
     records = list(calib.records)[-args.quality_records:]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from diffptq.errors import DiffptqError
+from diffptq.errors import DiffptqError, OutputPathError
 from diffptq.models.families import FAMILIES
 from diffptq.models.schedulers import SCHEDULERS
 
@@ -28,10 +28,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VERSIONED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "torchmetrics", "numpy",
                       "safetensors")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class OutDirExistsError(DiffptqError):
-    """--out_dir already holds results and --overwrite was not given."""
 
 
 def add_common_args(parser: argparse.ArgumentParser, family: str) -> None:
@@ -101,7 +97,7 @@ def start_run(args: argparse.Namespace, script: str) -> Run:
     dtype = resolve_dtype(args.dtype, device)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(script)
     if out_dir.exists() and any(out_dir.iterdir()) and not getattr(args, "overwrite", False):
-        raise OutDirExistsError(f"--out_dir {out_dir} already holds files; pass --overwrite or choose another folder")
+        raise OutputPathError(f"--out_dir {out_dir} already holds files; pass --overwrite or choose another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     return Run(out_dir, device, dtype, args, script)

@@ -58,7 +58,7 @@ from diffptq.algo.qronos import qronos_quantize_ex
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
 from diffptq.algo.streams import Loaded, PhaseTimer, PinnedPool, Prefetcher, move_module_tensors
 from diffptq.data.calib import CalibrationSet, CalibRecord
-from diffptq.errors import DiffptqError
+from diffptq.errors import NonFiniteActivationError
 from diffptq.models.families import ModelFamily
 from diffptq.quant.act import ActQuantizer, same_quantization
 from diffptq.quant.layers import QuantConfig, QuantLayer, float_mode, set_quant_enabled, swap_modules
@@ -68,10 +68,6 @@ log = logging.getLogger(__name__)
 METHODS = ("rtn", "gptq", "qronos")
 GRANULARITIES = ("unit", "block")
 State = tuple[Tensor, list[Tensor]]
-
-
-class NonFiniteActivationError(DiffptqError, RuntimeError):
-    """NaN/Inf reached a layer's input during calibration."""
 
 
 @dataclass

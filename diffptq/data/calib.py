@@ -1,20 +1,25 @@
 """Calibration data: the denoiser's inputs recorded along real sampling trajectories of the float pipeline.
 
-`collect_calibration` runs the pipeline (with classifier-free guidance, so each record holds both CFG branches)
-on N prompts and records, at every sampling step, the keyword arguments the denoiser was called with: latents
-(`hidden_states` for PixArt, `sample` for the UNet), `timestep`, `encoder_hidden_states`, masks and extra
-conditions. Records are kept on `storage` (the CPU by default, pinned when CUDA is used) and text states shared
-between steps are stored once. `CalibrationSet.batches()` replays them batch by batch on the compute device.
+`calibration_set(pipe, CalibConfig)` is what every quantization run records (weights and TDQ alike): its prompts
+(diffptq.data.prompts.calibration_prompts) and their trajectories. `collect_calibration` runs the pipeline (with
+classifier-free guidance, so each record holds both CFG branches) on N prompts and records, at every sampling step,
+the keyword arguments the denoiser was called with: latents (`hidden_states` for PixArt, `sample` for the UNet),
+`timestep`, `encoder_hidden_states`, masks and extra conditions. Records are kept on `storage` (the CPU by default,
+pinned when CUDA is used) and text states shared between steps are stored once. `CalibrationSet.batches()` replays
+them batch by batch on the compute device.
 """
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from diffptq.config import CalibConfig
+from diffptq.data.prompts import calibration_prompts
 from diffptq.models.families import family_of
 
 
@@ -145,3 +150,13 @@ def collect_calibration(pipe, prompts: list[str] | None, num_inference_steps: in
     finally:
         handle.remove()
     return result
+
+
+def calibration_set(pipe, cfg: CalibConfig, progress: bool = True) -> tuple[CalibrationSet, float]:
+    """The calibration data of `cfg` for `pipe` (its prompts: data.prompts.calibration_prompts) and the seconds the
+    recording took."""
+    prompts = calibration_prompts(pipe, cfg.n_calib, cfg.prompts)
+    t0 = time.perf_counter()
+    calib = collect_calibration(pipe, prompts, cfg.calib_steps, cfg.guidance_scale, cfg.batch_size, cfg.seed,
+                                progress=progress)
+    return calib, time.perf_counter() - t0

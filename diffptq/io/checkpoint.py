@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from diffptq.errors import DiffptqError
+from diffptq.errors import CheckpointError
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
 from diffptq.quant.layers import QuantLayer, QuantLinear, quant_layers
 from diffptq.quant.quantizer import QuantSpec, pack_codes, unpack_codes
@@ -33,10 +33,6 @@ from diffptq.quant.rotation import make_rotation
 FORMAT = "diffptq-checkpoint"
 VERSION = 2
 READ_VERSIONS = (1, 2)
-
-
-class CheckpointError(DiffptqError):
-    """A checkpoint that is missing, truncated, corrupted, not ours, or made for another base model."""
 
 
 def config_hash(denoiser: nn.Module) -> str:

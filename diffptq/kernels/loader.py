@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffptq.io.checkpoint import CheckpointError, apply_checkpoint, check_base, read_checkpoint
+from diffptq.errors import CheckpointError
+from diffptq.io.checkpoint import apply_checkpoint, check_base, read_checkpoint
 from diffptq.kernels.common import replace_module
 from diffptq.kernels.int4_weight_only import Int4WeightOnlyConv2d, Int4WeightOnlyLinear, choose_scale_dtype
 from diffptq.kernels.select import Conversion, InferenceConfig, convert_for_inference, finish_model

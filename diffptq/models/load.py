@@ -114,16 +114,7 @@ def _load_bundled(name: str, dtype: torch.dtype):
 
     # guidance scale the bundled models were tuned for; steps and sizes come from the pipeline and the flags
     pipe.diffptq_sampling = {"guidance_scale": SAMPLING[name.removeprefix("bundled-")]["guidance_scale"]}
-    pipe.diffptq_prompts = _bundled_prompts
     return pipe
-
-
-def _bundled_prompts(n: int, purpose: str) -> list[str]:
-    """Captions of random scenes of the bundled data set (the words the bundled models know)."""
-    from diffptq.data.prompts import CALIBRATION_SEED
-    from diffptq.models.bundled.sampling import EVAL_PROMPT_SEED, eval_prompts
-
-    return eval_prompts(n, EVAL_PROMPT_SEED if purpose == "evaluation" else CALIBRATION_SEED)
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype):

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from diffptq.errors import ConfigError
+from diffptq.config import CalibConfig
+from diffptq.data.prompts import evaluation_prompts
 from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
 from diffptq.eval.image_store import save_images
 from diffptq.eval.metrics import MetricOptions
@@ -137,7 +139,7 @@ class BenchmarkConfig:
     guidance_scale: float | None = None
     batch_size: int = 8
     quant: QuantSettings = field(default_factory=QuantSettings)
-    calib: Any = None  # diffptq.run.quantize.CalibConfig
+    calib: CalibConfig = field(default_factory=CalibConfig)
     checkpoints: str | None = None
     save_checkpoints: bool = False
     save_images: bool = False
@@ -156,19 +158,6 @@ class BenchmarkResult:
     prompts: list[str]
 
 
-def evaluation_prompts(pipe, path: str | None, n: int) -> list[str]:
-    """The n evaluation prompts: `path` (first n, cycling); else the model's own evaluation captions (bundled models,
-    diffptq.data.prompts.default_prompts); else the last n everyday captions, since calibration takes the first."""
-    from diffptq.data.prompts import default_prompts, load_prompts
-
-    if path is not None:
-        return load_prompts(path, n)
-    if getattr(pipe, "diffptq_prompts", None) is not None:
-        return default_prompts(pipe, n, "evaluation")
-    everyday = load_prompts()
-    return [everyday[-1 - (i % len(everyday))] for i in range(n)]
-
-
 def run_benchmark(cfg: BenchmarkConfig, out_dir: Path, device: torch.device, dtype: torch.dtype,
                   metric_options: MetricOptions, accelerator: Any = None) -> BenchmarkResult:
     """Evaluate every variant of `cfg` (see the module docstring).
@@ -181,7 +170,7 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: Path, device: torch.device, dty
     main = accelerator is None or getattr(accelerator, "is_main_process", True)
     pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
     set_scheduler(pipe, cfg.scheduler)
-    prompts = evaluation_prompts(pipe, cfg.prompts_file, cfg.n_images)
+    prompts = evaluation_prompts(pipe, cfg.n_images, cfg.prompts_file)
     made = list(_make_all(pipe, prompts, cfg, out_dir, device, dtype, accelerator, main))
     if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
         accelerator.wait_for_everyone()
@@ -279,9 +268,9 @@ class _Calibration:
 
     def get(self):
         if self._set is None:
-            from diffptq.run.quantize import collect
+            from diffptq.data.calib import calibration_set
 
-            self._set, seconds = collect(self.pipe, self.cfg, self.cfg.calib_steps, self.progress)
+            self._set, seconds = calibration_set(self.pipe, self.cfg, self.progress)
             log.info("calibration set: %d records in %.1f s", len(self._set), seconds)
         return self._set
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer, SequentialResult, denoiser_output_error
-from diffptq.data.calib import CalibrationSet, collect_calibration
-from diffptq.data.prompts import default_prompts, load_prompts
+from diffptq.config import CalibConfig
+from diffptq.data.calib import CalibrationSet, calibration_set
 from diffptq.errors import ConfigError
 from diffptq.models.families import family_of
 
@@ -18,19 +18,6 @@ LAYER_COLUMNS = ("block", "layer", "method", "wbits", "abits", "damp", "rel_out_
 SUMMARY_COLUMNS = ("method", "wbits", "abits", "act_quant", "rotate", "group_size", "blocks", "n_layers", "n_fallback",
                    "calib_time_s", "collect_time_s", "peak_vram_gb", "peak_host_gb", "mean_rel_out_err",
                    "final_denoiser_err")
-
-
-@dataclass
-class CalibConfig:
-    """Calibration data: `n_calib` prompts (from `prompts` file or the bundled captions) × `calib_steps` sampling
-    steps with CFG, generated in batches of `batch_size`."""
-
-    n_calib: int = 32
-    calib_steps: int = 10
-    batch_size: int = 8
-    guidance_scale: float | None = None
-    prompts: str | None = None
-    seed: int = 0
 
 
 @dataclass
@@ -105,18 +92,6 @@ def check_group_size(pipe, blocks: list[int], group_size: int | None) -> None:
                                   f"{units[k][0]}.{name}; choose a divisor (e.g. 32, 64, 128) or per-channel scales")
 
 
-def collect(pipe, calib_cfg: CalibConfig, num_steps: int, progress: bool = True) -> tuple[CalibrationSet, float]:
-    """Calibration trajectories of the float pipeline; returns (set, seconds)."""
-    if calib_cfg.prompts is not None:
-        prompts = load_prompts(calib_cfg.prompts, calib_cfg.n_calib)
-    else:
-        prompts = default_prompts(pipe, calib_cfg.n_calib, "calibration")
-    t0 = time.perf_counter()
-    calib = collect_calibration(pipe, prompts, num_steps, calib_cfg.guidance_scale, calib_cfg.batch_size,
-                                calib_cfg.seed, progress=progress)
-    return calib, time.perf_counter() - t0
-
-
 def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, device: torch.device,
                       dtype: torch.dtype, progress: bool = True, rotate: str | None = None,
                       rotate_seed: int = 0, rotate_conv: bool = False) -> QuantizationRun:
@@ -129,7 +104,7 @@ def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, devic
     denoiser = family.denoiser(pipe)
     blocks = cfg.blocks if cfg.blocks is not None else list(range(len(family.blocks(denoiser))))
     check_group_size(pipe, blocks, cfg.weight.group_size)
-    calib, collect_s = collect(pipe, calib_cfg, calib_cfg.calib_steps, progress)
+    calib, collect_s = calibration_set(pipe, calib_cfg, progress)
     t0 = time.perf_counter()
     cfg = replace(cfg, rotate=rotate, rotate_seed=rotate_seed, rotate_conv=rotate_conv)
     driver = SequentialQuantizer(denoiser, family, calib, cfg, device, dtype, progress=progress)

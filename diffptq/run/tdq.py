@@ -14,8 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from diffptq.cli import Run, bits_value, damp_value, positive_int
-from diffptq.data.calib import CalibrationSet
-from diffptq.data.prompts import load_prompts
+from diffptq.config import CalibConfig
+from diffptq.data.calib import CalibrationSet, calibration_set
 from diffptq.errors import DiffptqError
 from diffptq.eval.report import write_csv, write_markdown
 from diffptq.io.checkpoint import save_quantized
@@ -23,10 +23,9 @@ from diffptq.models import family_of, load_pipeline
 from diffptq.models.load import BUNDLED_MODELS
 from diffptq.models.schedulers import set_scheduler
 from diffptq.run.quantize import parse_blocks
-from diffptq.tdq.calibrate import CONDITIONS, TdqCalibration, TdqConfig, calibrate_tdq_pipeline, record_trajectories
+from diffptq.tdq.calibrate import CONDITIONS, TdqCalibration, TdqConfig, calibrate_tdq_pipeline
 from diffptq.tdq.fit import TdqFitConfig
 
-CALIB_PROMPT_SEED = 31_337  # bundled models: calibration scenes (evaluation uses sampling.EVAL_PROMPT_SEED)
 FIT_COLUMNS = ("n_conditions", "static_scale", "log_rmse_static", "log_rmse_mlp", "mse_ratio_static", "mse_ratio_mlp")
 LAYER_COLUMNS = ("block", "layer", "method", "wbits", "abits", "rel_out_err", *FIT_COLUMNS)
 SUMMARY_COLUMNS = ("condition", "weight_method", "wbits", "abits", "scheduler", "calib_steps", "n_calib", "n_layers",
@@ -76,34 +75,6 @@ def is_bundled(model: str) -> bool:
     return model in BUNDLED_MODELS
 
 
-def calibration_prompts(args: argparse.Namespace) -> list[str]:
-    """``--n_calib`` prompts: --prompts file, scene captions (bundled models) or the everyday captions."""
-    if args.prompts is None and is_bundled(args.model):
-        from diffptq.models.bundled.dataset import sample_scenes
-
-        return sample_scenes(args.n_calib, CALIB_PROMPT_SEED).captions()
-    return load_prompts(args.prompts, args.n_calib)
-
-
-def evaluation_prompts(args: argparse.Namespace, n: int) -> list[str]:
-    """n evaluation prompts, disjoint from the calibration ones where the source allows it."""
-    if args.prompts is None and is_bundled(args.model):
-        from diffptq.models.bundled.sampling import eval_prompts
-
-        return eval_prompts(n)
-    everything = load_prompts(args.prompts)
-    return [everything[(len(everything) - n + i) % len(everything)] for i in range(n)]
-
-
-def guidance_scale(args: argparse.Namespace) -> float | None:
-    """--guidance_scale, else the bundled model's sampling scale, else None (the pipeline's default)."""
-    if args.guidance_scale is not None or not is_bundled(args.model):
-        return args.guidance_scale
-    from diffptq.models.bundled.specs import SAMPLING
-
-    return SAMPLING["dit" if args.model.endswith("dit") else "unet"]["guidance_scale"]
-
-
 def load_model(args: argparse.Namespace, run: Run, scheduler: str | None = None):
     """The float pipeline of --model on the run's device/dtype, every module in eval mode, scheduler set."""
     pipe = load_pipeline(args.model, dtype=run.dtype, device=run.device)
@@ -139,8 +110,9 @@ def tdq_config(args: argparse.Namespace, condition: str, wbits: int, abits: int,
 
 def record_calibration(pipe, args: argparse.Namespace, progress: bool = True) -> CalibrationSet:
     """The float pipeline's trajectories on --scheduler: n_calib prompts × calib_steps steps, with CFG."""
-    return record_trajectories(pipe, calibration_prompts(args), args.calib_steps, guidance_scale(args),
-                               args.calib_batch_size, args.seed, progress)
+    cfg = CalibConfig(args.n_calib, args.calib_steps, args.calib_batch_size, args.guidance_scale, args.prompts,
+                      args.seed)
+    return calibration_set(pipe, cfg, progress)[0]
 
 
 def calibrate(pipe, cfg: TdqConfig, args: argparse.Namespace, run: Run, calib: CalibrationSet | None = None,

@@ -24,12 +24,12 @@ import torch
 from torch import Tensor
 
 from diffptq.cli import Run
-from diffptq.data.calib import CalibrationSet
+from diffptq.data.calib import CalibrationSet, collect_calibration
+from diffptq.data.prompts import evaluation_prompts
 from diffptq.eval.report import save_image_grid, write_csv, write_markdown
 from diffptq.models import family_of
 from diffptq.quant.layers import quant_layers
 from diffptq.run import tdq
-from diffptq.tdq.calibrate import record_trajectories, sampling_kwargs
 from diffptq.tdq.inference import HOOK_ATTR
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def generate_images(pipe, prompts: Sequence[str], steps: int, guidance: float | 
                     seed: int) -> Tensor:
     """Images (N,3,H,W) float32 in [0,1] on the CPU; batch b uses a CPU generator seeded seed + b, as
     ``data.calib.collect_calibration`` does, so images and recorded trajectories start from the same noise."""
-    kwargs = sampling_kwargs(pipe)
+    kwargs = family_of(pipe).call_kwargs(pipe)
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     out = []
@@ -97,7 +97,7 @@ def fp_reference(pipe, sampler: EvalSampler, prompts: Sequence[str], guidance: f
     """Record the FP pipeline's trajectories on ``sampler`` and its outputs (and images) there."""
     tdq.switch_scheduler(pipe, sampler.scheduler)
     family = family_of(pipe)
-    records = record_trajectories(pipe, list(prompts), sampler.steps, guidance, batch_size, seed, progress=False)
+    records = collect_calibration(pipe, list(prompts), sampler.steps, guidance, batch_size, seed, progress=False)
     denoiser = family.denoiser(pipe)
     outputs = [denoiser(**inputs, return_dict=False)[0].float().cpu() for inputs in records.batches(device, dtype)]
     imgs = generate_images(pipe, prompts, sampler.steps, guidance, batch_size, seed) if images else None
@@ -242,8 +242,8 @@ def compare(args: argparse.Namespace, run: Run) -> list[dict]:
     fp = tdq.load_model(args, run)
     family = family_of(fp)
     n_blocks = len(family.blocks(family.denoiser(fp)))
-    prompts = tdq.evaluation_prompts(args, args.n_prompts)
-    guidance = tdq.guidance_scale(args)
+    prompts = evaluation_prompts(args.model, args.n_prompts, args.prompts, tail=True)
+    guidance = args.guidance_scale
     samplers = parse_samplers(args.eval)
     calib = tdq.record_calibration(fp, args)
     refs = [fp_reference(fp, s, prompts, guidance, args.eval_batch_size, args.seed, run.device, run.dtype,

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer, denoiser_output_error
-from diffptq.data.calib import CalibrationSet, CalibRecord, collect_calibration
-from diffptq.data.prompts import load_prompts
+from diffptq.data.calib import CalibrationSet, CalibRecord
 from diffptq.models.families import family_of
 from diffptq.quant.layers import QuantLayer
 from diffptq.quant.quantizer import QuantSpec
@@ -36,27 +35,6 @@ def set_record_condition(quantizers: list[TdqActQuantizer], condition_fn: Condit
     c = float(condition_fn(record.timestep)[0])
     for q in quantizers:
         q.set_condition(c)
-
-
-def sampling_kwargs(pipe) -> dict:
-    """Call arguments for sampling ``pipe`` at its own size: the bundled models' ``SAMPLING`` (64 px, no resolution
-    binning; without steps and guidance), else ``family.call_kwargs``."""
-    from diffptq.models.load import BUNDLED_MODELS
-
-    source = getattr(pipe, "diffptq_source", None)
-    if source in BUNDLED_MODELS:
-        from diffptq.models.bundled.specs import SAMPLING
-
-        kind = "dit" if source.endswith("dit") else "unet"
-        return {k: v for k, v in SAMPLING[kind].items() if k not in ("num_inference_steps", "guidance_scale")}
-    return family_of(pipe).call_kwargs(pipe)
-
-
-def record_trajectories(pipe, prompts: list[str], num_steps: int, guidance_scale: float | None = None,
-                        batch_size: int = 8, seed: int = 0, progress: bool = True) -> CalibrationSet:
-    """``data.calib.collect_calibration`` on ``pipe`` with its scheduler, CFG and ``sampling_kwargs``."""
-    return collect_calibration(pipe, prompts, num_steps, guidance_scale, batch_size, seed, progress=progress,
-                               **sampling_kwargs(pipe))
 
 
 # ---- end-to-end refinement ------------------------------------------------------------------------------------
@@ -168,7 +146,7 @@ class TdqCalibration:
     calib: CalibrationSet
     condition_fn: ConditionFn
     quantizers: dict[str, TdqActQuantizer]
-    collect_time_s: float
+    collect_time_s: float | None  # recording ``calib`` (set by the caller that recorded it)
     calib_time_s: float
     final_err_per_step: dict[int, float]
     refine_loss: dict[int, tuple[float, float]]
@@ -183,22 +161,15 @@ class TdqCalibration:
         return rows
 
 
-def calibrate_tdq_pipeline(pipe, cfg: TdqConfig, calib: CalibrationSet | None = None, prompts: list[str] | None = None,
-                           n_calib: int = 32, calib_steps: int = 10, batch_size: int = 8,
-                           guidance_scale: float | None = None, seed: int = 0, device: torch.device | str = "cpu",
+def calibrate_tdq_pipeline(pipe, cfg: TdqConfig, calib: CalibrationSet, device: torch.device | str = "cpu",
                            dtype: torch.dtype = torch.float32, progress: bool = True) -> TdqCalibration:
     """Quantize ``pipe``'s denoiser in place with TDQ activations (see module doc) and attach the condition hook.
 
-    calib: reuse recorded trajectories (e.g. one set for the three conditions); else record ``n_calib`` prompts
-    (``prompts`` or the bundled captions) × ``calib_steps`` steps of ``pipe``'s current scheduler, with CFG.
+    calib: the float pipeline's recorded trajectories on the scheduler whose conditions the quantizers learn
+    (diffptq.data.calib.calibration_set; one set may serve several calibrations, e.g. the three conditions).
     """
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
-    t0 = time.perf_counter()
-    if calib is None:
-        prompts = prompts if prompts is not None else load_prompts(None, n_calib)
-        calib = record_trajectories(pipe, prompts, calib_steps, guidance_scale, batch_size, seed, progress)
-    collect_s = time.perf_counter() - t0
     condition_fn = make_condition_fn(cfg.condition, pipe.scheduler)
     quantizers: dict[str, TdqActQuantizer] = {}
 
@@ -220,4 +191,4 @@ def calibrate_tdq_pipeline(pipe, cfg: TdqConfig, calib: CalibrationSet | None = 
     attach_tdq(pipe)
     _, held = calib.split(cfg.holdout_every)
     final = denoiser_output_error(denoiser, held if len(held) else calib, device, dtype)
-    return TdqCalibration(result, calib, condition_fn, quantizers, collect_s, calib_s, final, driver.refine_loss)
+    return TdqCalibration(result, calib, condition_fn, quantizers, None, calib_s, final, driver.refine_loss)

@@ -7,7 +7,7 @@ via ``load_state_dict``, which also marks the quantizer calibrated.
 """
 from __future__ import annotations
 
-from diffptq.io.checkpoint import CheckpointError
+from diffptq.errors import CheckpointError
 from diffptq.quant.quantizer import QuantSpec
 
 from .quantizer import TdqActQuantizer

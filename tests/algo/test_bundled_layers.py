@@ -13,7 +13,7 @@ import torch
 from diffptq.algo import gptq_quantize_ex, gram_from_inputs, input_rows, qronos_quantize_ex, rtn_quantize
 from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
 from diffptq.data.calib import collect_calibration
-from diffptq.data.prompts import default_prompts
+from diffptq.data.prompts import calibration_prompts
 from diffptq.models import family_of, load_pipeline
 from diffptq.quant.act import DynamicActQuantizer
 from diffptq.quant.layers import QuantConfig, float_mode, rotate_layers, swap_modules
@@ -38,7 +38,7 @@ def _record(model: str, names: tuple[str, ...], n_prompts: int = 8, steps: int =
     torch.manual_seed(0)
     pipe = load_pipeline(model)
     den = family_of(pipe).denoiser(pipe)
-    calib = collect_calibration(pipe, default_prompts(pipe, n_prompts, "calibration"), steps, batch_size=n_prompts,
+    calib = collect_calibration(pipe, calibration_prompts(pipe, n_prompts), steps, batch_size=n_prompts,
                                 progress=False)
     seen = {n: (den.get_submodule(n), []) for n in names}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen[n][1].append(a[0].detach()))
@@ -149,7 +149,7 @@ def test_rotated_layer_with_quantization_disabled_equals_the_float_layer(model, 
 
 def test_w4a4_per_token_hadamard_beats_static_on_a_real_block():
     pipe = load_pipeline("bundled-dit")
-    calib = collect_calibration(pipe, default_prompts(pipe, 4, "calibration"), 3, batch_size=4, progress=False)
+    calib = collect_calibration(pipe, calibration_prompts(pipe, 4), 3, batch_size=4, progress=False)
     mean_err = {}
     for kind, rotate in (("static", None), ("dynamic", "hadamard")):
         torch.manual_seed(0)

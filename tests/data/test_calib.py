@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from diffptq.data.calib import collect_calibration
-from diffptq.data.prompts import PromptFileError, load_prompts
+from diffptq.data.prompts import load_prompts
+from diffptq.errors import PromptFileError
 from diffptq.models import load_pipeline
 
 

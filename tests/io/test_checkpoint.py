@@ -9,7 +9,8 @@ import diffptq
 from diffptq.algo.sequential import SequentialConfig, quantize_sequential
 from diffptq.data.calib import collect_calibration
 from diffptq.data.prompts import load_prompts
-from diffptq.io.checkpoint import CheckpointError, read_checkpoint, save_quantized
+from diffptq.errors import CheckpointError
+from diffptq.io.checkpoint import read_checkpoint, save_quantized
 from diffptq.models import family_of, load_pipeline
 from diffptq.models.build import DiTSpec, build_pixart_pipeline
 from diffptq.models.tokenizers import vocabulary_from_texts

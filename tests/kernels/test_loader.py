@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from diffptq.io.checkpoint import CheckpointError, read_checkpoint, save_quantized
+from diffptq.errors import CheckpointError
+from diffptq.io.checkpoint import read_checkpoint, save_quantized
 from diffptq.kernels import InferenceConfig, Int4WeightOnly, load_for_inference, load_int4_checkpoint
 from diffptq.models import load_pipeline
 from diffptq.quant.layers import quant_layers

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from diffptq.quant.quantizer import QuantSpec, fit_rows
-from diffptq.tdq.calibrate import record_trajectories
 from diffptq.tdq.quantizer import TdqActQuantizer
 from diffptq.tdq.checkpoint import build_tdq_act
 from diffptq.tdq.fit import TdqFitConfig, quant_mse
@@ -111,7 +110,7 @@ def test_checkpoint_entry_rebuilds_the_same_quantizer(symmetric):
         torch.testing.assert_close(q2(x), q(x), rtol=0, atol=0)
 
 
-def test_record_trajectories_has_no_stale_inputs():
+def test_recorded_trajectories_have_no_stale_inputs():
     """Every recorded latent equals what the denoiser really got (the recorder's address-keyed sharing can hand a
     freed step's copy to a later step whose latents reuse the address)."""
     from diffptq.models import family_of, load_pipeline
@@ -122,7 +121,9 @@ def test_record_trajectories_has_no_stale_inputs():
     seen = []
     handle = den.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("sample", a[0] if a else None).clone()),
                                            with_kwargs=True)
-    calib = record_trajectories(pipe, ["a red cat", "a dog", "a cup", "a tree"], 8, None, 2, 0, progress=False)
+    from diffptq.data.calib import collect_calibration
+
+    calib = collect_calibration(pipe, ["a red cat", "a dog", "a cup", "a tree"], 8, None, 2, 0, progress=False)
     handle.remove()
     assert len(seen) == len(calib) == 16
     assert all(torch.equal(r.inputs["sample"], x) for r, x in zip(calib.records, seen, strict=True))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from diffptq.cli import Run
+from diffptq.data.prompts import evaluation_prompts
 from diffptq.models.load import BUNDLED_MODELS
 from diffptq.run import tdq
 from diffptq.run.tdq_compare import EvalSampler, fp_reference, replay_errors
@@ -32,8 +33,8 @@ def _fp():
     torch.set_num_threads(1)
     fp = tdq.load_model(ARGS, RUN)
     calib = tdq.record_calibration(fp, ARGS, progress=False)
-    prompts = tdq.evaluation_prompts(ARGS, 4)
-    refs = {s.label: fp_reference(fp, s, prompts, tdq.guidance_scale(ARGS), 4, ARGS.seed, RUN.device, RUN.dtype,
+    prompts = evaluation_prompts(ARGS.model, 4)
+    refs = {s.label: fp_reference(fp, s, prompts, ARGS.guidance_scale, 4, ARGS.seed, RUN.device, RUN.dtype,
                                   images=False) for s in (EvalSampler("ddim", 10), EvalSampler("euler-karras", 12))}
     return calib, refs
 

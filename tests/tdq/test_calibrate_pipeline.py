@@ -6,6 +6,7 @@ from diffptq.io.checkpoint import save_quantized
 from diffptq.io.load import load_quantized
 from diffptq.models import family_of, load_pipeline
 from diffptq.run.tdq import switch_scheduler
+from diffptq.data.calib import collect_calibration
 from diffptq.tdq.calibrate import TdqConfig, calibrate_tdq_pipeline
 from diffptq.tdq.quantizer import tdq_quantizers
 from diffptq.tdq.fit import TdqFitConfig
@@ -36,7 +37,8 @@ def test_calibrate_save_load_and_sample_with_another_scheduler(name, condition, 
     pipe = _pipe(name)
     switch_scheduler(pipe, "ddim")
     cfg = TdqConfig(condition=condition, wbits=8, abits=8, act_symmetric=symmetric, fit=FIT, blocks=[0, 1])
-    res = calibrate_tdq_pipeline(pipe, cfg, prompts=PROMPTS, calib_steps=3, batch_size=2, progress=False)
+    res = calibrate_tdq_pipeline(pipe, cfg, collect_calibration(pipe, PROMPTS, 3, batch_size=2, progress=False),
+                                 progress=False)
     den = family_of(pipe).denoiser(pipe)
     qs = tdq_quantizers(den)
     assert qs and all(q.calibrated and q.fit.conds.numel() == 3 for q in qs)  # one condition per DDIM step
@@ -65,7 +67,8 @@ def test_static_condition_and_refinement():
     torch.set_num_threads(1)
     pipe = _pipe("tiny-dit")
     cfg = TdqConfig(condition="static", wbits=8, abits=4, fit=FIT, blocks=[0], refine_steps=6, refine_lr=1e-2)
-    res = calibrate_tdq_pipeline(pipe, cfg, prompts=PROMPTS[:2], calib_steps=3, batch_size=2, progress=False)
+    res = calibrate_tdq_pipeline(pipe, cfg, collect_calibration(pipe, PROMPTS[:2], 3, batch_size=2, progress=False),
+                                 progress=False)
     qs = list(res.quantizers.values())
     assert all(q.fit.conds.tolist() == [0.0] for q in qs)
     first, last = res.refine_loss[0]
