@@ -36,6 +36,7 @@ import torch
 
 from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
 from diffptq.cli import damp_value
+from diffptq.config import Damping
 from diffptq.data.calib import collect_calibration
 from diffptq.models.families import family_of
 from diffptq.models.fullsize import PIXART_512, full_size_pipeline, random_text_embeddings
@@ -287,7 +288,7 @@ def main() -> None:
     p.add_argument("--n_prompts", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8, help="prompts per denoiser call (×2 with CFG)")
-    p.add_argument("--damp", type=damp_value, default=0.01)
+    p.add_argument("--damp", type=damp_value, default=Damping(), help="as the quantization scripts' --damp")
     p.add_argument("--holdout_every", type=int, default=5)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--device", default="cuda")

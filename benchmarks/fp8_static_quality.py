@@ -25,7 +25,7 @@ import torch
 
 from diffptq.algo.sequential import SequentialConfig, quantize_sequential
 from diffptq.eval.metrics.similarity import psnr_score
-from diffptq.eval.report import write_text_atomic
+from diffptq.io.files import write_text_atomic
 from diffptq.kernels import InferenceConfig, convert_for_inference
 from diffptq.models import family_of, load_pipeline
 from diffptq.data.calib import collect_calibration
@@ -72,7 +72,8 @@ def main() -> None:
     quantize_sequential(fam.denoiser(static), fam, calib, SequentialConfig(method="rtn", weight=W4, act=A8),
                         progress=False)
     tdq = copy.deepcopy(fp)
-    calibrate_tdq_pipeline(tdq, TdqConfig(condition="logsnr", wbits=4, abits=8, weight_method="rtn"), calib=calib,
+    calibrate_tdq_pipeline(tdq, TdqConfig(condition="logsnr"), SequentialConfig(method="rtn", weight=W4, act=A8),
+                           calib=calib,
                            progress=False)
     token = fp8_copy(static, "token", tdq=False)
     pipes = {"FP32": fp,

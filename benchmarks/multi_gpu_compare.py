@@ -24,10 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffptq.cli import run_main, write_json
+from diffptq.cli import run_main
 from diffptq.errors import ConfigError
 from diffptq.eval.image_store import image_difference, load_images
-from diffptq.eval.report import markdown_table, write_text_atomic
+from diffptq.eval.report import markdown_table
+from diffptq.io.files import write_json, write_text_atomic
 from diffptq.run.benchmark import Variant
 
 KEY_COLUMNS = ("method", "wbits", "abits")

@@ -26,7 +26,8 @@ from diffptq.models import load_pipeline
 from diffptq.models.bundled.evaluator import load_evaluator
 from diffptq.models.bundled.sampling import eval_prompts, generate
 from diffptq.quant.quantizer import QuantSpec
-from diffptq.run.quantize import CalibConfig, quantize_pipeline
+from diffptq.config import CalibConfig, Damping
+from diffptq.run.quantize import quantize_pipeline
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,10 @@ COLUMNS = ("model", "setting", "method", "damp", "mean_rel_out_err", "ffn_rel_ou
            "psnr_vs_fp", "prompt_acc", "n_fallback", "time_s")
 
 
-def parse_variant(text: str) -> tuple[str, float | str]:
-    """'gptq' -> ('gptq', 0.01); 'qronos:adaptive' -> ('qronos', 'adaptive'); 'gptq:0.1' -> ('gptq', 0.1)."""
+def parse_variant(text: str) -> tuple[str, Damping]:
+    """'gptq' -> ('gptq', the default damping); 'qronos:adaptive' -> ('qronos', adaptive); 'gptq:0.1'."""
     method, _, damp = text.partition(":")
-    if not damp:
-        return method, 0.01
-    return method, damp if damp == "adaptive" else float(damp)
+    return method, Damping.parse(damp) if damp else Damping()
 
 
 def image_metrics(pipe, prompts: list[str], fp_images: torch.Tensor | None, evaluator) -> dict:
@@ -72,13 +71,12 @@ def run(model: str, setting_name: str, method: str, damp, calib: CalibConfig, pr
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     cfg = SequentialConfig(method=method, weight=QuantSpec(4), act=QuantSpec(s.abits, symmetric=False),
-                           act_kind=s.act_kind, damp=damp)
+                           act_kind=s.act_kind, damp=damp, rotate=s.rotate, rotate_conv=s.rotate_conv)
     t0 = time.perf_counter()
-    q = quantize_pipeline(pipe, cfg, calib, torch.device("cpu"), torch.float32, progress=False, rotate=s.rotate,
-                          rotate_conv=s.rotate_conv)
+    q = quantize_pipeline(pipe, cfg, calib, torch.device("cpu"), torch.float32, progress=False)
     ffn = [r.rel_out_err for r in q.result.layers if ".ff." in r.layer or ".proj_out" in r.layer]
     row = q.summary_row(cfg, "all")
-    return {"model": model, "setting": setting_name, "method": method, "damp": damp,
+    return {"model": model, "setting": setting_name, "method": method, "damp": damp.setting,
             "mean_rel_out_err": row["mean_rel_out_err"], "ffn_rel_out_err": statistics.mean(ffn) if ffn else None,
             "final_denoiser_err": row["final_denoiser_err"], "n_fallback": row["n_fallback"],
             **image_metrics(pipe, prompts, fp_images, evaluator), "time_s": time.perf_counter() - t0}

@@ -10,15 +10,23 @@ import argparse
 import os
 from pathlib import Path
 
-from diffptq.cli import DTYPES, positive_int, resolve_device, resolve_dtype, run_main
-from diffptq.data.prompts import load_prompts
-from diffptq.errors import DiffptqError
-from diffptq.models.schedulers import SCHEDULERS, set_scheduler
+from diffptq.cli import (
+    ArgumentParser,
+    check_output_dir,
+    device_value,
+    guidance_value,
+    positive_int,
+    run_main,
+    seed_value,
+)
+from diffptq.cli.common import DTYPE_NAMES
+from diffptq.errors import ConfigError
+from diffptq.models.names import SCHEDULER_NAMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m diffptq", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m diffptq", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images from a quantized checkpoint")
     g.add_argument("--checkpoint", required=True, help="diffptq checkpoint (safetensors; a .pt name is accepted)")
@@ -26,29 +34,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", help="a file with one prompt per line")
     g.add_argument("--n", type=positive_int, default=4, help="images per prompt (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    g.add_argument("--seed", type=seed_value, default=0, help="seed of the first image; image i uses seed + i")
     g.add_argument("--steps", type=positive_int, default=20)
-    g.add_argument("--guidance_scale", type=float, default=None)
-    g.add_argument("--scheduler", default="default", choices=["default", *SCHEDULERS])
+    g.add_argument("--guidance_scale", type=guidance_value, default=None)
+    g.add_argument("--scheduler", default="default", choices=["default", *SCHEDULER_NAMES])
     g.add_argument("--batch_size", type=positive_int, default=4)
     g.add_argument("--base_model", default=None, help="load the checkpoint onto this base model instead")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    g.add_argument("--device", default="auto", type=device_value)
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     g.add_argument("--out", default="generated", help="output folder (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ConfigError("--prompt is empty")
+    if not os.path.exists(args.checkpoint):
+        raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
+    check_output_dir(args.out, "--out", overwrite=True)  # a file there, or no permission: refused before sampling
+    return args
 
 
 def generate_command(args: argparse.Namespace) -> list[Path]:
     import diffptq
+    from diffptq.cli import resolve_device, resolve_dtype
+    from diffptq.data.prompts import load_prompts
     from diffptq.eval.sample import generate
+    from diffptq.models.schedulers import check_steps, set_scheduler
 
+    prompts = [args.prompt] if args.prompt is not None else load_prompts(args.prompts)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.prompt is not None and not args.prompt.strip():
-        raise DiffptqError("--prompt is empty")
-    prompts = [args.prompt] if args.prompt is not None else load_prompts(args.prompts)
     pipe = diffptq.load_quantized(args.checkpoint, device=device, dtype=dtype, base_model=args.base_model)
     set_scheduler(pipe, args.scheduler)
+    check_steps(pipe, args.steps, f"--steps {args.steps}")
     all_prompts = [p for p in prompts for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(all_prompts))]
     images = generate(pipe, all_prompts, seeds, batch_size=args.batch_size, num_inference_steps=args.steps,
@@ -60,6 +76,8 @@ def save_images(images, seeds: list[int], prompts: list[str], out: Path) -> list
     """Write images (N,3,H,W) in [0,1] as PNGs, each to a temporary name first, then renamed."""
     from torchvision.utils import save_image
 
+    from diffptq.io.files import write_text_atomic
+
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (img, seed) in enumerate(zip(images, seeds, strict=True)):
@@ -68,7 +86,7 @@ def save_images(images, seeds: list[int], prompts: list[str], out: Path) -> list
         save_image(img, tmp)
         os.replace(tmp, path)
         paths.append(path)
-    (out / "prompts.txt").write_text("".join(f"{p.name}\t{t}\n" for p, t in zip(paths, prompts, strict=True)))
+    write_text_atomic(out / "prompts.txt", "".join(f"{p.name}\t{t}\n" for p, t in zip(paths, prompts, strict=True)))
     return paths
 
 

@@ -16,10 +16,7 @@ import runpy
 import time
 from pathlib import Path
 
-import torch
-
-from diffptq.cli import REPO_ROOT, positive_int, run_main
-from diffptq.models import BUNDLED_MODELS
+from diffptq.cli import REPO_ROOT, ArgumentParser, check_output_dir, positive_int, run_main
 
 SCRIPTS = REPO_ROOT / "qronos_diffusion"
 
@@ -32,6 +29,8 @@ def run_script(name: str, argv: list[str]) -> None:
 
 def demo_model() -> str:
     """bundled-dit when its weights are present, else tiny-dit (with a note)."""
+    from diffptq.models.load import BUNDLED_MODELS
+
     if (BUNDLED_MODELS["bundled-dit"] / "model_index.json").is_file():
         return "bundled-dit"
     print(f"note: no bundled-dit weights at {BUNDLED_MODELS['bundled-dit']} (train them with `python -m "
@@ -41,7 +40,7 @@ def demo_model() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default=None, help="default: results/demo/<timestamp>/")
     p.add_argument("--model", default=None, help="default: bundled-dit (tiny-dit when its weights are absent)")
     p.add_argument("--n_images", type=positive_int, default=16)
@@ -51,11 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads (default 1: these small models are as fast on one, and far faster on a busy "
                         "machine)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out_dir is not None:
+        check_output_dir(args.out_dir, overwrite=True)  # a file there, or no permission: refused before any work
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    import torch
+
     start = time.perf_counter()
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)

@@ -13,36 +13,38 @@ plots), config.json (written last), checkpoints/ (with --save_checkpoints) and i
 """
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
-
-import torch
+from argparse import RawDescriptionHelpFormatter
 
 from diffptq.cli import (
-    Run,
+    ArgumentParser,
+    add_blocks_arg,
+    add_calib_args,
     add_common_args,
+    add_guidance_arg,
     add_rotation_args,
-    damp_value,
+    add_weight_args,
+    bits_list_value,
+    calib_config,
+    check_rotation_flags,
     file_sha256,
     finish_run,
+    methods_value,
     positive_int,
-    resolve_dtype,
-    rotation_kwargs,
     run_main,
-    start_run,
+    sequential_config,
 )
-from diffptq.eval.metrics import DEFAULT_CLIP, MetricOptions
-from diffptq.run import benchmark as bench
-from diffptq.run.benchmark_report import load_bundled_evaluator, write_outputs
-from diffptq.run.quantize import CalibConfig
+from diffptq.models.names import DEFAULT_CLIP
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     add_common_args(p, "pixart")
-    p.add_argument("--methods", default="fp,rtn,gptq,qronos", help="comma list of fp, rtn, gptq, qronos")
-    p.add_argument("--bits", default="w4a8,w4a4", help="comma list of wXaY (w4 or w4a16: float activations)")
+    p.add_argument("--methods", type=methods_value, default="fp,rtn,gptq,qronos",
+                   help="comma list of fp, rtn, gptq, qronos (default: %(default)s)")
+    p.add_argument("--bits", type=bits_list_value, default="w4a8,w4a4",
+                   help="comma list of wXaY (w4 or w4a16: float activations) (default: %(default)s)")
     p.add_argument("--checkpoints", default=None,
                    help="folder of saved checkpoints (or a previous --out_dir) to evaluate instead of quantizing; "
                         "variants without a checkpoint there are quantized")
@@ -52,22 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(for benchmarks/multi_gpu_compare.py)")
     p.add_argument("--n_images", type=positive_int, default=64, help="images per method (default: %(default)s)")
     p.add_argument("--prompts", default=None,
-                   help="evaluation prompt file, one per line (default: the model's evaluation captions for bundled-*, "
-                        "else the last everyday captions)")
+                   help="evaluation prompt file, one per line (default: the model's evaluation prompts)")
     p.add_argument("--batch_size", type=positive_int, default=8, help="images per pipeline call")
-    p.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the model's)")
+    add_guidance_arg(p)
     p.add_argument("--latency_repeats", type=positive_int, default=3, help="timed pipeline calls (CUDA only)")
     q = p.add_argument_group("quantization (variants not loaded from --checkpoints)")
-    q.add_argument("--blocks", default="all", help="'all' (default), '4' = the first four, '0-7' or '0-3,8'")
-    q.add_argument("--act_quant", default="static", choices=["static", "dynamic"])
-    q.add_argument("--group_size", type=positive_int, default=None)
-    q.add_argument("--act_order", action="store_true")
-    q.add_argument("--damp", type=damp_value, default=0.01)
-    q.add_argument("--n_calib", type=positive_int, default=32, help="calibration prompts (default: %(default)s)")
-    q.add_argument("--calib_steps", type=positive_int, default=10, help="sampling steps per calibration trajectory")
-    q.add_argument("--calib_batch_size", type=positive_int, default=8)
-    q.add_argument("--calib_prompts", default=None,
-                   help="calibration prompt file (default: the model's calibration captions)")
+    add_blocks_arg(q, "all")
+    add_weight_args(q, method_flag=None, bits=False)
+    add_calib_args(q, prompts_flag="--calib_prompts", guidance=False)
     add_rotation_args(q)
     m = p.add_argument_group("metrics (a metric whose weights are absent is left empty, with one message)")
     m.add_argument("--fid_weights", default=None, help="Inception FID weights (default: the torch-fidelity cache)")
@@ -75,47 +69,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--lpips_weights", default=None, help="AlexNet weights (default: the torch hub cache)")
     m.add_argument("--ref_dir", default=None, help="real images as FID reference (default: the FP images)")
     m.add_argument("--evaluator", default=None, help="bundled evaluator folder (default: the committed one, bundled-*)")
-    return p.parse_args(argv)
-
-
-def shared_run(args: argparse.Namespace):
-    """(Run, accelerate state or None): one output folder for all processes when launched with accelerate."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return start_run(args, "benchmark_final"), None
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())  # cpu: gloo, else nccl
-    run = start_run(args, "benchmark_final") if state.is_main_process else None
-    out_dir = Path(broadcast_object_list([str(run.out_dir) if run else None])[0])
-    return Run(out_dir, state.device, resolve_dtype(args.dtype, state.device), args, "benchmark_final"), state
+    args = p.parse_args(argv)
+    check_rotation_flags(args)
+    for flag in ("checkpoints", "ref_dir", "evaluator"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isdir(path):
+            p.error(f"argument --{flag}: no folder {path}")
+    for flag in ("prompts", "calib_prompts"):  # absent metric weights only leave their metric empty
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            p.error(f"argument --{flag}: no file {path}")
+    calib_config(args)  # every value checked before anything heavy is imported
+    sequential_config(args, method="rtn", wbits=4, abits=8)
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rotation = rotation_kwargs(args)
+    from diffptq.run.benchmark_script import benchmark_script, shared_run  # heavy: torch, diffusers, metrics
+
     run, state = shared_run(args)
-    is_main = state is None or state.is_main_process
-    cfg = bench.BenchmarkConfig(
-        model=args.model, variants=bench.variants(bench.parse_methods(args.methods), bench.parse_bits(args.bits)),
-        n_images=args.n_images, prompts_file=args.prompts, seed=args.seed,
-        num_inference_steps=args.num_inference_steps, scheduler=args.scheduler, guidance_scale=args.guidance_scale,
-        batch_size=args.batch_size, checkpoints=args.checkpoints, save_checkpoints=args.save_checkpoints,
-        save_images=args.save_images,
-        latency_repeats=args.latency_repeats,
-        quant=bench.QuantSettings(args.act_quant, args.group_size, args.act_order, args.damp, args.blocks, **rotation),
-        calib=CalibConfig(args.n_calib, args.calib_steps, args.calib_batch_size, args.guidance_scale,
-                          args.calib_prompts, args.seed))
-    options = MetricOptions(
-        fid_weights=args.fid_weights, clip_model=args.clip_model, lpips_weights=args.lpips_weights,
-        ref_dir=args.ref_dir, device=str(run.device), batch_size=args.batch_size,
-        evaluator=load_bundled_evaluator(args.model, args.evaluator, run.device) if is_main else None)
-    result = bench.run_benchmark(cfg, run.out_dir, run.device, run.dtype, options, state)
-    if not is_main:
+    done = benchmark_script(args, run, state)
+    if done is None:  # another process of a sharded run: the main one writes the results
         return
-    title = f"benchmark_final: {args.model}, {args.n_images} images, {args.num_inference_steps} steps"
-    paths = write_outputs(result.rows, result.grid, result.prompts[:cfg.grid_columns], run.out_dir, title)
-    saved = sorted((run.out_dir / "checkpoints").glob("*.safetensors")) if args.save_checkpoints else []
+    paths, saved = done
     finish_run(run, checkpoints={p.name: file_sha256(p) for p in saved})
     print(paths["md"].read_text())
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()) + f"\nresults: {run.out_dir}")

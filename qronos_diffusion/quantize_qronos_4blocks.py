@@ -8,69 +8,51 @@ summary.csv/.md and config.json.
 """
 from __future__ import annotations
 
-import argparse
-import logging
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 
 from diffptq.cli import (
+    ArgumentParser,
+    add_blocks_arg,
+    add_calib_args,
     add_common_args,
-    add_quant_args,
+    add_rotation_args,
+    add_weight_args,
     calib_config,
+    check_rotation_flags,
     file_sha256,
     finish_run,
-    rotation_kwargs,
     run_main,
     sequential_config,
     start_run,
 )
-from diffptq.errors import DiffptqError
-from diffptq.eval.report import write_csv, write_markdown
-from diffptq.io.checkpoint import save_quantized
-from diffptq.models import family_of, load_pipeline
-from diffptq.models.schedulers import set_scheduler
-from diffptq.run.quantize import LAYER_COLUMNS, SUMMARY_COLUMNS, parse_blocks, quantize_pipeline
-
-log = logging.getLogger("quantize")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     add_common_args(p, "pixart")
-    add_quant_args(p)
-    p.add_argument("--blocks", default="4", help="'4' = the first four blocks (default), 'all', '0-7' or '0-3,8'")
+    add_weight_args(p)
+    add_calib_args(p)
+    add_rotation_args(p)
+    add_blocks_arg(p, "4")
     p.add_argument("--save_path", default=None, help="checkpoint file (safetensors; a .pt name is accepted)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_rotation_flags(args)
+    sequential_config(args)  # every value checked before anything heavy is imported
+    calib_config(args)
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rotation = rotation_kwargs(args)
-    run = start_run(args, "quantize_qronos_4blocks")
-    pipe = load_pipeline(args.model, dtype=run.dtype, device=run.device)
-    set_scheduler(pipe, args.scheduler)
-    family = family_of(pipe)
-    try:
-        blocks = parse_blocks(args.blocks, len(family.blocks(family.denoiser(pipe))))
-        cfg = sequential_config(args, blocks)
-    except ValueError as err:
-        raise DiffptqError(str(err)) from None
-    calib_cfg = calib_config(args)
-    q = quantize_pipeline(pipe, cfg, calib_cfg, run.device, run.dtype, **rotation)
-    save_path = Path(args.save_path) if args.save_path else run.out_dir / "checkpoint.safetensors"
-    quant_meta = {"method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
-                  "act_quant": cfg.act_kind, "group_size": cfg.weight.group_size, "damp": cfg.damp,
-                  "act_order": cfg.act_order, "rotate": q.rotate, "rotate_seed": args.rotate_seed, "blocks": blocks,
-                  "n_calib": args.n_calib, "calib_steps": args.calib_steps, "seed": args.seed}
-    save_quantized(save_path, family.denoiser(pipe), {"source": args.model, "family": family.name,
-                                                      "pipeline_class": type(pipe).__name__}, quant_meta)
-    layers = q.layer_rows()
-    summary = [q.summary_row(cfg, args.blocks)]
-    write_csv(layers, run.out_dir / "layers.csv", LAYER_COLUMNS)
-    write_markdown(layers, run.out_dir / "layers.md", LAYER_COLUMNS, title="Per-layer results")
-    write_csv(summary, run.out_dir / "summary.csv", SUMMARY_COLUMNS)
-    write_markdown(summary, run.out_dir / "summary.md", SUMMARY_COLUMNS, title="Summary")
+    save_path = args.save_path
+    run = start_run(args, "quantize_qronos_4blocks", {"--save_path": save_path})
+    from diffptq.run.quantize import quantize_script  # heavy: torch, diffusers
+
+    save_path = Path(save_path) if save_path else run.out_dir / "checkpoint.safetensors"
+    summary_md = quantize_script(args, run, save_path)
     finish_run(run, checkpoint=str(save_path), checkpoint_sha256=file_sha256(save_path))
-    print((run.out_dir / "summary.md").read_text())
+    print(summary_md)
     print(f"checkpoint: {save_path}\nresults: {run.out_dir}")
 
 

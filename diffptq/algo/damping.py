@@ -18,46 +18,12 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from diffptq.config.quant import DAMP_MODES, Damping, as_damping  # noqa: F401 - the rule's config, used here
+
 log = logging.getLogger(__name__)
-DAMP_MODES = ("mean_diag", "lambda_max", "adaptive")
-
-
-@dataclass(frozen=True)
-class Damping:
-    """How δ is chosen; `value` is relative (to mean diag H, or to λ_max for mode "lambda_max")."""
-
-    mode: str = "mean_diag"
-    value: float = 0.01
-    max_retries: int = 4
-    factor: float = 10.0
-    ref_spread: float = 100.0
-    max_boost: float = 10.0
-    cond_floor: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.mode not in DAMP_MODES:
-            raise ValueError(f"Damping.mode must be one of {DAMP_MODES}, got {self.mode!r}")
-        if not self.value > 0:
-            raise ValueError(f"Damping.value must be > 0, got {self.value!r}")
-
-
-def as_damping(damp: float | str | Damping) -> Damping:
-    """float → mean_diag with that value; "adaptive" / "lambda_max" → that mode with its defaults."""
-    if isinstance(damp, Damping):
-        return damp
-    if isinstance(damp, str):
-        if damp == "adaptive":
-            return Damping("adaptive")
-        if damp == "lambda_max":
-            return Damping("lambda_max", value=1e-6)
-        raise ValueError(f"damp must be a float, 'adaptive', 'lambda_max' or a Damping, got {damp!r}")
-    return Damping("mean_diag", float(damp))
-
-
 @contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
     """torch.set_float32_matmul_precision(precision) inside the block; restores the previous setting."""

@@ -1,9 +1,17 @@
-"""Configuration dataclasses, one per concern, and the checks of their values. Light: no torch, so scripts build
-and check them from flags (diffptq.cli) before importing anything heavy.
+"""Configuration dataclasses, one per concern, and the checks of their values. Light (no torch), so that scripts
+build and check them from their flags (diffptq.cli) before anything heavy is imported.
 
-calib   CalibConfig: the calibration data (prompts × sampling steps)
-checks  one check per kind of value (bits, seeds, positive integers, finite floats), shared by flags and fields
+quant       QuantSpec (an integer grid) and Damping (the Hessian damping rule)
+sequential  SequentialConfig: the block-by-block weight (and activation) quantization job
+calib       CalibConfig: the calibration data (prompts × sampling steps)
+tdq         TdqConfig, TdqFitConfig: TDQ activation quantization and its scale fit
+checks      one check per kind of value (bits, seeds, counts, finite numbers), shared by flags and fields
 """
 from diffptq.config.calib import CalibConfig
+from diffptq.config.quant import DAMP_MODES, SCALE_METHODS, Damping, QuantSpec, as_damping
+from diffptq.config.sequential import ACT_KINDS, GRANULARITIES, METHODS, ROTATIONS, SequentialConfig
+from diffptq.config.tdq import CONDITIONS, EXTRAPOLATIONS, TdqConfig, TdqFitConfig
 
-__all__ = ["CalibConfig"]
+__all__ = ["ACT_KINDS", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS", "ROTATIONS",
+           "SCALE_METHODS", "CalibConfig", "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig",
+           "as_damping"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffptq.config.checks import check_optional_guidance, check_positive_int, check_seed
+from diffptq.config.checks import check_guidance, check_positive_int, check_seed
 
 
 @dataclass(frozen=True)
@@ -23,5 +23,5 @@ class CalibConfig:
         check_positive_int(self.n_calib, "--n_calib")
         check_positive_int(self.calib_steps, "--calib_steps")
         check_positive_int(self.batch_size, "--calib_batch_size")
-        check_optional_guidance(self.guidance_scale)
+        check_guidance(self.guidance_scale)
         check_seed(self.seed)

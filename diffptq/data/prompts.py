@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffptq.errors import PromptFileError
+from diffptq.models.names import is_bundled
 
 EVERYDAY_PROMPTS = Path(__file__).with_name("prompts_everyday.txt")
 CALIBRATION_SEED = 1_000  # bundled models: calibration scenes, drawn apart from the evaluation scenes
@@ -49,10 +50,8 @@ def load_prompts(path: str | Path | None = None, n: int | None = None, tail: boo
 
 
 def _bundled(pipe_or_model) -> bool:
-    from diffptq.models.load import BUNDLED_MODELS
-
     source = pipe_or_model if isinstance(pipe_or_model, str) else getattr(pipe_or_model, "diffptq_source", None)
-    return source in BUNDLED_MODELS
+    return is_bundled(str(source))
 
 
 def calibration_prompts(pipe_or_model, n: int, path: str | Path | None = None) -> list[str]:

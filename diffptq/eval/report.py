@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from diffptq.io.files import write_text_atomic
+
 Row = Mapping[str, Any]
 
 
@@ -75,17 +77,6 @@ def write_markdown(
     """Write `markdown_table(rows, columns)` to `path`, under a `# title` heading if given (atomically)."""
     head = f"# {title}\n\n" if title else ""
     return write_text_atomic(path, head + markdown_table(rows, columns))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` (parents made) through a temporary name beside it and a rename: `path` never holds
-    a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:

@@ -28,6 +28,7 @@ from diffptq.errors import CheckpointError
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
 from diffptq.quant.layers import QuantLayer, QuantLinear, quant_layers
 from diffptq.quant.quantizer import QuantSpec, pack_codes, unpack_codes
+from diffptq.io.schema import check_metadata, check_tensors
 from diffptq.quant.rotation import make_rotation
 
 FORMAT = "diffptq-checkpoint"
@@ -113,7 +114,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raw = (f.metadata() or {}).get("diffptq")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        head = path.read_bytes()[:2]
+        with path.open("rb") as fh:
+            head = fh.read(2)
         kind = "a pickle (torch.save) file, which diffptq never unpickles" if head[:1] == b"\x80" else \
             "truncated or corrupted"
         raise CheckpointError(f"{path} is not a readable diffptq checkpoint: {kind} ({err})") from None
@@ -123,9 +125,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = json.loads(raw)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: corrupted diffptq metadata ({err})") from None
-    if meta.get("format") != FORMAT or meta.get("version") not in READ_VERSIONS:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')} v{meta.get('version')} "
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in READ_VERSIONS:
+        got = f"{meta.get('format')} v{meta.get('version')}" if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: unsupported checkpoint format {got} "
                               f"(this diffptq reads {FORMAT} v{', v'.join(map(str, READ_VERSIONS))})")
+    check_metadata(meta, path)
+    check_tensors(meta, tensors, path)
     return meta, tensors
 
 

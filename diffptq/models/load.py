@@ -16,14 +16,14 @@ import torch
 from diffusers import DiffusionPipeline, PixArtAlphaPipeline, StableDiffusionPipeline
 
 from diffptq.errors import ModelNotFoundError, UnknownModelError
+from diffptq.models.names import BUNDLED_NAMES
 from diffptq.models.fullsize import FULLSIZE_MODELS, build_fullsize_pipeline
 from diffptq.models.tiny import TINY_MODELS, build_tiny_pipeline
 
 log = logging.getLogger(__name__)
 
 BUNDLED_DIR = Path(__file__).parent / "bundled" / "weights"
-BUNDLED_MODELS = {"bundled-dit": BUNDLED_DIR / "dit", "bundled-dit-deep": BUNDLED_DIR / "dit-deep",
-                  "bundled-unet": BUNDLED_DIR / "unet"}
+BUNDLED_MODELS = {name: BUNDLED_DIR / name.removeprefix("bundled-") for name in BUNDLED_NAMES}
 KNOWN_HUB_MODELS = {
     "PixArt-alpha/PixArt-XL-2-512x512": PixArtAlphaPipeline,
     "PixArt-alpha/PixArt-XL-2-1024-MS": PixArtAlphaPipeline,

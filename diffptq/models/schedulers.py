@@ -1,25 +1,22 @@
 """Scheduler selection by name, built from the pipeline's own scheduler config (same noise schedule)."""
 from __future__ import annotations
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+import diffusers
 
-# name -> (class, config overrides)
+from diffptq.models.names import SCHEDULER_NAMES
+
+# name -> (diffusers class name, config overrides)
 SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "ddim-trailing": (DDIMScheduler, {"timestep_spacing": "trailing"}),
-    "ddpm": (DDPMScheduler, {}),
-    "dpm": (DPMSolverMultistepScheduler, {}),
-    "dpm-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "ddim-trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "ddpm": ("DDPMScheduler", {}),
+    "dpm": ("DPMSolverMultistepScheduler", {}),
+    "dpm-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 
 
 # DDIM/DDPM clip the predicted x0 to [-1, 1] by default (a pixel-space convention): wrong for latents. A base config
@@ -39,7 +36,35 @@ def set_scheduler(pipe, name: str | None) -> None:
     if name is None or name == "default":
         pipe.scheduler = base
         return
-    cls, overrides = SCHEDULERS[name]
+    cls_name, overrides = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
     config = {k: v for k, v in base.config.items() if not k.startswith("_")}
-    defaults = NO_CLIP_DEFAULT if cls in (DDIMScheduler, DDPMScheduler) else {}
+    defaults = NO_CLIP_DEFAULT if cls_name in ("DDIMScheduler", "DDPMScheduler") else {}
     pipe.scheduler = cls.from_config({**defaults, **config, **overrides})
+
+
+def check_steps(pipe, steps: int, what: str) -> None:
+    """Raise ConfigError unless `pipe` with its current scheduler samples in `steps` steps: a dry run of the
+    scheduler's loop on a tiny latent. diffusers' PixArt pipeline takes the step's second output (the denoised
+    sample) when sampling in 1 step, which multistep solvers (DPM-Solver, PNDM) do not give. `what` names the flag and
+    its value as the user gave it (e.g. "--calib_steps 1")."""
+    import copy
+
+    import torch
+
+    from diffptq.errors import ConfigError
+
+    name = type(pipe.scheduler).__name__
+    probe = copy.deepcopy(pipe.scheduler)
+    try:
+        probe.set_timesteps(steps)
+        sample = torch.zeros(1, 1, 2, 2)
+        for t in probe.timesteps:
+            out = probe.step(torch.zeros_like(sample), t, probe.scale_model_input(sample, t), return_dict=False)
+            sample = out[0]
+    except Exception as err:  # noqa: BLE001 - any failure of the scheduler's own loop is the user's step count
+        raise ConfigError(f"{what}: {name} cannot sample in {steps} step{'s' * (steps != 1)} "
+                          f"({type(err).__name__}: {err}); use more steps or another --scheduler") from None
+    if steps == 1 and hasattr(pipe, "transformer") and len(out) < 2:
+        raise ConfigError(f"{what}: the PixArt pipeline with {name} samples with at least 2 steps (or choose "
+                          "--scheduler ddim, ddpm or euler for 1 step)")

@@ -11,60 +11,12 @@ Storage: int4 codes packed two per byte (pack_int4 / unpack_int4), 5..8-bit code
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from diffptq.config.quant import SCALE_METHODS, QuantSpec  # noqa: F401 - the grid's config, used with this module
 from diffptq.quant.fused import fused_fake_quant
-
-SCALE_METHODS = ("minmax", "mse")
 MIN_SCALE = 1e-10  # floor for all-zero rows: keeps x / scale finite, codes of 0 stay exactly 0
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """A uniform integer grid.
-
-    bits: 2..8. symmetric: signed codes with zero = 0, else unsigned codes with an integer zero point.
-    group_size: None = one scale per output channel (weights) / per tensor or token (activations);
-      else one scale per `group_size` contiguous input columns.
-    scale_method: "minmax" or "mse" (search over clipping ratios 1 … mse_min_ratio, `mse_steps` candidates,
-      minimising Σ|x − x̂|^mse_norm per row).
-    """
-
-    bits: int
-    symmetric: bool = True
-    group_size: int | None = None
-    scale_method: str = "minmax"
-    mse_steps: int = 80
-    mse_min_ratio: float = 0.2
-    mse_norm: float = 2.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"QuantSpec.bits must be an integer in 2..8, got {self.bits!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
-            raise ValueError(f"QuantSpec.group_size must be a positive integer or None, got {self.group_size!r}")
-        if self.scale_method not in SCALE_METHODS:
-            raise ValueError(f"QuantSpec.scale_method must be one of {SCALE_METHODS}, got {self.scale_method!r}")
-        if self.mse_steps < 1:
-            raise ValueError(f"QuantSpec.mse_steps must be >= 1, got {self.mse_steps!r}")
-        if not 0.0 < self.mse_min_ratio <= 1.0:
-            raise ValueError(f"QuantSpec.mse_min_ratio must be in (0, 1], got {self.mse_min_ratio!r}")
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-    @property
-    def code_dtype(self) -> torch.dtype:
-        """Smallest torch dtype holding every code: int8 (signed) or uint8 (unsigned)."""
-        return torch.int8 if self.symmetric else torch.uint8
 
 
 def check_group_size(in_features: int, group_size: int | None) -> None:

@@ -20,7 +20,7 @@ import weakref
 import torch
 from torch import Tensor
 
-ROTATIONS = ("hadamard",)
+from diffptq.config.sequential import ROTATIONS
 
 
 def hadamard_matrix(p: int) -> Tensor:

@@ -10,7 +10,6 @@ images themselves (diffptq.eval.image_store), to compare runs on different numbe
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import logging
@@ -24,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffptq.errors import ConfigError
-from diffptq.config import CalibConfig
+from diffptq.config import CalibConfig, SequentialConfig
 from diffptq.data.prompts import evaluation_prompts
 from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
 from diffptq.eval.image_store import save_images
@@ -38,8 +36,8 @@ from diffptq.quant.layers import quant_layers
 from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
 from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, score
 
-__all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "QuantSettings",
-           "Variant", "denoiser_size_bytes", "parse_bits", "parse_methods", "rotation_of", "run_benchmark", "variants"]
+__all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "Variant",
+           "denoiser_size_bytes", "rotation_of", "run_benchmark", "variants"]
 log = logging.getLogger("diffptq.benchmark")
 
 GIB = 2**30
@@ -69,55 +67,10 @@ class Variant:
         return self.method if self.method == "fp" else f"{self.method}_{self.bits_name}"
 
 
-def parse_methods(text: str) -> list[str]:
-    """'fp,rtn,gptq,qronos' -> the listed methods in that order (each once)."""
-    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    if not methods or any(m not in METHODS for m in methods):
-        raise ConfigError(f"--methods {text!r}: choose a comma list of {', '.join(METHODS)}")
-    return methods
-
-
-def parse_bits(text: str) -> list[tuple[int, int]]:
-    """'w4a8,w4a4' -> [(4, 8), (4, 4)]; 'w4' or 'w4a16' = float activations (abits 16)."""
-    out = []
-    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
-        w, sep, a = part.removeprefix("w").partition("a")
-        if not part.startswith("w") or not w.isdigit() or (sep and not a.isdigit()):
-            raise ConfigError(f"--bits {text!r}: expected a comma list like w4a8,w4a4 (w4 = float activations)")
-        wbits, abits = int(w), int(a) if sep else 16
-        if not 2 <= wbits <= 8 or not (2 <= abits <= 8 or abits == 16):
-            raise ConfigError(f"--bits {part}: weight bits 2..8, activation bits 2..8 or 16")
-        out.append((wbits, abits))
-    if not out:
-        raise ConfigError("--bits: give at least one setting, e.g. w4a8")
-    return list(dict.fromkeys(out))
-
-
 def variants(methods: Sequence[str], bits: Sequence[tuple[int, int]]) -> list[Variant]:
     """fp first (once, if listed), then for each bit setting every quantization method in the given order."""
     out = [Variant("fp")] if "fp" in methods else []
     return out + [Variant(m, w, a) for w, a in bits for m in methods if m != "fp"]
-
-
-@dataclass
-class QuantSettings:
-    """How the quantized variants are made besides method and bits (the flags of diffptq.cli.add_quant_args).
-    rotate / rotate_seed / rotate_conv: the online input rotation, as diffptq.run.quantize.quantize_pipeline takes
-    them."""
-
-    act_quant: str = "static"
-    group_size: int | None = None
-    act_order: bool = False
-    damp: float | str = 0.01
-    blocks: str = "all"
-    rotate: str | None = None
-    rotate_seed: int = 0
-    rotate_conv: bool = False
-
-    @property
-    def rotate_label(self) -> str | None:
-        """`rotate` in a saved checkpoint's metadata ('hadamard', 'hadamard+conv'), as quantize_pipeline names it."""
-        return None if self.rotate is None else self.rotate + ("+conv" if self.rotate_conv else "")
 
 
 @dataclass
@@ -138,7 +91,8 @@ class BenchmarkConfig:
     scheduler: str = "default"
     guidance_scale: float | None = None
     batch_size: int = 8
-    quant: QuantSettings = field(default_factory=QuantSettings)
+    quant: SequentialConfig = field(default_factory=SequentialConfig)  # method, bits and blocks set per variant
+    blocks: str = "all"
     calib: CalibConfig = field(default_factory=CalibConfig)
     checkpoints: str | None = None
     save_checkpoints: bool = False
@@ -275,26 +229,23 @@ class _Calibration:
         return self._set
 
 
-def quantize_variant(denoiser: nn.Module, pipe, variant: Variant, cfg: BenchmarkConfig, calib: _Calibration,
+def variant_config(cfg: BenchmarkConfig, variant: Variant, n_blocks: int) -> SequentialConfig:
+    """The sequential driver's config of one variant: the benchmark's settings at the variant's method and bits."""
+    from diffptq.run.quantize import parse_blocks
+
+    blocks = parse_blocks(cfg.blocks, n_blocks)
+    return replace(cfg.quant.with_bits(variant.wbits, variant.abits), method=variant.method, blocks=blocks)
+
+
+def quantize_variant(denoiser: nn.Module, pipe, seq_cfg: SequentialConfig, calib: _Calibration,
                      device: torch.device, dtype: torch.dtype, progress: bool = True) -> float:
     """Quantize `denoiser` (a float copy, on `device`, in place in `pipe`) with the sequential driver; returns
     calib_time_s, the driver's wall time (the shared calibration set's collection excluded)."""
     from diffptq.algo.sequential import SequentialQuantizer
-    from diffptq.cli import sequential_config
-    from diffptq.run.quantize import parse_blocks
 
-    family, q = family_of(pipe), cfg.quant
-    try:
-        blocks = parse_blocks(q.blocks, len(family.blocks(denoiser)))
-        flags = argparse.Namespace(method=variant.method, wbits=variant.wbits, abits=variant.abits,
-                                   group_size=q.group_size, act_quant=q.act_quant, damp=q.damp, act_order=q.act_order)
-        seq_cfg = replace(sequential_config(flags, blocks), rotate=q.rotate, rotate_seed=q.rotate_seed,
-                          rotate_conv=q.rotate_conv)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     calib_set = calib.get()
     t0 = time.perf_counter()
-    SequentialQuantizer(denoiser, family, calib_set, seq_cfg, device, dtype, progress=progress).run()
+    SequentialQuantizer(denoiser, family_of(pipe), calib_set, seq_cfg, device, dtype, progress=progress).run()
     return time.perf_counter() - t0
 
 
@@ -311,13 +262,14 @@ def prepare_variant(pipe, fp_cpu: nn.Module, variant: Variant, cfg: BenchmarkCon
                           "checkpoint_gb": checkpoint_bytes(found.path) / GIB}
     if cfg.checkpoints:
         log.info("no checkpoint for %s in %s: quantizing", variant.label, cfg.checkpoints)
+    seq_cfg = variant_config(cfg, variant, len(family_of(pipe).blocks(denoiser)))
     with swapped_denoiser(pipe, denoiser):
-        calib_s = quantize_variant(denoiser, pipe, variant, cfg, calib, device, dtype, cfg.progress and main)
+        calib_s = quantize_variant(denoiser, pipe, seq_cfg, calib, device, dtype, cfg.progress and main)
     info: dict[str, Any] = {"calib_time_s": calib_s, "source": "quantized", "checkpoint_gb": None}
     if cfg.save_checkpoints:
         path = out_dir / "checkpoints" / f"{variant.file_stem}.safetensors"
         if main:
-            save_variant(path, denoiser, pipe, cfg, variant, calib_s)
+            save_variant(path, denoiser, pipe, cfg.model, seq_cfg, cfg.calib, calib_s)
             info["checkpoint_gb"] = checkpoint_bytes(path) / GIB
     for _, layer in quant_layers(denoiser):  # as a loaded checkpoint: same outputs, no float copy of the weights
         if layer.is_quantized:

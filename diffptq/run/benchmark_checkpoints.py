@@ -86,14 +86,10 @@ def load_into(denoiser: nn.Module, ckpt: VariantCheckpoint, family: str) -> None
         layer.drop_float_weight()
 
 
-def save_variant(path: Path, denoiser: nn.Module, pipe, cfg, variant, calib_time_s: float) -> dict:
+def save_variant(path: Path, denoiser: nn.Module, pipe, model: str, seq_cfg, calib_cfg, calib_time_s: float) -> dict:
     """Save a quantized variant with the metadata that index_checkpoints reads back (and calib_time_s)."""
+    from diffptq.run.quantize import quant_metadata
+
     family = family_of(pipe)
-    calib = cfg.calib
-    quant = {"method": variant.method, "wbits": variant.wbits, "abits": None if variant.abits == 16 else variant.abits,
-             "act_quant": cfg.quant.act_quant, "group_size": cfg.quant.group_size, "damp": cfg.quant.damp,
-             "act_order": cfg.quant.act_order, "rotate": cfg.quant.rotate_label, "rotate_seed": cfg.quant.rotate_seed,
-             "blocks": cfg.quant.blocks, "n_calib": calib.n_calib,
-             "calib_steps": calib.calib_steps, "seed": calib.seed, "calib_time_s": calib_time_s}
-    base = {"source": cfg.model, "family": family.name, "pipeline_class": type(pipe).__name__}
-    return save_quantized(path, denoiser, base, quant)
+    base = {"source": model, "family": family.name, "pipeline_class": type(pipe).__name__}
+    return save_quantized(path, denoiser, base, quant_metadata(seq_cfg, calib_cfg, calib_time_s=calib_time_s))

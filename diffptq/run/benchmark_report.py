@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffptq.eval.metrics import ImageMetrics, MetricOptions
+from diffptq.models.names import is_bundled
 
 log = logging.getLogger("diffptq.benchmark")
 
@@ -47,12 +48,6 @@ def score(passes: list[tuple[str, ImageMetrics]], images: torch.Tensor, fp_image
             if value is not None or key not in out:
                 out[key] = value
     return out
-
-
-def is_bundled(model: str) -> bool:
-    from diffptq.models import BUNDLED_MODELS
-
-    return model in BUNDLED_MODELS
 
 
 def load_bundled_evaluator(model: str, path: str | None, device: torch.device):

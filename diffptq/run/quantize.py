@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer, SequentialResult, denoiser_output_error
-from diffptq.config import CalibConfig
+from diffptq.algo.sequential import SequentialQuantizer, SequentialResult, denoiser_output_error
+from diffptq.config import CalibConfig, SequentialConfig
 from diffptq.data.calib import CalibrationSet, calibration_set
 from diffptq.errors import ConfigError
 from diffptq.models.families import family_of
@@ -64,16 +64,16 @@ def parse_blocks(text: str, n_blocks: int) -> list[int]:
     if text.isdigit():
         n = int(text)
         if not 1 <= n <= n_blocks:
-            raise ValueError(f"--blocks {n}: the model has {n_blocks} blocks (give 1..{n_blocks}, a range or all)")
+            raise ConfigError(f"--blocks {n}: the model has {n_blocks} blocks (give 1..{n_blocks}, a range or all)")
         return list(range(n))
     out: list[int] = []
     for part in text.split(","):
         lo, sep, hi = part.partition("-")
         if not (lo.strip().isdigit() and (not sep or hi.strip().isdigit())):
-            raise ValueError(f"--blocks {text!r}: expected N, all, a range like 0-7, or a comma list")
+            raise ConfigError(f"--blocks {text!r}: expected N, all, a range like 0-7, or a comma list")
         a, b = int(lo), int(hi) if sep else int(lo)
         if a > b or b >= n_blocks:
-            raise ValueError(f"--blocks {text!r}: indices must lie in 0..{n_blocks - 1} with start <= end")
+            raise ConfigError(f"--blocks {text!r}: indices must lie in 0..{n_blocks - 1} with start <= end")
         out.extend(range(a, b + 1))
     return sorted(set(out))
 
@@ -92,25 +92,66 @@ def check_group_size(pipe, blocks: list[int], group_size: int | None) -> None:
                                   f"{units[k][0]}.{name}; choose a divisor (e.g. 32, 64, 128) or per-channel scales")
 
 
-def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, device: torch.device,
-                      dtype: torch.dtype, progress: bool = True, rotate: str | None = None,
-                      rotate_seed: int = 0, rotate_conv: bool = False) -> QuantizationRun:
-    """Collect calibration data, quantize the denoiser in place, and measure the final denoiser-output error vs
-    float over the held-out calibration records (per sampling step).
+def rotation_label(cfg: SequentialConfig) -> str | None:
+    """The `rotate` of results and checkpoints: 'hadamard', 'hadamard+conv' with Conv2d inputs, None without."""
+    return None if cfg.rotate is None else cfg.rotate + ("+conv" if cfg.rotate_conv else "")
 
-    rotate: an online input rotation ("hadamard") for every quantized Linear (and Conv2d when rotate_conv), set by
-    the driver at its module swap (SequentialConfig.rotate), so H, G and the activation quantizers see Rᵀx."""
+
+def quant_metadata(cfg: SequentialConfig, calib_cfg: CalibConfig, **extra) -> dict:
+    """The `quant` record of a checkpoint: what made it (benchmark_final's --checkpoints reads method and bits)."""
+    return {"method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
+            "act_quant": cfg.act_kind if cfg.act else None, "group_size": cfg.weight.group_size,
+            "damp": cfg.damp.setting, "act_order": cfg.act_order, "rotate": rotation_label(cfg),
+            "rotate_seed": cfg.rotate_seed, "blocks": cfg.blocks, "n_calib": calib_cfg.n_calib,
+            "calib_steps": calib_cfg.calib_steps, "seed": calib_cfg.seed, **extra}
+
+
+def resolve_blocks(pipe, text: str) -> list[int]:
+    """--blocks on this pipeline's denoiser (parse_blocks with its block count)."""
+    family = family_of(pipe)
+    return parse_blocks(text, len(family.blocks(family.denoiser(pipe))))
+
+
+def quantize_pipeline(pipe, cfg: SequentialConfig, calib_cfg: CalibConfig, device: torch.device,
+                      dtype: torch.dtype, progress: bool = True) -> QuantizationRun:
+    """Collect calibration data, quantize the denoiser in place, and measure the final denoiser-output error vs
+    float over the held-out calibration records (per sampling step). An online input rotation (cfg.rotate) is set
+    by the driver at its module swap, so H, G and the activation quantizers see Rᵀx."""
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
     blocks = cfg.blocks if cfg.blocks is not None else list(range(len(family.blocks(denoiser))))
     check_group_size(pipe, blocks, cfg.weight.group_size)
     calib, collect_s = calibration_set(pipe, calib_cfg, progress)
     t0 = time.perf_counter()
-    cfg = replace(cfg, rotate=rotate, rotate_seed=rotate_seed, rotate_conv=rotate_conv)
     driver = SequentialQuantizer(denoiser, family, calib, cfg, device, dtype, progress=progress)
     result = driver.run()
     calib_s = time.perf_counter() - t0
     _, held = calib.split(cfg.holdout_every)
     final = denoiser_output_error(denoiser, held if len(held) else calib, device, dtype)
-    return QuantizationRun(result, calib, collect_s, calib_s, final,
-                           None if rotate is None else rotate + ("+conv" if rotate_conv else ""))
+    return QuantizationRun(result, calib, collect_s, calib_s, final, rotation_label(cfg))
+
+
+def quantize_script(args, run, save_path) -> str:
+    """quantize_qronos_4blocks.py after its flags: load, quantize, save the checkpoint, write layers.csv and
+    summary.csv (and their markdown); returns the summary's markdown."""
+    from diffptq.cli import calib_config, sequential_config
+    from diffptq.eval.report import write_csv, write_markdown
+    from diffptq.io.checkpoint import save_quantized
+    from diffptq.models import load_pipeline
+    from diffptq.models.schedulers import check_steps, set_scheduler
+
+    pipe = load_pipeline(args.model, dtype=run.dtype, device=run.device)
+    set_scheduler(pipe, args.scheduler)
+    check_steps(pipe, args.calib_steps, f"--calib_steps {args.calib_steps}")
+    family = family_of(pipe)
+    cfg = sequential_config(args, blocks=resolve_blocks(pipe, args.blocks))
+    calib_cfg = calib_config(args)
+    q = quantize_pipeline(pipe, cfg, calib_cfg, run.device, run.dtype)
+    save_quantized(save_path, family.denoiser(pipe), {"source": args.model, "family": family.name,
+                                                      "pipeline_class": type(pipe).__name__},
+                   quant_metadata(cfg, calib_cfg))
+    layers, summary = q.layer_rows(), [q.summary_row(cfg, args.blocks)]
+    write_csv(layers, run.out_dir / "layers.csv", LAYER_COLUMNS)
+    write_markdown(layers, run.out_dir / "layers.md", LAYER_COLUMNS, title="Per-layer results")
+    write_csv(summary, run.out_dir / "summary.csv", SUMMARY_COLUMNS)
+    return write_markdown(summary, run.out_dir / "summary.md", SUMMARY_COLUMNS, title="Summary").read_text()

@@ -28,40 +28,17 @@ from diffptq.data.calib import CalibrationSet, collect_calibration
 from diffptq.data.prompts import evaluation_prompts
 from diffptq.eval.report import save_image_grid, write_csv, write_markdown
 from diffptq.models import family_of
+from diffptq.models.schedulers import check_steps
 from diffptq.quant.layers import quant_layers
 from diffptq.run import tdq
+from diffptq.run.benchmark_report import load_bundled_evaluator
+from diffptq.run.tdq_scripts import EvalSampler, parse_samplers
 from diffptq.tdq.inference import HOOK_ATTR
 
 log = logging.getLogger(__name__)
-DEFAULT_EVAL = "ddim:20,ddim:10,ddim-trailing:50,dpm:20,euler-karras:30"
 METRIC_COLUMNS = ("condition", "scheduler", "steps", "abits", "wbits", "act_mse", "eps_mse", "psnr", "ssim", "lpips",
                   "prompt_acc", "novel_steps", "weight_method", "calib_scheduler", "calib_steps", "dtype",
                   "n_prompts")
-
-
-@dataclass(frozen=True)
-class EvalSampler:
-    """A scheduler name (``models.schedulers.SCHEDULERS``) and a step count."""
-
-    scheduler: str
-    steps: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.scheduler}-{self.steps}"
-
-
-def parse_samplers(text: str) -> list[EvalSampler]:
-    """'ddim:20,euler-karras:30' → [EvalSampler('ddim', 20), EvalSampler('euler-karras', 30)]."""
-    from diffptq.models.schedulers import SCHEDULERS
-
-    out = []
-    for part in text.split(","):
-        name, _, steps = part.strip().partition(":")
-        if name not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"--eval {part!r}: expected NAME:STEPS with NAME in {', '.join(SCHEDULERS)}")
-        out.append(EvalSampler(name, int(steps)))
-    return out
 
 
 @dataclass
@@ -149,19 +126,6 @@ def novel_share(ref: Reference, calib: CalibrationSet) -> float:
     return sum(t not in seen for t in steps) / max(len(steps), 1)
 
 
-def load_bundled_evaluator(args: argparse.Namespace, device):
-    """The bundled evaluator for bundled models whose weights exist; else None."""
-    if not tdq.is_bundled(args.model):
-        return None
-    from diffptq.models.bundled.evaluator import load_evaluator
-
-    try:
-        return load_evaluator(device)
-    except FileNotFoundError as err:
-        log.warning("prompt_acc skipped: %s", err)
-        return None
-
-
 def image_scorer(evaluator):
     """ImageMetrics for paired psnr/ssim/lpips (+ prompt_acc with an evaluator); FID/CLIP need more images."""
     from diffptq.eval.metrics import ImageMetrics, MetricOptions
@@ -172,7 +136,7 @@ def image_scorer(evaluator):
 def method_row(args: argparse.Namespace, run: Run, condition: str, wbits: int | None, abits: int | None,
                ref: Reference, calib: CalibrationSet, **values) -> dict:
     return {"condition": condition, "scheduler": ref.sampler.scheduler, "steps": ref.sampler.steps, "abits": abits,
-            "wbits": wbits, "weight_method": args.weight_method if wbits else None, "calib_scheduler": args.scheduler,
+            "wbits": wbits, "weight_method": args.method if wbits else None, "calib_scheduler": args.scheduler,
             "calib_steps": args.calib_steps, "dtype": run.dtype_name, "n_prompts": args.n_prompts,
             "novel_steps": novel_share(ref, calib), **values}
 
@@ -222,16 +186,6 @@ def save_grids(images: dict[str, dict[str, Tensor]], prompts: Sequence[str], out
         save_image_grid(rows, out_dir / f"grid_{tag}_{label}.png", names, [p[:40] for p in prompts[:max_cols]])
 
 
-def add_compare_args(parser: argparse.ArgumentParser) -> None:
-    """evaluate_compare's own flags (besides the common and TDQ ones)."""
-    parser.add_argument("--eval", default=DEFAULT_EVAL,
-                        help="eval samplers NAME:STEPS, comma-separated (default: %(default)s)")
-    parser.add_argument("--n_prompts", type=int, default=8, help="eval prompts (default: %(default)s)")
-    parser.add_argument("--eval_batch_size", type=int, default=8, help="prompts per eval batch")
-    parser.add_argument("--no_images", action="store_true", help="skip image generation and image metrics")
-    parser.add_argument("--plot_layers", type=int, default=4, help="layers in the scale-vs-λ plot (0: no plot)")
-
-
 def compare(args: argparse.Namespace, run: Run) -> list[dict]:
     """Calibrate every condition × bit setting on --scheduler/--calib_steps, evaluate on every --eval sampler.
 
@@ -240,15 +194,20 @@ def compare(args: argparse.Namespace, run: Run) -> list[dict]:
     from diffptq.run import tdq_plots
 
     fp = tdq.load_model(args, run)
-    family = family_of(fp)
-    n_blocks = len(family.blocks(family.denoiser(fp)))
-    prompts = evaluation_prompts(args.model, args.n_prompts, args.prompts, tail=True)
+    prompts = evaluation_prompts(args.model, args.n_prompts, args.calib_prompts, tail=True)
     guidance = args.guidance_scale
     samplers = parse_samplers(args.eval)
+    # every configuration and sampler checked on the model before the first result is written
+    configs = {(c, w, a): tdq.tdq_configs(fp, args, c, w, a) for w in args.wbits for a in args.abits
+               for c in args.conditions}
+    for s in samplers:
+        tdq.switch_scheduler(fp, s.scheduler)
+        check_steps(fp, s.steps, f"--eval {s.scheduler}:{s.steps}")
+    tdq.switch_scheduler(fp, args.scheduler)
     calib = tdq.record_calibration(fp, args)
     refs = [fp_reference(fp, s, prompts, guidance, args.eval_batch_size, args.seed, run.device, run.dtype,
                          images=not args.no_images) for s in samplers]
-    evaluator = load_bundled_evaluator(args, run.device) if not args.no_images else None
+    evaluator = load_bundled_evaluator(args.model, None, run.device) if not args.no_images else None
     scorer = image_scorer(evaluator) if not args.no_images else None
     rows = []
     for ref in refs:
@@ -262,7 +221,7 @@ def compare(args: argparse.Namespace, run: Run) -> list[dict]:
                 images[ref.sampler.label]["fp"] = ref.images
             for cond in args.conditions:
                 pipe = tdq.load_model(args, run)
-                tdq.calibrate(pipe, tdq.tdq_config(args, cond, wbits, abits, n_blocks), args, run, calib=calib)
+                tdq.calibrate(pipe, *configs[(cond, wbits, abits)], args, run, calib=calib)
                 for ref in refs:
                     tdq.switch_scheduler(pipe, ref.sampler.scheduler)
                     act, eps, steps = replay_errors(pipe, ref, run.device, run.dtype)

@@ -1,30 +1,134 @@
-"""The `main` of LogSnr-DiT/ and LogSnr-Unet/ scripts: one implementation, the folder picks the model family."""
+"""The LogSnr-DiT/ and LogSnr-Unet/ scripts: their flags (light) and mains; the folder picks the model family.
+
+The parsers import nothing heavy, so a bad flag is reported at once; the work imports torch and diffusers after.
+"""
 from __future__ import annotations
 
 import argparse
+from argparse import RawDescriptionHelpFormatter
+from dataclasses import dataclass
 from pathlib import Path
 
-from diffptq.cli import add_common_args, file_sha256, finish_run, start_run
-from diffptq.errors import DiffptqError
-from diffptq.models import family_of
-from diffptq.run import tdq, tdq_compare
+from diffptq.cli import (
+    ArgumentParser,
+    add_blocks_arg,
+    add_calib_args,
+    add_common_args,
+    add_tdq_args,
+    add_weight_args,
+    bits_value,
+    calib_config,
+    file_sha256,
+    finish_run,
+    non_negative_int,
+    positive_int,
+    sequential_config,
+    start_run,
+    tdq_config,
+)
+from diffptq.errors import ConfigError
+from diffptq.models.names import SCHEDULER_NAMES
+
+TDQ_DEFAULTS = {"method": "rtn", "wbits": 8}  # the TDQ scripts quantize weights with RTN W8 unless told otherwise
+COMPARE_DEFAULTS = {"n_calib": 16, "calib_steps": 20, "scheduler": "ddim"}
+DEFAULT_EVAL = "ddim:20,ddim:10,ddim-trailing:50,dpm:20,euler-karras:30"
+
+
+@dataclass(frozen=True)
+class EvalSampler:
+    """A scheduler name (diffptq.models.names.SCHEDULER_NAMES) and a step count."""
+
+    scheduler: str
+    steps: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.scheduler}-{self.steps}"
+
+
+def parse_samplers(text: str) -> list[EvalSampler]:
+    """'ddim:20,euler-karras:30' → [EvalSampler('ddim', 20), EvalSampler('euler-karras', 30)]."""
+    out = []
+    for part in text.split(","):
+        name, _, steps = part.strip().partition(":")
+        if name not in SCHEDULER_NAMES or not steps.isdigit() or int(steps) < 1:
+            raise ConfigError(f"--eval {part.strip()!r}: expected NAME:STEPS with STEPS >= 1 and NAME one of "
+                              f"{', '.join(SCHEDULER_NAMES)}")
+        out.append(EvalSampler(name, int(steps)))
+    return out
+
+
+def add_compare_args(parser: argparse.ArgumentParser) -> None:
+    """evaluate_compare's own flags (besides the common, weight, calibration and TDQ ones)."""
+    parser.add_argument("--eval", default=DEFAULT_EVAL,
+                        help="eval samplers NAME:STEPS, comma-separated (default: %(default)s)")
+    parser.add_argument("--n_prompts", type=positive_int, default=8, help="eval prompts (default: %(default)s)")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=8, help="prompts per eval batch")
+    parser.add_argument("--no_images", action="store_true", help="skip image generation and image metrics")
+    parser.add_argument("--plot_layers", type=non_negative_int, default=4,
+                        help="layers in the scale-vs-λ plot (0: no plot)")
+
+
+def _parser(family: str, doc: str, compare: bool) -> ArgumentParser:
+    p = ArgumentParser(description=doc, formatter_class=RawDescriptionHelpFormatter)
+    add_common_args(p, family)
+    add_weight_args(p, method_flag="--weight_method", bits=not compare, act_kind=False, execution=False)
+    add_blocks_arg(p, "all")
+    add_calib_args(p)
+    add_tdq_args(p, compare)
+    p.set_defaults(**TDQ_DEFAULTS)
+    # --rotate is the quantization scripts' flag: refused by name here, not as an unknown flag
+    p.add_argument("--rotate", default="none", help=argparse.SUPPRESS)
+    return p
+
+
+def _check(args: argparse.Namespace, parser: ArgumentParser, wbits: list[int], abits: list[int]) -> None:
+    """Everything checkable without the model, before anything heavy is imported."""
+    if args.rotate != "none":
+        raise ConfigError(f"--rotate {args.rotate}: the TDQ scripts do not rotate layer inputs (TDQ fits its "
+                          "activation scales on unrotated inputs); rotated W4A4 is in "
+                          "qronos_diffusion/quantize_qronos_4blocks.py and qronos_diffusion/benchmark_final.py")
+    for a in abits:
+        if a >= 16:
+            parser.error("argument --abits: 16 leaves no activation to quantize: TDQ needs 2..8")
+    for w in wbits:
+        sequential_config(args, wbits=w, abits=abits[0])
+    calib_config(args)
+    tdq_config(args, getattr(args, "condition", None) or args.conditions[0])
+
+
+def parse_calibrate_args(family: str, doc: str, argv=None) -> argparse.Namespace:
+    p = _parser(family, doc, compare=False)
+    p.add_argument("--save_path", default=None, help="checkpoint file (safetensors; a .pt name is accepted)")
+    args = p.parse_args(argv)
+    _check(args, p, [args.wbits], [args.abits])
+    return args
+
+
+def parse_compare_args(family: str, doc: str, argv=None) -> argparse.Namespace:
+    p = _parser(family, doc, compare=True)
+    p.add_argument("--wbits", nargs="+", type=bits_value, default=[8, 4], help="weight bits (default: 8 4)")
+    p.add_argument("--abits", nargs="+", type=bits_value, default=[8], help="activation bits (default: 8)")
+    add_compare_args(p)
+    p.set_defaults(**COMPARE_DEFAULTS)
+    args = p.parse_args(argv)
+    _check(args, p, args.wbits, args.abits)
+    parse_samplers(args.eval)
+    return args
 
 
 def calibrate_main(family: str, doc: str, argv=None) -> None:
     """calibrate_snr.py: TDQ activation scales (+ weights by --weight_method) → checkpoint, tables, config."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, family)
-    tdq.add_tdq_args(p)
-    p.add_argument("--save_path", default=None, help="checkpoint file (safetensors; a .pt name is accepted)")
-    args = _parse_refusing_rotation(p, argv)
-    run = start_run(args, "calibrate_snr")
+    args = parse_calibrate_args(family, doc, argv)
+    run = start_run(args, "calibrate_snr", {"--save_path": args.save_path})
+    from diffptq.run import tdq  # heavy: torch, diffusers
+
     pipe = tdq.load_model(args, run)
-    fam = family_of(pipe)
-    cfg = tdq.tdq_config(args, args.condition, args.wbits, args.abits, len(fam.blocks(fam.denoiser(pipe))))
-    res = tdq.calibrate(pipe, cfg, args, run)
+    cfg, seq = tdq.tdq_configs(pipe, args, args.condition, args.wbits, args.abits)
+    res = tdq.calibrate(pipe, cfg, seq, args, run)
     save_path = Path(args.save_path) if args.save_path else run.out_dir / "checkpoint.safetensors"
-    tdq.save_checkpoint(save_path, pipe, cfg, args)
-    tdq.write_tables(res, cfg, args, run.out_dir)
+    tdq.save_checkpoint(save_path, pipe, cfg, seq, args)
+    tdq.write_tables(res, cfg, seq, args, run.out_dir)
     finish_run(run, checkpoint=str(save_path), checkpoint_sha256=file_sha256(save_path))
     print((run.out_dir / "summary.md").read_text())
     print(f"checkpoint: {save_path}\nresults: {run.out_dir}")
@@ -32,13 +136,10 @@ def calibrate_main(family: str, doc: str, argv=None) -> None:
 
 def compare_main(family: str, doc: str, argv=None) -> None:
     """evaluate_compare.py: FP vs static / timestep-TDQ / log-SNR-TDQ across samplers → metrics.csv, plots, grids."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, family)
-    tdq.add_tdq_args(p, compare=True)
-    tdq_compare.add_compare_args(p)
-    p.set_defaults(scheduler="ddim")
-    args = _parse_refusing_rotation(p, argv)
+    args = parse_compare_args(family, doc, argv)
     run = start_run(args, "evaluate_compare")
+    from diffptq.run import tdq_compare  # heavy: torch, diffusers, metrics
+
     rows = tdq_compare.compare(args, run)
     tdq_compare.write_results(rows, run.out_dir)
     finish_run(run)
@@ -46,14 +147,3 @@ def compare_main(family: str, doc: str, argv=None) -> None:
     print(f"results: {run.out_dir}")
 
 
-def _parse_refusing_rotation(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """parser.parse_args, with --rotate (the quantization scripts' flag, diffptq.cli.add_rotation_args) refused by
-    name rather than as an unknown flag: the TDQ path swaps its layers inside diffptq.tdq, where no rotation is set,
-    and fits its per-condition activation scales on unrotated inputs."""
-    parser.add_argument("--rotate", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if getattr(args, "rotate", "none") != "none":
-        raise DiffptqError(f"--rotate {args.rotate}: the TDQ scripts do not rotate layer inputs (TDQ fits its "
-                           "activation scales on unrotated inputs); rotated W4A4 is in "
-                           "qronos_diffusion/quantize_qronos_4blocks.py and qronos_diffusion/benchmark_final.py")
-    return args

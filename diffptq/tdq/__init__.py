@@ -10,7 +10,9 @@ calibrate  calibrate_tdq_pipeline: TDQ activations + weights, block by block thr
 inference  attach_tdq(pipe): the condition hook on a pipeline's denoiser, for any scheduler
 checkpoint build_tdq_act(entry): rebuild a TdqActQuantizer when loading a checkpoint
 """
-from .calibrate import CONDITIONS, TdqCalibration, TdqConfig, calibrate_tdq_pipeline
+from diffptq.config.tdq import CONDITIONS, TdqConfig, TdqFitConfig
+
+from .calibrate import TdqCalibration, calibrate_tdq_pipeline
 from .condition import (
     ConditionHook,
     apply_condition,
@@ -20,7 +22,6 @@ from .condition import (
 )
 from .fit import (
     TdqFit,
-    TdqFitConfig,
     collect_samples,
     evaluate_scale_fn,
     evaluate_scales,

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer, denoiser_output_error
+from diffptq.algo.sequential import SequentialQuantizer, denoiser_output_error
+from diffptq.config import SequentialConfig, TdqConfig
 from diffptq.data.calib import CalibrationSet, CalibRecord
+from diffptq.errors import ConfigError
 from diffptq.models.families import family_of
 from diffptq.quant.layers import QuantLayer
-from diffptq.quant.quantizer import QuantSpec
 
-from .fit import TdqFitConfig
 from .inference import attach_tdq
 from .quantizer import TdqActQuantizer
-from .schedule import ConditionFn, ConditionKind, make_condition_fn
-
-CONDITIONS: tuple[ConditionKind, ...] = ("static", "timestep", "logsnr")
+from .schedule import ConditionFn, make_condition_fn
 
 
 def set_record_condition(quantizers: list[TdqActQuantizer], condition_fn: ConditionFn, record: CalibRecord) -> None:
@@ -95,46 +92,6 @@ class TdqSequentialQuantizer(SequentialQuantizer):
 
 # ---- the whole calibration ------------------------------------------------------------------------------------
 @dataclass
-class TdqConfig:
-    """One TDQ calibration: condition, bits, weight method and the fit.
-
-    act_symmetric: symmetric activation grid (else asymmetric, zero point from the offset MLP). act_scale_method:
-    ``mse`` (the per-condition MSE search) or ``minmax``. blocks: driver block indices (None: all). refine_steps: end
-    to end refinement steps per block (0: none). extrapolate: clamp | mlp beyond the calibrated conditions
-    (``TdqActQuantizer``).
-    """
-
-    condition: ConditionKind = "logsnr"
-    wbits: int = 8
-    abits: int = 8
-    weight_method: str = "rtn"
-    group_size: int | None = None
-    damp: float | str = 0.01
-    act_order: bool = False
-    act_symmetric: bool = False
-    act_scale_method: str = "mse"
-    blocks: list[int] | None = None
-    holdout_every: int = 5
-    fit: TdqFitConfig = field(default_factory=TdqFitConfig)
-    extrapolate: str = "clamp"
-    refine_steps: int = 0
-    refine_lr: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.condition not in CONDITIONS:
-            raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
-
-    def act_spec(self) -> QuantSpec:
-        return QuantSpec(self.abits, symmetric=self.act_symmetric, scale_method=self.act_scale_method)
-
-    def sequential_config(self, act_factory: Callable, before_record: Callable) -> SequentialConfig:
-        return SequentialConfig(method=self.weight_method, weight=QuantSpec(self.wbits, group_size=self.group_size),
-                                act=self.act_spec(), damp=self.damp, act_order=self.act_order, blocks=self.blocks,
-                                holdout_every=self.holdout_every, act_factory=act_factory,
-                                before_record=before_record, granularity="block")  # refinement targets whole blocks
-
-
-@dataclass
 class TdqCalibration:
     """What ``calibrate_tdq_pipeline`` returns; the pipeline itself is quantized in place (hook attached).
 
@@ -161,34 +118,41 @@ class TdqCalibration:
         return rows
 
 
-def calibrate_tdq_pipeline(pipe, cfg: TdqConfig, calib: CalibrationSet, device: torch.device | str = "cpu",
-                           dtype: torch.dtype = torch.float32, progress: bool = True) -> TdqCalibration:
+def calibrate_tdq_pipeline(pipe, cfg: TdqConfig, seq: SequentialConfig, calib: CalibrationSet,
+                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                           progress: bool = True) -> TdqCalibration:
     """Quantize ``pipe``'s denoiser in place with TDQ activations (see module doc) and attach the condition hook.
 
-    calib: the float pipeline's recorded trajectories on the scheduler whose conditions the quantizers learn
-    (diffptq.data.calib.calibration_set; one set may serve several calibrations, e.g. the three conditions).
+    cfg: the TDQ settings; seq: the weights (method, grid, damping, blocks, held-out records) and, in ``seq.act``,
+    the activation bits (TDQ sets the grid's symmetry and scale search from cfg). calib: the float pipeline's
+    recorded trajectories on the scheduler whose conditions the quantizers learn (diffptq.data.calib; one set may
+    serve several calibrations, e.g. the three conditions).
     """
+    if seq.act is None:
+        raise ConfigError("TDQ quantizes activations: give activation bits 2..8, not float activations")
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)
     condition_fn = make_condition_fn(cfg.condition, pipe.scheduler)
+    act_spec = replace(seq.act, symmetric=cfg.act_symmetric, scale_method=cfg.act_scale_method)
     quantizers: dict[str, TdqActQuantizer] = {}
 
     def act_factory(name: str, module: nn.Module) -> TdqActQuantizer:
         channel_dim = 1 if isinstance(module, nn.Conv2d) else -1
-        quantizers[name] = TdqActQuantizer(cfg.act_spec(), condition_fn.to_config(), cfg.fit, channel_dim,
+        quantizers[name] = TdqActQuantizer(act_spec, condition_fn.to_config(), cfg.fit, channel_dim,
                                            extrapolate=cfg.extrapolate)
         return quantizers[name]
 
     def before_record(record: CalibRecord) -> None:
         set_record_condition(list(quantizers.values()), condition_fn, record)
 
-    seq = cfg.sequential_config(act_factory, before_record)
+    # refinement targets whole blocks, so the driver runs whole blocks
+    seq = replace(seq, act=act_spec, act_factory=act_factory, before_record=before_record, granularity="block")
     t0 = time.perf_counter()
     driver = TdqSequentialQuantizer(denoiser, family, calib, seq, device, dtype, progress=progress,
                                     refine_steps=cfg.refine_steps, refine_lr=cfg.refine_lr)
     result = driver.run()
     calib_s = time.perf_counter() - t0
     attach_tdq(pipe)
-    _, held = calib.split(cfg.holdout_every)
+    _, held = calib.split(seq.holdout_every)
     final = denoiser_output_error(denoiser, held if len(held) else calib, device, dtype)
     return TdqCalibration(result, calib, condition_fn, quantizers, None, calib_s, final, driver.refine_loss)

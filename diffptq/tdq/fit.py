@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffptq.config.tdq import TdqFitConfig  # noqa: F401 - the fit's config, used here
 from diffptq.quant.quantizer import QuantSpec, fake_quant, fit_rows
 
 from .scale_mlp import ScaleMLP
@@ -185,25 +186,6 @@ def train_scale_mlp(mlp: ScaleMLP, conds: Tensor, scales: Tensor, steps: int = 3
             sched.step()
             losses[i] = loss.detach()
     return losses
-
-
-@dataclass
-class TdqFitConfig:
-    """Sampling, MLP shape and training of one TDQ fit (the grid and MSE search come from the QuantSpec).
-
-    n_freqs = 3 (top frequency 2π over c ∈ [−1, 1]): with ~10–50 calibrated conditions whose optima carry sampling
-    noise, 4+ frequencies start to interpolate that noise (worse on held-out conditions); 2 underfits sharp drifts.
-    """
-
-    max_per_condition: int = 1 << 16
-    n_freqs: int = 3
-    hidden: int = 32
-    depth: int = 2
-    act: str = "silu"
-    steps: int = 300
-    lr: float = 1e-2
-    seed: int = 0
-    zero_rule: ZeroRule = "auto"
 
 
 @dataclass

@@ -89,13 +89,14 @@ def test_checkpoint_without_rotation_stays_version_1(tiny_dit, tmp_path):
 
 
 def test_quantize_pipeline_rotates_the_driver_layers():
-    from diffptq.run.quantize import CalibConfig, quantize_pipeline
+    from diffptq.config import CalibConfig
+    from diffptq.run.quantize import quantize_pipeline
 
     pipe = load_pipeline("tiny-dit")
     cfg = SequentialConfig(method="gptq", weight=QuantSpec(4), act=QuantSpec(4, symmetric=False), act_kind="dynamic",
-                           blocks=[0])
+                           blocks=[0], rotate="hadamard")
     run = quantize_pipeline(pipe, cfg, CalibConfig(n_calib=2, calib_steps=2, batch_size=2), torch.device("cpu"),
-                            torch.float32, progress=False, rotate="hadamard")
+                            torch.float32, progress=False)
     layers = dict(quant_layers(family_of(pipe).denoiser(pipe)))
     assert layers and all(m.rotation is not None and m.is_quantized for m in layers.values())
     assert run.summary_row(cfg, "0")["rotate"] == "hadamard"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffptq.cli.parser import parse_bits, parse_methods
 from diffptq.errors import ConfigError
 from diffptq.io.checkpoint import read_checkpoint
 from diffptq.io.load import load_quantized
@@ -23,8 +24,6 @@ from diffptq.run.benchmark import (
     COLUMNS,
     Variant,
     denoiser_size_bytes,
-    parse_bits,
-    parse_methods,
     variants,
 )
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from diffptq.cli import rotation_kwargs
+from diffptq.cli import sequential_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,9 +29,11 @@ def test_quantization_scripts_share_the_rotation_flags(name):
     parse = _script("qronos_diffusion", name).parse_args
     default = parse([])
     assert (default.rotate, default.rotate_seed, default.rotate_conv) == ("none", 0, False)
-    assert rotation_kwargs(default) == {"rotate": None, "rotate_seed": 0, "rotate_conv": False}
-    given = parse(["--rotate", "hadamard", "--rotate_seed", "5", "--rotate_conv"])
-    assert rotation_kwargs(given) == {"rotate": "hadamard", "rotate_seed": 5, "rotate_conv": True}
+    cfg = sequential_config(default, method="rtn", wbits=4, abits=8)
+    assert (cfg.rotate, cfg.rotate_seed, cfg.rotate_conv) == (None, 0, False)
+    given = sequential_config(parse(["--rotate", "hadamard", "--rotate_seed", "5", "--rotate_conv"]), method="rtn",
+                              wbits=4, abits=8)
+    assert (given.rotate, given.rotate_seed, given.rotate_conv) == ("hadamard", 5, True)
     with pytest.raises(SystemExit):
         parse(["--rotate", "givens"])
 
@@ -55,10 +57,8 @@ def test_tdq_scripts_refuse_rotate_with_the_reason(folder, name, tmp_path, capsy
 
 
 def test_granularity_flag_reaches_the_sequential_config():
-    from diffptq.cli import sequential_config
-
     parse = _script("qronos_diffusion", "quantize_qronos_4blocks").parse_args
-    assert sequential_config(parse([]), None).granularity == "unit"
-    assert sequential_config(parse(["--granularity", "block"]), [0]).granularity == "block"
+    assert sequential_config(parse([])).granularity == "unit"
+    assert sequential_config(parse(["--granularity", "block"]), blocks=[0]).granularity == "block"
     with pytest.raises(SystemExit):
         parse(["--granularity", "layer"])

@@ -7,7 +7,6 @@ full tables come from LogSnr-DiT/evaluate_compare.py (README). What these assert
   optimal scales of this model move with the sampler as well as with λ, and both conditionings extrapolate the
   calibration alike (within 3 % at A4; at A8 timestep-TDQ was better by 8 % on DPM-20, 30 % on Euler-30-Karras).
 """
-import argparse
 from functools import cache
 
 import pytest
@@ -17,14 +16,14 @@ from diffptq.cli import Run
 from diffptq.data.prompts import evaluation_prompts
 from diffptq.models.load import BUNDLED_MODELS
 from diffptq.run import tdq
+from diffptq.run.tdq_scripts import parse_calibrate_args
 from diffptq.run.tdq_compare import EvalSampler, fp_reference, replay_errors
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODELS["bundled-dit"] / "model_index.json").is_file(),
                                 reason="bundled-dit weights absent")
-ARGS = argparse.Namespace(model="bundled-dit", scheduler="ddim", prompts=None, n_calib=8, calib_steps=10,
-                          calib_batch_size=8, guidance_scale=None, seed=0, blocks="1", weight_method="rtn",
-                          group_size=None, damp=0.01, act_order=False, act_symmetric=False, max_per_condition=2048,
-                          mlp_steps=100, n_freqs=3, hidden=32, refine_steps=0, extrapolate="clamp")
+ARGS = parse_calibrate_args("pixart", "", ["--model", "bundled-dit", "--scheduler", "ddim", "--n_calib", "8",
+                                           "--calib_steps", "10", "--blocks", "1", "--max_per_condition", "2048",
+                                           "--mlp_steps", "100"])
 RUN = Run(out_dir=None, device=torch.device("cpu"), dtype=torch.float32, args=ARGS, script="test")
 
 
@@ -44,7 +43,7 @@ def _act_mse(condition: str, abits: int) -> dict[str, float]:
     """act_mse of one calibration (W8, block 0) on each eval sampler."""
     calib, refs = _fp()
     pipe = tdq.load_model(ARGS, RUN)
-    tdq.calibrate(pipe, tdq.tdq_config(ARGS, condition, 8, abits, 8), ARGS, RUN, calib=calib, progress=False)
+    tdq.calibrate(pipe, *tdq.tdq_configs(pipe, ARGS, condition, 8, abits), ARGS, RUN, calib=calib, progress=False)
     out = {}
     for label, ref in refs.items():
         tdq.switch_scheduler(pipe, ref.sampler.scheduler)

@@ -6,6 +6,7 @@ from diffptq.io.checkpoint import save_quantized
 from diffptq.io.load import load_quantized
 from diffptq.models import family_of, load_pipeline
 from diffptq.run.tdq import switch_scheduler
+from diffptq.config import QuantSpec, SequentialConfig
 from diffptq.data.calib import collect_calibration
 from diffptq.tdq.calibrate import TdqConfig, calibrate_tdq_pipeline
 from diffptq.tdq.quantizer import tdq_quantizers
@@ -36,8 +37,9 @@ def test_calibrate_save_load_and_sample_with_another_scheduler(name, condition, 
     torch.set_num_threads(1)
     pipe = _pipe(name)
     switch_scheduler(pipe, "ddim")
-    cfg = TdqConfig(condition=condition, wbits=8, abits=8, act_symmetric=symmetric, fit=FIT, blocks=[0, 1])
-    res = calibrate_tdq_pipeline(pipe, cfg, collect_calibration(pipe, PROMPTS, 3, batch_size=2, progress=False),
+    cfg = TdqConfig(condition=condition, act_symmetric=symmetric, fit=FIT)
+    seq = SequentialConfig(method="rtn", weight=QuantSpec(8), act=QuantSpec(8), blocks=[0, 1])
+    res = calibrate_tdq_pipeline(pipe, cfg, seq, collect_calibration(pipe, PROMPTS, 3, batch_size=2, progress=False),
                                  progress=False)
     den = family_of(pipe).denoiser(pipe)
     qs = tdq_quantizers(den)
@@ -66,8 +68,10 @@ def test_calibrate_save_load_and_sample_with_another_scheduler(name, condition, 
 def test_static_condition_and_refinement():
     torch.set_num_threads(1)
     pipe = _pipe("tiny-dit")
-    cfg = TdqConfig(condition="static", wbits=8, abits=4, fit=FIT, blocks=[0], refine_steps=6, refine_lr=1e-2)
-    res = calibrate_tdq_pipeline(pipe, cfg, collect_calibration(pipe, PROMPTS[:2], 3, batch_size=2, progress=False),
+    cfg = TdqConfig(condition="static", fit=FIT, refine_steps=6, refine_lr=1e-2)
+    seq = SequentialConfig(method="rtn", weight=QuantSpec(8), act=QuantSpec(4), blocks=[0])
+    res = calibrate_tdq_pipeline(pipe, cfg, seq,
+                                 collect_calibration(pipe, PROMPTS[:2], 3, batch_size=2, progress=False),
                                  progress=False)
     qs = list(res.quantizers.values())
     assert all(q.fit.conds.tolist() == [0.0] for q in qs)

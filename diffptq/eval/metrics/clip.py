@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffptq.models.names import DEFAULT_CLIP
+
 from .common import as_uint8, batches, warn_missing
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
 class _TensorFeatures(nn.Module):

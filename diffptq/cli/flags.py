@@ -1,0 +1,166 @@
+"""The quantization, calibration and TDQ flags of every script, and the one mapping from flags to configs.
+
+Each flag takes its default from its config's dataclass (diffptq.config): a value has one default. A script whose
+defaults differ says so once, with `parser.set_defaults(...)` after adding the flags (the TDQ scripts: RTN W8A8).
+`sequential_config`, `calib_config` and `tdq_config` build the configs the package functions take. Light: no torch.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from diffptq.cli.parser import (
+    blocks_value,
+    bits_value,
+    damp_value,
+    guidance_value,
+    non_negative_int,
+    positive_int,
+)
+from diffptq.config import (
+    ACT_KINDS,
+    CONDITIONS,
+    EXTRAPOLATIONS,
+    GRANULARITIES,
+    METHODS,
+    ROTATIONS,
+    CalibConfig,
+    SequentialConfig,
+    TdqConfig,
+    TdqFitConfig,
+)
+from diffptq.config.checks import FLOAT_BITS
+from diffptq.errors import ConfigError
+
+SEQ, CALIB, TDQ, FIT = SequentialConfig(), CalibConfig(), TdqConfig(), TdqFitConfig()
+
+
+def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = True, act_kind: bool = True,
+                    execution: bool = True) -> None:
+    """How weights (and activations) are quantized: method, bits, activation quantizer, groups, act-order, damping.
+    method_flag None / bits False: the script chooses methods and bits otherwise (benchmark_final's --methods,
+    --bits). execution: the driver's memory and granularity switches."""
+    if method_flag:
+        parser.add_argument(method_flag, dest="method", default=SEQ.method, choices=METHODS,
+                            help="weight quantization method (default: %(default)s)")
+    if bits:
+        parser.add_argument("--wbits", type=bits_value, default=SEQ.weight.bits,
+                            help="weight bits 2..8 (default: %(default)s)")
+        parser.add_argument("--abits", type=bits_value, default=SEQ.act.bits if SEQ.act else FLOAT_BITS,
+                            help="activation bits 2..8, or 16 for float activations (default: %(default)s)")
+    if act_kind:
+        parser.add_argument("--act_quant", default=SEQ.act_kind, choices=ACT_KINDS,
+                            help="activation quantizer: static per-tensor or dynamic per-token (default: %(default)s)")
+    parser.add_argument("--group_size", type=positive_int, default=SEQ.weight.group_size,
+                        help="weight group size in input columns (default: per output channel)")
+    parser.add_argument("--act_order", action="store_true", help="GPTQ/Qronos columns by decreasing diag(H)")
+    parser.add_argument("--damp", type=damp_value, default=SEQ.damp,
+                        help="Hessian damping: a number > 0 relative to mean(diag H), 'adaptive' or 'lambda_max' "
+                             f"(default: {SEQ.damp.label})")
+    if execution:
+        parser.add_argument("--offload_done", action="store_true",
+                            help="keep finished blocks in host memory until the end of the calibration, so GPU "
+                                 "memory does not grow with depth (same result; one copy of each block each way)")
+        parser.add_argument("--offload_pending", action="store_true",
+                            help="keep the blocks still to come in host memory, each moved to the GPU just before its "
+                                 "turn (with --offload_done: one block's weights on the GPU at a time; same result)")
+        parser.add_argument("--granularity", default=SEQ.granularity, choices=GRANULARITIES,
+                            help="sequential unit: 'unit' quantizes the UNet's ResNets / transformer blocks / "
+                                 "resamplers one after the other (several times faster on the UNet), 'block' its "
+                                 "down/mid/up blocks whole; PixArt's blocks are units either way (default: "
+                                 "%(default)s)")
+
+
+def add_blocks_arg(parser, default: str) -> None:
+    parser.add_argument("--blocks", type=blocks_value, default=default,
+                        help=f"blocks to quantize: 'all', N (the first N), a range 0-7 or a list 0-3,8 (default: "
+                             f"{default})")
+
+
+def add_rotation_args(parser) -> None:
+    """--rotate, --rotate_conv, --rotate_seed: the online input rotation of diffptq.quant.rotation."""
+    parser.add_argument("--rotate", default="none", choices=["none", *ROTATIONS],
+                        help="online input rotation y = (W R)(Rᵀx) of every quantized Linear, applied before "
+                             "GPTQ/Qronos and the activation quantizer (default: %(default)s)")
+    parser.add_argument("--rotate_conv", action="store_true", help="rotate the quantized Conv2d layers' inputs too")
+    parser.add_argument("--rotate_seed", type=non_negative_int, default=SEQ.rotate_seed,
+                        help="seed of the rotation's random signs and mixing")
+
+
+def add_calib_args(parser, prompts_flag: str = "--prompts", guidance: bool = True) -> None:
+    """The calibration data: prompts × steps with CFG (CalibConfig). guidance False: the script's own
+    --guidance_scale serves calibration too (benchmark_final)."""
+    parser.add_argument("--n_calib", type=positive_int, default=CALIB.n_calib,
+                        help="calibration prompts (default: %(default)s)")
+    parser.add_argument("--calib_steps", type=positive_int, default=CALIB.calib_steps,
+                        help="sampling steps per calibration trajectory (default: %(default)s)")
+    parser.add_argument("--calib_batch_size", type=positive_int, default=CALIB.batch_size,
+                        help="prompts per calibration batch (default: %(default)s)")
+    parser.add_argument(prompts_flag, dest="calib_prompts", default=CALIB.prompts,
+                        help="calibration prompt file, one per line (default: the model's own calibration prompts)")
+    if guidance:
+        add_guidance_arg(parser)
+
+
+def add_guidance_arg(parser) -> None:
+    parser.add_argument("--guidance_scale", type=guidance_value, default=CALIB.guidance_scale,
+                        help="classifier-free guidance scale >= 0 (default: the model's own)")
+
+
+def add_tdq_args(parser, compare: bool = False) -> None:
+    """TDQ's own flags (TdqConfig, TdqFitConfig); compare: --conditions takes a list."""
+    if compare:
+        parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS,
+                            help="TDQ conditions to compare (default: all three)")
+    else:
+        parser.add_argument("--condition", default=TDQ.condition, choices=CONDITIONS,
+                            help="what the activation scales follow: static (one scale), timestep or logsnr "
+                                 "(default: %(default)s)")
+    parser.add_argument("--act_symmetric", action="store_true",
+                        help="symmetric activation grid (default: asymmetric, zero point by the fitted rule)")
+    parser.add_argument("--max_per_condition", type=positive_int, default=FIT.max_per_condition,
+                        help="activation samples kept per layer and condition (default: %(default)s)")
+    parser.add_argument("--mlp_steps", type=non_negative_int, default=FIT.steps,
+                        help="Adam steps of each scale MLP (default: %(default)s)")
+    parser.add_argument("--n_freqs", type=positive_int, default=FIT.n_freqs,
+                        help="Fourier frequencies of the MLP input (default: %(default)s)")
+    parser.add_argument("--hidden", type=positive_int, default=FIT.hidden,
+                        help="scale MLP width (default: %(default)s)")
+    parser.add_argument("--extrapolate", default=TDQ.extrapolate, choices=EXTRAPOLATIONS,
+                        help="beyond the calibrated conditions: hold the nearest calibrated scale (clamp) or evaluate "
+                             "the MLP (mlp) (default: %(default)s)")
+    parser.add_argument("--refine_steps", type=non_negative_int, default=TDQ.refine_steps,
+                        help="end-to-end refinement steps per block on block output error (default: %(default)s)")
+
+
+# ---- flags → configs -------------------------------------------------------------------------------------------
+def sequential_config(args: argparse.Namespace, method: str | None = None, wbits: int | None = None,
+                      abits: int | None = None, blocks: list[int] | None = None) -> SequentialConfig:
+    """The SequentialConfig of the flags (method / bits given here override theirs, for scripts with lists)."""
+    rotate = getattr(args, "rotate", "none")
+    cfg = SequentialConfig(
+        method=method or args.method, weight=replace(SEQ.weight, group_size=args.group_size),
+        act_kind=getattr(args, "act_quant", SEQ.act_kind), damp=args.damp, act_order=args.act_order, blocks=blocks,
+        granularity=getattr(args, "granularity", SEQ.granularity),
+        offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
+        rotate=None if rotate == "none" else rotate, rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
+        rotate_conv=getattr(args, "rotate_conv", False))
+    return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
+
+
+def calib_config(args: argparse.Namespace) -> CalibConfig:
+    return CalibConfig(n_calib=args.n_calib, calib_steps=args.calib_steps, batch_size=args.calib_batch_size,
+                       guidance_scale=args.guidance_scale, prompts=args.calib_prompts, seed=args.seed)
+
+
+def tdq_config(args: argparse.Namespace, condition: str | None = None) -> TdqConfig:
+    fit = TdqFitConfig(max_per_condition=args.max_per_condition, n_freqs=args.n_freqs, hidden=args.hidden,
+                       steps=args.mlp_steps, seed=args.seed)
+    return TdqConfig(condition=condition or args.condition, act_symmetric=args.act_symmetric, fit=fit,
+                     refine_steps=args.refine_steps, extrapolate=args.extrapolate)
+
+
+def check_rotation_flags(args: argparse.Namespace) -> None:
+    """--rotate_conv without --rotate: a usage error at parse time (SequentialConfig says the same)."""
+    if getattr(args, "rotate_conv", False) and getattr(args, "rotate", "none") == "none":
+        raise ConfigError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard")

@@ -1,0 +1,96 @@
+"""The command line's parser and value types: a bad flag is one `error:` line and exit status 2.
+
+Every type wraps a check of diffptq.config.checks (the same check a config field goes through), so a flag and the
+field it fills agree on what is valid. Light: no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+from diffptq.config.checks import (
+    check_bits,
+    check_float,
+    check_guidance,
+    check_non_negative_int,
+    check_positive_int,
+    check_seed,
+)
+from diffptq.config.quant import Damping
+from diffptq.errors import ConfigError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error format: `error: <what is wrong>` on one line, exit status 2 (`--help` still
+    prints the whole usage)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _typed(check, name: str):
+    """An argparse type from a check: its ConfigError message becomes argparse's message for the flag."""
+    def convert(text: str):
+        try:
+            return check(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = name
+    return convert
+
+
+positive_int = _typed(lambda t: check_positive_int(t), "positive_int")
+non_negative_int = _typed(lambda t: check_non_negative_int(t), "non_negative_int")
+seed_value = _typed(lambda t: check_seed(t, ""), "seed")
+bits_value = _typed(lambda t: check_bits(t), "bits")
+guidance_value = _typed(lambda t: check_guidance(t, ""), "guidance")
+positive_float = _typed(lambda t: check_float(t, lo=0.0, lo_open=True), "positive_float")
+damp_value = _typed(lambda t: Damping.parse(t, ""), "damp")
+
+
+def device_value(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (whether that device exists is checked when the run starts)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", text.strip()):
+        return text.strip()
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+BLOCKS_PATTERN = re.compile(r"all|\d+|\d+-\d+(,\d+(-\d+)?)*|\d+(,\d+(-\d+)?)+")
+
+
+def blocks_value(text: str) -> str:
+    """--blocks: 'all', 'N' (the first N), a range '0-7' or a comma list '0-3,8' (indices checked on the model)."""
+    text = text.strip()
+    if BLOCKS_PATTERN.fullmatch(text) and text != "0":
+        return text
+    raise argparse.ArgumentTypeError(f"expected all, N (the first N blocks, N >= 1), a range like 0-7, or a comma "
+                                     f"list like 0-3,8; got {text!r}")
+
+
+def parse_methods(text: str, methods: tuple[str, ...] = ("fp", "rtn", "gptq", "qronos")) -> list[str]:
+    """'fp,rtn,gptq,qronos' -> the listed methods in that order (each once)."""
+    items = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not items or any(m not in methods for m in items):
+        raise ConfigError(f"--methods {text!r}: choose a comma list of {', '.join(methods)}")
+    return items
+
+
+def parse_bits(text: str) -> list[tuple[int, int]]:
+    """'w4a8,w4a4' -> [(4, 8), (4, 4)]; 'w4' or 'w4a16' = float activations (abits 16)."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        w, sep, a = part.removeprefix("w").partition("a")
+        if not part.startswith("w") or not w.isdigit() or (sep and not a.isdigit()):
+            raise ConfigError(f"--bits {text!r}: expected a comma list like w4a8,w4a4 (w4 = float activations)")
+        wbits, abits = int(w), int(a) if sep else 16
+        if not 2 <= wbits <= 8 or not (2 <= abits <= 8 or abits == 16):
+            raise ConfigError(f"--bits {part}: weight bits 2..8, activation bits 2..8 or 16")
+        out.append((wbits, abits))
+    if not out:
+        raise ConfigError("--bits: give at least one setting, e.g. w4a8")
+    return list(dict.fromkeys(out))
+
+
+# --methods / --bits stay text (config.json records them as given); the run parses them again
+methods_value = _typed(lambda t: parse_methods(t) and t, "methods")
+bits_list_value = _typed(lambda t: parse_bits(t) and t, "bits")

@@ -1,0 +1,107 @@
+"""SequentialConfig: what the block-by-block driver (diffptq.algo.driver) quantizes, and how."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from diffptq.config.checks import (
+    FLOAT_BITS,
+    check_choice,
+    check_int,
+    check_non_negative_int,
+    check_positive_int,
+    fail,
+)
+from diffptq.config.quant import Damping, QuantSpec, as_damping
+from diffptq.errors import ConfigError
+
+METHODS = ("rtn", "gptq", "qronos")
+ACT_KINDS = ("static", "dynamic")
+GRANULARITIES = ("unit", "block")
+ROTATIONS = ("hadamard",)  # online input rotations (diffptq.quant.rotation)
+DEFAULT_ACT = QuantSpec(8, symmetric=False)  # activations: asymmetric 8-bit (the zero point follows the range)
+
+
+@dataclass
+class SequentialConfig:
+    """What to quantize and how.
+
+    method: rtn | gptq | qronos. weight: the weight grid. act: the activation grid (None: weights only; the default
+    is W4A8 with static asymmetric 8-bit activations). act_kind: static (per tensor, calibrated) | dynamic (per
+    token). damp: the Hessian damping rule (a Damping; a number or mode name is converted).
+    blocks: indices into family.blocks() (None: all). granularity: "unit" (a block's ResNets, transformer blocks and
+    resamplers are quantized one after the other, each re-run from its own cached input: far fewer re-computed
+    layers per wave on the UNet; PixArt's blocks are units already) or "block" (each block is one unit).
+    skip: layer-name glob patterns (within the denoiser) kept float.
+    holdout_every: every n-th calibration record is held out from H and used for rel_out_err (0: none held out).
+    act_factory(name, module) -> ActQuantizer | None builds the activation quantizers instead of `act`/`act_kind`
+    (e.g. time-conditioned TDQ quantizers); any quantizer with start_calibration/finish_calibration is calibrated
+    block by block on the quantized stream. before_record(record) runs before each pass over a calibration record
+    (e.g. to set the record's timestep condition on time-conditioned quantizers).
+    drop_float_weights: once a block is done, replace its quantized layers' float weights by the dequantized ones
+    (frees their memory; float_mode then runs the quantized weights). The codes of finished blocks still add up on
+    the device (1 byte per weight): with offload_done too, device memory is flat in the number of blocks.
+    offload_done: once a block is done (quantized, propagated, float weights dropped if asked), move its parameters
+    and buffers (weights, dequantized weights, codes, norms, ...) to the driver's `storage`: later blocks read the
+    cached streams only, so the compute device holds just the blocks still to come, and its memory falls block by
+    block. Left in place: blocks that are not selected (also those run in between), activation quantizers (a few
+    numbers each; time-conditioned ones cache scales outside their buffers) and tensors shared with modules outside
+    the block. Before run() returns (also when on_block stops it or something raises), every offloaded block moves
+    back to the compute device: the returned model is the one offload_done=False gives, tensor for tensor. Moving
+    back happens after the calibration caches are freed and takes the memory the finished model holds at the end of
+    a run without offload_done: with drop_float_weights the float model's size plus the codes, which stays below
+    the first block's peak (the whole float model plus one block's calibration working set) unless that working set
+    is smaller than the codes (full-size PixArt-XL-2, bf16: 1.86 GiB allocated at the end vs 3.19 GiB in block 0);
+    without drop_float_weights also a dequantized copy of each quantized weight. SequentialResult.peak_vram_bytes
+    includes the move back. Nothing moves when `storage` is the compute device.
+    offload_pending: the selected units after the first wait on `storage` from the start and each moves to the
+    compute device just before its turn: with offload_done, the device holds one unit's weights (plus the float
+    prologue/epilogue and the units not selected) instead of all those still to come. Moved back like offload_done's.
+    rotate / rotate_seed / rotate_conv: an online input rotation of the swapped layers (as in
+    diffptq.quant.layers.QuantConfig), set at the swap, so H, G, the activation quantizers and rel_out_err all see
+    the rotated inputs.
+    """
+
+    method: str = "qronos"
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(4))
+    act: QuantSpec | None = DEFAULT_ACT
+    act_kind: str = "static"
+    damp: Damping = field(default_factory=Damping)
+    act_order: bool = False
+    block_size: int = 128
+    blocks: list[int] | None = None
+    granularity: str = "unit"
+    skip: tuple[str, ...] = ()
+    holdout_every: int = 5
+    act_factory: Callable | None = None
+    before_record: Callable | None = None  # (CalibRecord) -> None
+    drop_float_weights: bool = False
+    offload_done: bool = False
+    offload_pending: bool = False
+    rotate: str | None = None
+    rotate_seed: int = 0
+    rotate_conv: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "method", METHODS)
+        check_choice(self.act_kind, "act_kind", ACT_KINDS)
+        check_choice(self.granularity, "granularity", GRANULARITIES)
+        if not isinstance(self.weight, QuantSpec) or (self.act is not None and not isinstance(self.act, QuantSpec)):
+            raise fail("SequentialConfig", "weight and act must be QuantSpec (act may be None)")
+        self.damp = as_damping(self.damp)
+        check_positive_int(self.block_size, "block_size")
+        check_non_negative_int(self.holdout_every, "holdout_every")
+        check_non_negative_int(self.rotate_seed, "--rotate_seed")
+        if self.blocks is not None:
+            self.blocks = [check_int(b, "blocks", lo=0) for b in self.blocks]
+        if self.rotate is not None:
+            check_choice(self.rotate, "--rotate", ROTATIONS)
+        elif self.rotate_conv:
+            raise ConfigError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard")
+
+    def with_bits(self, wbits: int, abits: int) -> SequentialConfig:
+        """This config at `wbits` / `abits` (16: float activations); the grids keep their other settings."""
+        if wbits >= FLOAT_BITS:
+            raise fail("--wbits", f"{wbits} leaves nothing to quantize; give 2..8")
+        act = None if abits >= FLOAT_BITS else replace(self.act or DEFAULT_ACT, bits=abits)
+        return replace(self, weight=replace(self.weight, bits=wbits), act=act)
