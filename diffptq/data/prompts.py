@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffptq.errors import PromptFileError
-from diffptq.models.names import is_bundled
+from diffptq.models.names import EVERYDAY_CAPTIONS, is_bundled
 
-EVERYDAY_PROMPTS = Path(__file__).with_name("prompts_everyday.txt")
 CALIBRATION_SEED = 1_000  # bundled models: calibration scenes, drawn apart from the evaluation scenes
 
 
@@ -21,7 +20,7 @@ def load_prompts(path: str | Path | None = None, n: int | None = None, tail: boo
     `n` takes the first n (the last n with `tail`), cycling through the list when it is shorter. Raises
     PromptFileError, naming the path, when the file is missing, a folder, unreadable, not UTF-8 text, or empty.
     """
-    path = Path(path) if path is not None else EVERYDAY_PROMPTS
+    path = Path(path) if path is not None else EVERYDAY_CAPTIONS
     if path.is_dir():
         raise PromptFileError(f"prompt file {path} is a folder: give a text file with one prompt per line")
     if not path.is_file():

@@ -24,9 +24,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from diffptq.data.prompts import load_prompts
 from diffptq.models.build import VAESpec, build_clip_encoder, build_t5_encoder, build_vae
-from diffptq.models.tokenizers import build_word_tokenizer, vocabulary_from_texts
+from diffptq.models.tokenizers import build_word_tokenizer, everyday_vocabulary
 
 PIXART_512 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                   cross_attention_dim=1152, sample_size=64, patch_size=2, caption_channels=4096)
@@ -86,7 +85,7 @@ def _text_stack(style: str):
 
     t5: 120 tokens, T5EncoderModel d_model 4096 (as T5-XXL; 8 heads × 64, d_ff 512 instead of 64 × 64 and 10240).
     clip: 77 tokens, CLIPTextModel hidden 768 (as CLIP ViT-L/14; 12 heads, intermediate 512 instead of 3072)."""
-    vocabulary = vocabulary_from_texts(load_prompts())
+    vocabulary = everyday_vocabulary()
     if style == "t5":
         tok = build_word_tokenizer(vocabulary, "t5", 120)
         return tok, build_t5_encoder(tok, width=4096, heads=8, ff=512, layers=1, head_dim=64)

@@ -5,6 +5,11 @@ diffptq.models.load (models), diffptq.models.schedulers (schedulers).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+# everyday captions: the default prompts of models without their own, and the words of the random-weight models
+EVERYDAY_CAPTIONS = Path(__file__).with_name("everyday_captions.txt")
+
 DEFAULT_MODELS = {"pixart": "PixArt-alpha/PixArt-XL-2-512x512", "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 BUNDLED_NAMES = ("bundled-dit", "bundled-dit-deep", "bundled-unet")
 TINY_NAMES = ("tiny-dit", "tiny-unet")

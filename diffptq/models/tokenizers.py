@@ -53,3 +53,12 @@ def build_word_tokenizer(words: Iterable[str], style: str = "t5", max_length: in
         tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, unk_token="<unk>",
         model_max_length=max_length,
     )
+
+
+def everyday_vocabulary() -> list[str]:
+    """The words of the everyday captions (models.names.EVERYDAY_CAPTIONS): the vocabulary of the random-weight
+    models, so that their pipelines take the everyday prompts."""
+    from diffptq.models.names import EVERYDAY_CAPTIONS
+
+    lines = EVERYDAY_CAPTIONS.read_text(encoding="utf-8").splitlines()
+    return vocabulary_from_texts(ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))

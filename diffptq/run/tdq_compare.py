@@ -32,7 +32,7 @@ from diffptq.models.schedulers import check_steps
 from diffptq.quant.layers import quant_layers
 from diffptq.run import tdq
 from diffptq.run.benchmark_report import load_bundled_evaluator
-from diffptq.run.tdq_scripts import EvalSampler, parse_samplers
+from diffptq.run.tdq_flags import EvalSampler, parse_samplers
 from diffptq.tdq.inference import HOOK_ATTR
 
 log = logging.getLogger(__name__)

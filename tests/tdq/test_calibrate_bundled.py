@@ -16,7 +16,7 @@ from diffptq.cli import Run
 from diffptq.data.prompts import evaluation_prompts
 from diffptq.models.load import BUNDLED_MODELS
 from diffptq.run import tdq
-from diffptq.run.tdq_scripts import parse_calibrate_args
+from diffptq.run.tdq_flags import parse_calibrate_args
 from diffptq.run.tdq_compare import EvalSampler, fp_reference, replay_errors
 
 pytestmark = pytest.mark.skipif(not (BUNDLED_MODELS["bundled-dit"] / "model_index.json").is_file(),
