@@ -16,6 +16,7 @@ from diffptq.cli import (
     device_value,
     guidance_value,
     positive_int,
+    prompt_file,
     run_main,
     seed_value,
 )
@@ -32,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--checkpoint", required=True, help="diffptq checkpoint (safetensors; a .pt name is accepted)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", help="a file with one prompt per line")
+    src.add_argument("--prompts", type=prompt_file, help="a file with one prompt per line")
     g.add_argument("--n", type=positive_int, default=4, help="images per prompt (default: %(default)s)")
     g.add_argument("--seed", type=seed_value, default=0, help="seed of the first image; image i uses seed + i")
     g.add_argument("--steps", type=positive_int, default=20)

@@ -31,6 +31,7 @@ from diffptq.cli import (
     finish_run,
     methods_value,
     positive_int,
+    prompt_file,
     run_main,
     sequential_config,
 )
@@ -53,7 +54,7 @@ def parse_args(argv=None):
                    help="save each variant's uint8 images, prompts and seeds to images/<method>[_wXaY].safetensors "
                         "(for benchmarks/multi_gpu_compare.py)")
     p.add_argument("--n_images", type=positive_int, default=64, help="images per method (default: %(default)s)")
-    p.add_argument("--prompts", default=None,
+    p.add_argument("--prompts", type=prompt_file, default=None,
                    help="evaluation prompt file, one per line (default: the model's evaluation prompts)")
     p.add_argument("--batch_size", type=positive_int, default=8, help="images per pipeline call")
     add_guidance_arg(p)
@@ -75,10 +76,6 @@ def parse_args(argv=None):
         path = getattr(args, flag)
         if path is not None and not os.path.isdir(path):
             p.error(f"argument --{flag}: no folder {path}")
-    for flag in ("prompts", "calib_prompts"):  # absent metric weights only leave their metric empty
-        path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
-            p.error(f"argument --{flag}: no file {path}")
     calib_config(args)  # every value checked before anything heavy is imported
     sequential_config(args, method="rtn", wbits=4, abits=8)
     return args

@@ -38,6 +38,7 @@ from diffptq.cli.parser import (
     non_negative_int,
     positive_float,
     positive_int,
+    prompt_file,
     seed_value,
 )
 
@@ -47,5 +48,5 @@ __all__ = ["REPO_ROOT", "ArgumentParser", "Run", "add_blocks_arg", "add_calib_ar
            "calib_config", "check_output_dir", "check_output_file", "check_rotation_flags", "damp_value",
            "device_value", "file_sha256", "finish_run", "guidance_value", "methods_value", "non_negative_int",
            "package_versions",
-           "positive_float", "positive_int", "resolve_device", "resolve_dtype", "run_main", "seed_value",
+           "positive_float", "positive_int", "prompt_file", "resolve_device", "resolve_dtype", "run_main", "seed_value",
            "sequential_config", "start_run", "tdq_config"]

@@ -16,6 +16,7 @@ from diffptq.cli.parser import (
     guidance_value,
     non_negative_int,
     positive_int,
+    prompt_file,
 )
 from diffptq.config import (
     ACT_KINDS,
@@ -96,7 +97,7 @@ def add_calib_args(parser, prompts_flag: str = "--prompts", guidance: bool = Tru
                         help="sampling steps per calibration trajectory (default: %(default)s)")
     parser.add_argument("--calib_batch_size", type=positive_int, default=CALIB.batch_size,
                         help="prompts per calibration batch (default: %(default)s)")
-    parser.add_argument(prompts_flag, dest="calib_prompts", default=CALIB.prompts,
+    parser.add_argument(prompts_flag, dest="calib_prompts", type=prompt_file, default=CALIB.prompts,
                         help="calibration prompt file, one per line (default: the model's own calibration prompts)")
     if guidance:
         add_guidance_arg(parser)

@@ -48,6 +48,18 @@ positive_float = _typed(lambda t: check_float(t, lo=0.0, lo_open=True), "positiv
 damp_value = _typed(lambda t: Damping.parse(t, ""), "damp")
 
 
+def prompt_file(text: str) -> str:
+    """A prompt file that exists and reads as UTF-8 text with at least one prompt (diffptq.data.prompts)."""
+    from diffptq.data.prompts import load_prompts
+    from diffptq.errors import PromptFileError
+
+    try:
+        load_prompts(text)
+    except PromptFileError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def device_value(text: str) -> str:
     """--device: auto, cpu, cuda or cuda:N (whether that device exists is checked when the run starts)."""
     if re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", text.strip()):
@@ -71,7 +83,7 @@ def parse_methods(text: str, methods: tuple[str, ...] = ("fp", "rtn", "gptq", "q
     """'fp,rtn,gptq,qronos' -> the listed methods in that order (each once)."""
     items = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     if not items or any(m not in methods for m in items):
-        raise ConfigError(f"--methods {text!r}: choose a comma list of {', '.join(methods)}")
+        raise ConfigError(f"expected a comma list of {', '.join(methods)}, got {text!r}")
     return items
 
 
@@ -81,13 +93,13 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
     for part in (p.strip().lower() for p in text.split(",") if p.strip()):
         w, sep, a = part.removeprefix("w").partition("a")
         if not part.startswith("w") or not w.isdigit() or (sep and not a.isdigit()):
-            raise ConfigError(f"--bits {text!r}: expected a comma list like w4a8,w4a4 (w4 = float activations)")
+            raise ConfigError(f"expected a comma list like w4a8,w4a4 (w4 = float activations), got {text!r}")
         wbits, abits = int(w), int(a) if sep else 16
         if not 2 <= wbits <= 8 or not (2 <= abits <= 8 or abits == 16):
-            raise ConfigError(f"--bits {part}: weight bits 2..8, activation bits 2..8 or 16")
+            raise ConfigError(f"{part}: weight bits 2..8, activation bits 2..8 or 16")
         out.append((wbits, abits))
     if not out:
-        raise ConfigError("--bits: give at least one setting, e.g. w4a8")
+        raise ConfigError("give at least one setting, e.g. w4a8")
     return list(dict.fromkeys(out))
 
 
