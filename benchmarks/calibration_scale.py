@@ -15,7 +15,8 @@ ResNets / transformer blocks / resamplers one after the other; block re-runs who
   # VRAM flat in the number of blocks: finished blocks wait in host memory until the end
   python benchmarks/calibration_scale.py --family pixart --methods qronos --dtype bf16 --drop_float_weights \\
       --offload_done --out results/calib_scale_offload
-  python benchmarks/calibration_scale.py --report results/calib_scale --markdown benchmarks/results/x.md
+  python benchmarks/calibration_scale.py --report results/calib_scale \\
+      --markdown benchmarks/results/calibration_scale_<model>_<card>.md     (naming: benchmarks/README.md)
   # CPU profile on a mid-size PixArt (the full-size config with fewer, narrower blocks and fewer tokens):
   python benchmarks/calibration_scale.py --device cpu --dtype fp32 --num_layers 2 --heads 4 --head_dim 32 \\
       --sample_size 32 --n_prompts 4 --steps 5 --batch 2

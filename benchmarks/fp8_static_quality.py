@@ -1,7 +1,7 @@
 """Quality of the W4A8 FP8 speed path with static activation scales: one range for all steps vs log-SNR TDQ scales.
 
-The fastest compiled W4A8 step (benchmarks/results/inference_speed_h100_session4.md) uses static per-tensor e4m3
-activation scales: no reduction at run time. With one min-max range for every timestep the bundled DiT loses most
+The fastest compiled W4A8 step (benchmarks/results/inference_speed_fp8_act_quant_pixart_h100.md) uses static per-tensor
+e4m3 activation scales: no reduction at run time. With one min-max range for every timestep the bundled DiT loses most
 of its prompt accuracy (inference_speed_quality_bundled_dit_cpu.md). Fp8W4A8Linear's static mode also takes
 time-conditioned quantizers, so log-SNR TDQ scales (one per sampling step, from a small MLP) can feed the same
 kernel. This script compares, on a bundled model with the same RTN W4 weight codes everywhere:

@@ -23,7 +23,8 @@ On the CPU (`--device cpu`, smoke tests) the real modules run their reference ke
 `--compile_mode reduce-overhead` (CUDA graphs) compiles the whole model (per-block graphs would overwrite each
 other's outputs) and marks every timed call as a new graph step.
 
-  python benchmarks/inference_speed.py --out results/inference_speed --report benchmarks/results/inference_speed.md
+  python benchmarks/inference_speed.py --out results/inference_speed \\
+      --report benchmarks/results/inference_speed_pixart_sd_<card>.md     (naming: benchmarks/README.md)
   python benchmarks/inference_speed.py --render results/inference_speed --report x.md     (markdown from the JSON)
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ from diffptq.quant.quantizer import QuantSpec, round_to_grid
 
 def qronos_first_column(v: Tensor, g: Tensor, h0: Tensor, delta: float, U: Tensor, s_cols: Tensor, z_cols: Tensor,
                         codes: Tensor, spec: QuantSpec) -> None:
-    """Quantize column 0 of v (out, in) in place and re-solve columns 1.. (QRONOS.md steps 1–2).
+    """Quantize column 0 of v (out, in) in place and re-solve columns 1.. (docs/ALGORITHMS.md §6, steps 1–2).
 
     g: (out, in), g[r] = G w_r = ⟨X̃_j, X w_r⟩ / n for the float weights w_r of the target; h0: (in,) row 0 of H,
     undamped (dead columns set to 1; H is symmetric, so also its column 0); U: upper Cholesky factor of

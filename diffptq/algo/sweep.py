@@ -1,4 +1,4 @@
-"""The GPTQ column sweep (QRONOS.md, GPTQ steps 4–5): the sequential inner loop GPTQ and Qronos share.
+"""The GPTQ column sweep (docs/ALGORITHMS.md §4, steps 4–5): the sequential inner loop GPTQ and Qronos share.
 
 Two backends compute the same thing:
 - ``eager``: torch ops, one column at a time inside lazy blocks. About seven small kernels per column, so on a GPU

@@ -3,7 +3,7 @@
 Layer inputs X are recorded from the float bundled denoisers on calibration trajectories; the quantized stream X̃
 is emulated by 4-bit per-token activation quantization of X. Each seed splits the rows at random into a
 calibration half (H, G) and a held-out half (errors). Orderings are asserted on averages over seeds and layers,
-as QRONOS.md states them, never per seed.
+as docs/ALGORITHMS.md §6 and §12 state them, never per seed.
 """
 import statistics
 

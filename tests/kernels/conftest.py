@@ -29,7 +29,7 @@ _BASES: dict = {}
 
 
 def _base(name: str):
-    """(pipe, one recorded denoiser input batch of 2 prompts under CFG), built once per session."""
+    """(pipe, one recorded denoiser input batch of 2 prompts under CFG), built once per test run."""
     if name not in _BASES:
         torch.manual_seed(0)
         pipe = load_pipeline(name)

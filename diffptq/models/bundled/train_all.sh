@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Train every bundled model on one GPU as the committed weights were made (two device calls of < 10 minutes):
+# Train every bundled model on one GPU as the committed weights were made (stages 1 and 2 each fit in under 10 minutes):
 #   stage 1 (~9 min): the VAE and the evaluator side by side, then the DiT and the UNet side by side on the same GPU
 #                     from scratch (6.25 min each, wall clock), then measure;
 #   stage 2 (~4.5 min): both diffusion models continue 3.4 min from stage 1 on fresh scenes (seed 1), with half of
 #                     the timesteps from the upper half and up to 5x loss weight where SNR < 1, then measure.
-#   stage 3 (~7.5 min, session 2): the UNet continues 6.9 min from stage 2 with torch.compile (5.7 it/s at batch
+#   stage 3 (~7.5 min): the UNet continues 6.9 min from stage 2 with torch.compile (5.7 it/s at batch
 #                     1024 beside a DiT run), lr 3e-4, fresh scenes (seed 2), then measure (FP prompt_acc 0.853).
-#   stage 4 (~8 min, session 3, one GPU per run): the DiT continues 6.8 min from stage 2 with torch.compile, lr 6e-4,
+#   stage 4 (~8 min, one GPU per run): the DiT continues 6.8 min from stage 2 with torch.compile, lr 6e-4,
 #                     warm-up 200, seed 4, a quarter of the timesteps from the upper half, up to 2x loss weight where
 #                     SNR < 1 (FP prompt_acc 0.068 -> 0.642);
-#   stage 5 (~8 min, session 3): the DiT continues 6.8 min from stage 4, lr 1e-3, seed 6, otherwise as stage 4
+#   stage 5 (~8 min): the DiT continues 6.8 min from stage 4, lr 1e-3, seed 6, otherwise as stage 4
 #                     (9733 steps at 23.8 it/s; FP prompt_acc 0.930 at CFG 4.5).
 #   bash diffptq/models/bundled/train_all.sh WORK_DIR [LOG_DIR] [1|2|3|4|5|all]
 # Stage 2 reads WORK_DIR/{dit,unet,vae} of stage 1 and writes WORK_DIR/final/{dit,unet,evaluator}.
