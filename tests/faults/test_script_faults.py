@@ -117,3 +117,18 @@ def test_same_command_same_seed_gives_identical_checkpoint(tmp_path):
         config = (out / "config.json").read_text()
         assert digests[-1] in config  # config.json records the checkpoint's hash
     assert digests[0] == digests[1]
+
+
+def test_a_file_system_error_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import diffptq.io.checkpoint as ckpt
+
+    def disk_full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    out = tmp_path / "o"
+    code, err = _main_in_process(["--model", "tiny-dit", *SMALL, "--out_dir", str(out)], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: No space left on device: {out / 'checkpoint.safetensors.partial'}")
+    assert not out.exists()
