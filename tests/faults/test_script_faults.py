@@ -129,6 +129,7 @@ def test_a_file_system_error_is_one_line_and_leaves_no_partial_file(tmp_path, mo
     monkeypatch.setattr(ckpt, "save_file", disk_full)
     out = tmp_path / "o"
     code, err = _main_in_process(["--model", "tiny-dit", *SMALL, "--out_dir", str(out)], capsys)
-    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith(f"error: No space left on device: {out / 'checkpoint.safetensors.partial'}")
+    last = err.strip().splitlines()[-1]  # progress bars of the calibration come before it
+    assert code == 2 and "Traceback" not in err
+    assert last.startswith(f"error: No space left on device: {out / 'checkpoint.safetensors.partial'}")
     assert not out.exists()
