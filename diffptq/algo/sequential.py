@@ -52,11 +52,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffptq.algo.damping import any_nonfinite
+from diffptq.algo.driver.memory import Loaded, PinnedPool, Prefetcher, move_module_tensors
+from diffptq.algo.driver.timing import PhaseTimer
 from diffptq.algo.gptq import gptq_quantize_ex
 from diffptq.algo.hessian import GramAccumulator
 from diffptq.algo.qronos import qronos_quantize_ex
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
-from diffptq.algo.streams import Loaded, PhaseTimer, PinnedPool, Prefetcher, move_module_tensors
 from diffptq.data.calib import CalibrationSet, CalibRecord
 from diffptq.errors import DiffptqError
 from diffptq.models.families import ModelFamily
