@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
+from diffptq.algo.driver import SequentialConfig, SequentialQuantizer
 from diffptq.cli import damp_value
 from diffptq.data.calib import collect_calibration
 from diffptq.models.families import family_of

@@ -273,7 +273,7 @@ def rotation_kwargs(args: argparse.Namespace) -> dict:
 
 def sequential_config(args: argparse.Namespace, blocks: list[int] | None):
     """SequentialConfig from the flags of add_quant_args (group size checked against the layers later)."""
-    from diffptq.algo.sequential import SequentialConfig
+    from diffptq.algo.driver import SequentialConfig
     from diffptq.quant.quantizer import QuantSpec
 
     act = None if args.abits >= 16 else QuantSpec(args.abits, symmetric=False)

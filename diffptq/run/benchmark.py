@@ -290,7 +290,7 @@ def quantize_variant(denoiser: nn.Module, pipe, variant: Variant, cfg: Benchmark
                      device: torch.device, dtype: torch.dtype, progress: bool = True) -> float:
     """Quantize `denoiser` (a float copy, on `device`, in place in `pipe`) with the sequential driver; returns
     calib_time_s, the driver's wall time (the shared calibration set's collection excluded)."""
-    from diffptq.algo.sequential import SequentialQuantizer
+    from diffptq.algo.driver import SequentialQuantizer
     from diffptq.cli import sequential_config
     from diffptq.run.quantize import parse_blocks
 

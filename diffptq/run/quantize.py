@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer, SequentialResult, denoiser_output_error
+from diffptq.algo.driver import SequentialConfig, SequentialQuantizer, SequentialResult, denoiser_output_error
 from diffptq.data.calib import CalibrationSet, collect_calibration
 from diffptq.data.prompts import default_prompts, load_prompts
 from diffptq.errors import ConfigError

@@ -7,7 +7,7 @@ driver's ``before_record`` hands every quantizer the normalised condition c of t
 scale) and installs the MLP; on an asymmetric grid also a second MLP for the zero point's offset (``OffsetZero``).
 ``static`` has one condition (c = 0) and so one scale: the static baseline is the same fit with a constant condition.
 
-``calibrate_tdq_pipeline`` runs it all through the block-by-block driver (``algo.sequential``): activation
+``calibrate_tdq_pipeline`` runs it all through the block-by-block driver (``algo.driver``): activation
 quantizers fitted per block on the quantized stream, optionally refined end to end on the block's output error
 (``refine_steps``), then the block's weights quantized (RTN | GPTQ | Qronos) with H seen through them. It leaves the
 condition hook (``inference.attach_tdq``) on the pipeline, so ``pipe(...)`` runs with per-step scales.
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer, denoiser_output_error
+from diffptq.algo.driver import SequentialConfig, SequentialQuantizer, denoiser_output_error
+from diffptq.algo.driver.passes import quant_mode
 from diffptq.data.calib import CalibrationSet, CalibRecord, collect_calibration
 from diffptq.data.prompts import load_prompts
 from diffptq.models.families import family_of
@@ -317,17 +318,18 @@ class TdqSequentialQuantizer(SequentialQuantizer):
     def refine_block(self, k: int, quantizers: list[TdqActQuantizer]) -> None:
         params = [p for q in quantizers for p in q.scale_fn.parameters()]  # the zero follows the refined scale
         opt = torch.optim.Adam(params, lr=self.refine_lr)
+        cache, runner = self.cache, self.runner
         targets = {}
         with torch.no_grad():
             for i in self.train:
-                targets[i] = self._store(self._block_pass(k, self.fp[i], self._ctx(i), quant=False)[0])
+                targets[i] = cache.store(runner.block_pass(k, self.fp[i], cache.load_ctx(i), quant=False)[0])
         losses = []
         for step in range(self.refine_steps):
             i = self.train[step % len(self.train)]
-            with torch.enable_grad(), self._quant_block():
-                ctx = self._ctx(i)  # sets the conditions with grad on: scales stay differentiable
-                out = self._run(k, self.q[i], ctx)[0].float()
-                ref = self._to_dev(targets[i]).float()
+            with torch.enable_grad(), quant_mode(self.den):
+                ctx = cache.load_ctx(i)  # sets the conditions with grad on: scales stay differentiable
+                out = runner.run(k, self.q[i], ctx)[0].float()
+                ref = cache.to_dev(targets[i]).float()
                 loss = (out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # the MLPs only, not the weights
             for p, g in zip(params, grads, strict=True):
@@ -388,7 +390,7 @@ class TdqCalibration:
     last). ``layer_rows()`` gives one row per layer (weights report + fit summary).
     """
 
-    result: object  # algo.sequential.SequentialResult
+    result: object  # algo.driver.SequentialResult
     calib: CalibrationSet
     condition_fn: ConditionFn
     quantizers: dict[str, TdqActQuantizer]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diffptq
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
+from diffptq.algo.driver import SequentialConfig, SequentialQuantizer
 from diffptq.data.calib import collect_calibration
 from diffptq.io.checkpoint import read_checkpoint, save_quantized
 from diffptq.models import family_of, load_pipeline
