@@ -30,6 +30,10 @@ class SequentialQuantizer:
     on_block(k, quantizer) runs after each block k of family.blocks() (with offload_done, once its units are on
     storage); returning True stops the run there (the later blocks stay float, their activation quantizers off),
     e.g. for a time budget. Internally `k` indexes `self.units`.
+
+    Its parts: `cache` (StreamCache: the records' cached states and context), `runner` (UnitRunner: one pass of a
+    unit over one record), `offloader` and `stats`; a subclass runs its own passes through `runner` and `cache`
+    (e.g. TDQ's end-to-end refinement in diffptq.tdq.calibrate).
     """
 
     def __init__(self, denoiser: nn.Module, family: ModelFamily, calib: CalibrationSet, config: SequentialConfig,
