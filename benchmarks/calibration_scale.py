@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
+from diffptq.algo.driver import SequentialConfig, SequentialQuantizer
 from diffptq.cli import damp_value
 from diffptq.config import Damping
 from diffptq.data.calib import collect_calibration

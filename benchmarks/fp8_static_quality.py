@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from diffptq.algo.sequential import SequentialConfig, quantize_sequential
+from diffptq.algo.driver import SequentialConfig, quantize_sequential
 from diffptq.eval.metrics.similarity import psnr_score
 from diffptq.io.files import write_text_atomic
 from diffptq.kernels import InferenceConfig, convert_for_inference

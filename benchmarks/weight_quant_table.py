@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffptq.algo.sequential import SequentialConfig
+from diffptq.algo.driver import SequentialConfig
 from diffptq.eval.metrics.similarity import psnr_score
 from diffptq.eval.report import markdown_table
 from diffptq.models import load_pipeline

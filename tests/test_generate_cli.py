@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from diffptq.__main__ import main
-from diffptq.algo.sequential import SequentialConfig, quantize_sequential
+from diffptq.algo.driver import SequentialConfig, quantize_sequential
 from diffptq.data.calib import collect_calibration
 from diffptq.io.checkpoint import save_quantized
 from diffptq.models import family_of, load_pipeline

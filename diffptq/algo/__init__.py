@@ -1,4 +1,6 @@
-"""Weight quantization algorithms as pure tensor functions: RTN, GPTQ, Qronos; H/G accumulation; damping."""
+"""Weight quantization algorithms as pure tensor functions: RTN, GPTQ, Qronos; H/G accumulation; damping. The
+block-by-block driver that runs them over a denoiser is the subpackage diffptq.algo.driver (not imported here: it
+reads the model code)."""
 from diffptq.algo.damping import DampedFactor, Damping, as_damping, damped_inverse_cholesky, fp32_matmul, lambda_max
 from diffptq.algo.gptq import gptq_quantize, gptq_quantize_ex, hessian_quantize
 from diffptq.algo.hessian import GramAccumulator, conv_patches, gram_from_inputs, hessian_from_inputs, input_rows

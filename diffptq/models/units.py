@@ -1,7 +1,7 @@
 """Sequential quantization units: a denoiser's blocks, or finer parts of them, each runnable on a cached state.
 
 The sequential driver caches each unit's input state `(h, skips)` and re-runs the unit once per wave of layers
-(see diffptq.algo.sequential). A UNet down block holds two ResNets and two transformer blocks: quantized as one
+(see diffptq.algo.driver). A UNet down block holds two ResNets and two transformer blocks: quantized as one
 unit, every one of its ~25 waves re-runs the whole block from its input. As finer units (each ResNet, transformer
 block and resampler on its own, its input cached), a wave re-runs only the part that holds it.
 

@@ -241,7 +241,7 @@ def quantize_variant(denoiser: nn.Module, pipe, seq_cfg: SequentialConfig, calib
                      device: torch.device, dtype: torch.dtype, progress: bool = True) -> float:
     """Quantize `denoiser` (a float copy, on `device`, in place in `pipe`) with the sequential driver; returns
     calib_time_s, the driver's wall time (the shared calibration set's collection excluded)."""
-    from diffptq.algo.sequential import SequentialQuantizer
+    from diffptq.algo.driver import SequentialQuantizer
 
     calib_set = calib.get()
     t0 = time.perf_counter()

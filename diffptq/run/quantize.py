@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffptq.algo.sequential import SequentialQuantizer, SequentialResult, denoiser_output_error
+from diffptq.algo.driver import SequentialQuantizer, SequentialResult, denoiser_output_error
 from diffptq.config import CalibConfig, SequentialConfig
 from diffptq.data.calib import CalibrationSet, calibration_set
 from diffptq.errors import ConfigError

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from diffptq.algo.sequential import SequentialQuantizer, denoiser_output_error
+from diffptq.algo.driver import SequentialQuantizer, denoiser_output_error
+from diffptq.algo.driver.passes import quant_mode
 from diffptq.config import SequentialConfig, TdqConfig
 from diffptq.data.calib import CalibrationSet, CalibRecord
 from diffptq.errors import ConfigError
@@ -68,17 +69,18 @@ class TdqSequentialQuantizer(SequentialQuantizer):
     def refine_block(self, k: int, quantizers: list[TdqActQuantizer]) -> None:
         params = [p for q in quantizers for p in q.scale_fn.parameters()]  # the zero follows the refined scale
         opt = torch.optim.Adam(params, lr=self.refine_lr)
+        cache, runner = self.cache, self.runner
         targets = {}
         with torch.no_grad():
             for i in self.train:
-                targets[i] = self._store(self._block_pass(k, self.fp[i], self._ctx(i), quant=False)[0])
+                targets[i] = cache.store(runner.block_pass(k, self.fp[i], cache.load_ctx(i), quant=False)[0])
         losses = []
         for step in range(self.refine_steps):
             i = self.train[step % len(self.train)]
-            with torch.enable_grad(), self._quant_block():
-                ctx = self._ctx(i)  # sets the conditions with grad on: scales stay differentiable
-                out = self._run(k, self.q[i], ctx)[0].float()
-                ref = self._to_dev(targets[i]).float()
+            with torch.enable_grad(), quant_mode(self.den):
+                ctx = cache.load_ctx(i)  # sets the conditions with grad on: scales stay differentiable
+                out = runner.run(k, self.q[i], ctx)[0].float()
+                ref = cache.to_dev(targets[i]).float()
                 loss = (out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # the MLPs only, not the weights
             for p, g in zip(params, grads, strict=True):
@@ -99,7 +101,7 @@ class TdqCalibration:
     last). ``layer_rows()`` gives one row per layer (weights report + fit summary).
     """
 
-    result: object  # algo.sequential.SequentialResult
+    result: object  # algo.driver.SequentialResult
     calib: CalibrationSet
     condition_fn: ConditionFn
     quantizers: dict[str, TdqActQuantizer]

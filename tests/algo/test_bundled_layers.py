@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffptq.algo import gptq_quantize_ex, gram_from_inputs, input_rows, qronos_quantize_ex, rtn_quantize
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
+from diffptq.algo.driver import SequentialConfig, SequentialQuantizer
 from diffptq.data.calib import collect_calibration
 from diffptq.data.prompts import calibration_prompts
 from diffptq.models import family_of, load_pipeline

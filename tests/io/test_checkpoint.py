@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffptq
-from diffptq.algo.sequential import SequentialConfig, quantize_sequential
+from diffptq.algo.driver import SequentialConfig, quantize_sequential
 from diffptq.data.calib import collect_calibration
 from diffptq.data.prompts import load_prompts
 from diffptq.errors import CheckpointError

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diffptq
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
+from diffptq.algo.driver import SequentialConfig, SequentialQuantizer
 from diffptq.data.calib import collect_calibration
 from diffptq.io.checkpoint import read_checkpoint, save_quantized
 from diffptq.models import family_of, load_pipeline
@@ -24,7 +24,8 @@ def tiny_dit():
 def _driver(calib, rotate, monkeypatch=None, **kw):
     pipe = load_pipeline("tiny-dit")
     fam = family_of(pipe)
-    cfg = SequentialConfig(**{"method": "qronos", "weight": QuantSpec(4), "blocks": [0], "holdout_every": 0, **kw})
+    cfg = SequentialConfig(**{"method": "qronos", "weight": QuantSpec(4), "act": None, "blocks": [0],
+                              "holdout_every": 0, **kw})
     drv = SequentialQuantizer(fam.denoiser(pipe), fam, calib, cfg, "cpu", progress=False)
     if rotate:
         rotate_layers(drv.swap(), "hadamard")

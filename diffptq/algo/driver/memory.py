@@ -1,24 +1,20 @@
-"""Plumbing of the sequential driver: cached block states in pinned host memory, their prefetch onto the compute
-device, finished blocks moved off the compute device and back, and phase timing that does not synchronize the device.
+"""Host memory of the sequential driver: cached unit states in pinned host memory, their prefetch onto the compute
+device, and module tensors moved off the compute device and back.
 
-- PinnedPool: page-locked host buffers reused from block to block (pinning memory is slow); a state's buffers are
+- PinnedPool: page-locked host buffers reused from unit to unit (pinning memory is slow); a state's buffers are
   handed back once its record has been read for the last time, and buffers left unused for a unit are released.
 - Prefetcher: copies record i+1's tensors host→device on a side CUDA stream while record i computes; the compute
   stream waits on an event before using them, and record_stream keeps the allocator from reusing them early.
   Before each copy the side stream waits for the compute stream's earlier work, so a buffer written device→host
   (non_blocking, on the compute stream) is complete before it is read back.
 - move_module_tensors: a module's parameters and buffers moved (to another device), aliases kept aliased.
-- PhaseTimer: CUDA events around each phase, resolved by flush() (one synchronize), perf_counter on the CPU.
 """
 from __future__ import annotations
 
 import math
 import mmap
 import os
-import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -256,41 +252,3 @@ def move_module_tensors(module: nn.Module, move: Callable[[Tensor], Tensor],
                 setattr(m, name, mv(b))
         todo.extend(m.children())
     return nbytes
-
-
-class PhaseTimer:
-    """Seconds per phase: `with timer("solve"): ...`; `totals` resolves pending CUDA events (synchronizes)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self._totals: dict[str, float] = defaultdict(float)
-        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-
-    @contextmanager
-    def __call__(self, phase: str):
-        if not self.cuda:
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                self._totals[phase] += time.perf_counter() - t0
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        try:
-            yield
-        finally:
-            end.record()
-            self._pending.append((phase, start, end))
-
-    def flush(self) -> None:
-        if self._pending:
-            torch.cuda.synchronize()
-            for phase, start, end in self._pending:
-                self._totals[phase] += start.elapsed_time(end) / 1000.0
-            self._pending.clear()
-
-    @property
-    def totals(self) -> dict[str, float]:
-        self.flush()
-        return self._totals

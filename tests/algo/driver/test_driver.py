@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffptq.algo import GramAccumulator, gptq_quantize_ex, qronos_quantize_ex
-from diffptq.algo.sequential import NonFiniteActivationError, SequentialConfig, SequentialQuantizer
+from diffptq.algo.driver import NonFiniteActivationError, SequentialConfig, SequentialQuantizer
 from diffptq.data.calib import collect_calibration
 from diffptq.models import family_of, load_pipeline
 from diffptq.quant.layers import float_mode, quant_layers, set_quant_enabled
@@ -24,7 +24,8 @@ def _setup(name, steps=3, prompts=PROMPTS):
 
 
 def _quantizer(den, fam, calib, **kw):
-    cfg = SequentialConfig(**{"weight": QuantSpec(4), "act": QuantSpec(8, symmetric=False), "holdout_every": 3, **kw})
+    cfg = SequentialConfig(**{"method": "gptq", "weight": QuantSpec(4), "act": QuantSpec(8, symmetric=False),
+                              "holdout_every": 3, **kw})
     return SequentialQuantizer(den, fam, calib, cfg, "cpu", progress=False)
 
 
@@ -207,10 +208,10 @@ def test_on_block_stops_cleanly_and_drop_float_weights():
 def test_unit_state_moves_only_the_skips_the_unit_reads(monkeypatch):
     _, fam, den, calib = _setup("tiny-unet", steps=1, prompts=PROMPTS[:1])
     sq = _quantizer(den, fam, calib, method="rtn")
-    monkeypatch.setattr(sq, "_to_dev", lambda t: t.clone())  # a "move" makes a new tensor
+    monkeypatch.setattr(sq.cache, "to_dev", lambda t: t.clone())  # a "move" makes a new tensor
     state = (torch.zeros(1), [torch.zeros(1) for _ in range(3)])
     for k, unit in enumerate(sq.units):
-        h, skips = sq._state_to_dev(k, state)
+        h, skips = sq.runner.state_to_dev(k, state)
         assert h is not state[0]
         kept = [s is o for s, o in zip(skips, state[1])]
         assert kept == [True] * (3 - unit.skips_read) + [False] * unit.skips_read, unit.name

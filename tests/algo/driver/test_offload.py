@@ -11,8 +11,8 @@ import gc
 import pytest
 import torch
 
-import diffptq.algo.sequential as seq
-from diffptq.algo.sequential import SequentialConfig, SequentialQuantizer
+import diffptq.algo.driver.offload as driver_offload
+from diffptq.algo.driver import SequentialConfig, SequentialQuantizer
 from diffptq.data.calib import collect_calibration
 from diffptq.models import family_of, load_pipeline
 from diffptq.quant.layers import float_mode
@@ -31,17 +31,18 @@ def _spy_moves(monkeypatch, units):
     """Unit indices in the order the driver moves them, with the poisoning stand-in as the move."""
     index = {id(u.module): k for k, u in enumerate(units)}
     moved = []
-    real = seq.move_module_tensors
+    real = driver_offload.move_module_tensors
 
     def fake(module, move, skip=None, keep=frozenset()):
         moved.append(index[id(module)])
         return real(module, _poison_move, skip, keep)
-    monkeypatch.setattr(seq, "move_module_tensors", fake)
+    monkeypatch.setattr(driver_offload, "move_module_tensors", fake)
     return moved
 
 
 def _run(den, fam, calib, on_block=None, **kw):
-    cfg = SequentialConfig(**{"weight": QuantSpec(4), "act": QuantSpec(8, symmetric=False), "holdout_every": 3, **kw})
+    cfg = SequentialConfig(**{"method": "gptq", "weight": QuantSpec(4), "act": QuantSpec(8, symmetric=False),
+                              "holdout_every": 3, **kw})
     return SequentialQuantizer(den, fam, calib, cfg, "cpu", progress=False, on_block=on_block).run()
 
 

@@ -1,4 +1,4 @@
-"""Host cache, prefetch, block moves and timing of the sequential driver: the prefetched tensors are the cached ones,
+"""Host cache, prefetch and block moves of the sequential driver: the prefetched tensors are the cached ones,
 exactly; moved modules keep their aliases and leave nothing behind."""
 import gc
 import weakref
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffptq.algo.streams import PhaseTimer, PinnedPool, Prefetcher, move_module_tensors
+from diffptq.algo.driver.memory import PinnedPool, Prefetcher, move_module_tensors
 from diffptq.quant.act import StaticActQuantizer
 from diffptq.quant.layers import QuantLinear
 from diffptq.quant.quantizer import QuantSpec
@@ -68,16 +68,6 @@ def test_move_module_tensors_keeps_aliases_skips_and_frees_the_old_memory():
     # weight (with weight_q) once, codes, scale, zero, bias, the LayerNorm's bias
     assert len(copied) == 6 and nbytes == 4 * (32 + 4 + 4 + 4 + 8) + 32
     assert move_module_tensors(block, lambda t: t) == 0  # moving to where a tensor is copies nothing
-
-
-def test_phase_timer_sums_phases():
-    t = PhaseTimer(torch.device("cpu"))
-    for _ in range(3):
-        with t("a"):
-            pass
-    with pytest.raises(RuntimeError), t("b"):
-        raise RuntimeError
-    assert set(t.totals) == {"a", "b"} and all(v >= 0 for v in t.totals.values())
 
 
 @cuda
