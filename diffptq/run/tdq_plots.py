@@ -17,7 +17,7 @@ from torch import Tensor
 from diffptq.models import family_of
 from diffptq.quant.quantizer import QuantSpec, fit_rows
 from diffptq.tdq.quantizer import TdqActQuantizer
-from diffptq.tdq.schedule import log_snr_at, make_condition_fn
+from diffptq.tdq.schedule import log_snr_at, ConditionFn
 
 COLOURS = {"static": "tab:gray", "timestep": "tab:blue", "logsnr": "tab:red"}
 MARKERS = "os^vDP*X"
@@ -74,9 +74,7 @@ def optimal_scales_per_step(fp_pipe, refs: Sequence, names: Sequence[str], spec:
 @torch.no_grad()
 def method_curve(q: TdqActQuantizer, scheduler, t_grid: Tensor) -> Tensor:
     """The quantizer's scale at each timestep of t_grid (T,) → (T,) float32 CPU."""
-    cfg = q.condition
-    bounds = tuple(cfg["bounds"]) if cfg.get("bounds") is not None else None
-    c = make_condition_fn(cfg["kind"], scheduler, bounds, cfg.get("clamp", False))(t_grid)
+    c = ConditionFn.from_config(q.condition, scheduler)(t_grid)
     if q.cond_range is not None:
         c = c.clamp(*q.cond_range)
     p = next(q.scale_fn.parameters())

@@ -4,7 +4,7 @@ schedule   scheduler → λ(t), the normalised condition for static | timestep |
 fourier    Fourier features of the scalar condition
 scale_mlp  ScaleMLP: condition → positive scale(s), initialised at the static scale
 fit        per-condition optimal scales (MSE search) → trained ScaleMLP, with fit errors
-condition  denoiser pre-hook: current timestep → set_condition(c) on every conditioned quantizer
+step_hook  denoiser pre-hook: each step's timestep → set_condition(c) on every conditioned quantizer
 quantizer  TdqActQuantizer: the runtime quantizer (scale MLP of the condition), calibrating itself when asked
 calibrate  calibrate_tdq_pipeline: TDQ activations + weights, block by block through the sequential driver
 inference  attach_tdq(pipe): the condition hook on a pipeline's denoiser, for any scheduler
@@ -13,7 +13,7 @@ checkpoint build_tdq_act(entry): rebuild a TdqActQuantizer when loading a checkp
 from diffptq.config.tdq import CONDITIONS, TdqConfig, TdqFitConfig
 
 from .calibrate import TdqCalibration, calibrate_tdq_pipeline
-from .condition import (
+from .step_hook import (
     ConditionHook,
     apply_condition,
     attach_condition_hook,

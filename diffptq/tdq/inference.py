@@ -1,7 +1,7 @@
 """Inference with TDQ quantizers: one call puts the condition hook on a pipeline's denoiser, for any scheduler.
 
 ``attach_tdq(pipe)`` finds the denoiser's ``TdqActQuantizer``s, reads the calibration's condition ({kind, bounds,
-clamp}, the same for all of them) and registers ``condition.attach_condition_hook`` with a condition function that
+clamp}, the same for all of them) and registers ``step_hook.attach_condition_hook`` with a condition function that
 looks at ``pipe.scheduler`` when called, so swapping the scheduler after attaching (``models.schedulers.set_scheduler``)
 is followed. The diffusers pipeline's own sampling loop runs unchanged; scales are computed once per step.
 """
@@ -12,13 +12,13 @@ from torch import Tensor
 from diffptq.models.families import family_of
 
 from .quantizer import tdq_quantizers
-from .condition import ConditionHook, attach_condition_hook
-from .schedule import make_condition_fn
+from .step_hook import ConditionHook, attach_condition_hook
+from .schedule import ConditionFn
 
 HOOK_ATTR = "diffptq_tdq_hook"
 
 
-class PipelineCondition:
+class SchedulerCondition:
     """t (scalar or (B,)) → normalised condition c (float32 (1,) or (B,)) through the pipeline's current scheduler.
 
     config: ``ConditionFn.to_config()`` of the calibration: kind and the calibration's normalisation bounds.
@@ -28,10 +28,8 @@ class PipelineCondition:
         self.pipe = pipe
         self.config = dict(config)
 
-    def condition_fn(self):
-        cfg = self.config
-        bounds = tuple(cfg["bounds"]) if cfg.get("bounds") is not None else None
-        return make_condition_fn(cfg["kind"], self.pipe.scheduler, bounds, cfg.get("clamp", False))
+    def condition_fn(self) -> ConditionFn:
+        return ConditionFn.from_config(self.config, self.pipe.scheduler)
 
     def __call__(self, t: float | Tensor) -> Tensor:
         return self.condition_fn()(t)
@@ -50,7 +48,7 @@ def attach_tdq(pipe) -> ConditionHook:
     detach_tdq(pipe)
     denoiser = family_of(pipe).denoiser(pipe)
     quantizers = tdq_quantizers(denoiser)
-    hook = attach_condition_hook(denoiser, quantizers, PipelineCondition(pipe, condition_config(quantizers)))
+    hook = attach_condition_hook(denoiser, quantizers, SchedulerCondition(pipe, condition_config(quantizers)))
     setattr(pipe, HOOK_ATTR, hook)
     return hook
 

@@ -28,7 +28,7 @@ Normalisation (one code path for the three TDQ conditions, see ``make_condition_
 
 Out of range, c is extrapolated linearly (not clamped) by default: conditions outside the calibrated range stay
 distinguishable to the MLP, and how well it generalises there is measured (``fit.evaluate_scale_fn``), not assumed.
-``clamp=True`` clips c to [−1, 1] instead. Inside the training schedule, c never leaves [−1, 1].
+``clip=True`` clips c to [−1, 1] instead. Inside the training schedule, c never leaves [−1, 1].
 """
 from __future__ import annotations
 
@@ -107,11 +107,11 @@ def log_snr_at(scheduler: Any, t: float | Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class AffineNormalizer:
-    """x ∈ [lo, hi] → c = 2 (x − lo)/(hi − lo) − 1 ∈ [−1, 1]; linear beyond unless ``clamp``."""
+    """x ∈ [lo, hi] → c = 2 (x − lo)/(hi − lo) − 1 ∈ [−1, 1]; linear beyond unless ``clip``."""
 
     lo: float
     hi: float
-    clamp: bool = False
+    clip: bool = False
 
     def __post_init__(self) -> None:
         if not self.hi > self.lo:
@@ -119,7 +119,7 @@ class AffineNormalizer:
 
     def __call__(self, x: Tensor) -> Tensor:
         c = 2.0 * (x - self.lo) / (self.hi - self.lo) - 1.0
-        return c.clamp(-1.0, 1.0) if self.clamp else c
+        return c.clamp(-1.0, 1.0) if self.clip else c
 
 
 class ConditionFn:
@@ -153,9 +153,16 @@ class ConditionFn:
         return None if self.normalizer is None else (self.normalizer.lo, self.normalizer.hi)
 
     def to_config(self) -> dict:
-        """JSON-able record to store with a calibration; rebuild with ``make_condition_fn(**cfg, scheduler=...)``."""
-        clamp = False if self.normalizer is None else self.normalizer.clamp
-        return {"kind": self.kind, "bounds": None if self.bounds is None else list(self.bounds), "clamp": clamp}
+        """JSON-able record to store with a calibration (in checkpoints `clip` is written under its first name,
+        "clamp"); rebuild with ``ConditionFn.from_config``."""
+        clip = False if self.normalizer is None else self.normalizer.clip
+        return {"kind": self.kind, "bounds": None if self.bounds is None else list(self.bounds), "clamp": clip}
+
+    @staticmethod
+    def from_config(config: dict, scheduler: Any) -> ConditionFn:
+        """The condition of a calibration record (``to_config``) on `scheduler`, with the calibration's bounds."""
+        bounds = tuple(config["bounds"]) if config.get("bounds") is not None else None
+        return make_condition_fn(config["kind"], scheduler, bounds, config.get("clamp", False))
 
     def __repr__(self) -> str:
         return f"ConditionFn(kind={self.kind!r}, bounds={self.bounds})"
@@ -165,13 +172,13 @@ def make_condition_fn(
     kind: ConditionKind,
     scheduler: Any = None,
     bounds: tuple[float, float] | list[float] | None = None,
-    clamp: bool = False,
+    clip: bool = False,
 ) -> ConditionFn:
     """The TDQ condition for a scheduler: ``fn(t) -> c`` (see ``ConditionFn`` and the module doc).
 
     kind: ``static`` (c = 0, scheduler unused), ``timestep`` (t/(T−1) → [−1, 1]) or ``logsnr`` (λ(t) → [−1, 1]).
     bounds: (lo, hi) of the raw condition; default from the scheduler's training schedule. Pass the calibration's
-        bounds at inference. clamp: clip c to [−1, 1] instead of extrapolating linearly.
+        bounds at inference. clip: clip c to [−1, 1] instead of extrapolating linearly.
     """
     if kind == "static":
         return ConditionFn("static")
@@ -186,4 +193,4 @@ def make_condition_fn(
             bounds = (0.0, float(scheduler.config.num_train_timesteps - 1))
         else:
             bounds = log_snr_bounds(scheduler)
-    return ConditionFn(kind, scheduler, AffineNormalizer(float(bounds[0]), float(bounds[1]), clamp))
+    return ConditionFn(kind, scheduler, AffineNormalizer(float(bounds[0]), float(bounds[1]), clip))

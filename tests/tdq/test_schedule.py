@@ -11,6 +11,7 @@ from diffptq.tdq.schedule import (
     log_snr_from_alphas_cumprod,
     log_snr_from_sigma,
     log_snr_table,
+    ConditionFn,
     make_condition_fn,
 )
 
@@ -148,7 +149,7 @@ def test_out_of_range_extrapolates_unless_clamped():
     lo, hi = calib.bounds
     torch.testing.assert_close(c, (2 * (lam - lo) / (hi - lo) - 1).float())
     assert float(c[0]) > 1.0 and float(c[1]) < -1.0
-    clamped = make_condition_fn("logsnr", other, bounds=calib.bounds, clamp=True)(torch.tensor([0, 999]))
+    clamped = make_condition_fn("logsnr", other, bounds=calib.bounds, clip=True)(torch.tensor([0, 999]))
     assert clamped.tolist() == [1.0, -1.0]
 
 
@@ -159,7 +160,7 @@ def test_condition_shapes_static_and_config_roundtrip():
         assert fn(500).shape == (1,)
         assert fn(torch.tensor(500)).shape == (1,)
         assert fn(torch.tensor([500, 500, 20])).shape == (3,)
-        again = make_condition_fn(scheduler=sched, **fn.to_config())
+        again = ConditionFn.from_config(fn.to_config(), sched)
         torch.testing.assert_close(again(torch.arange(0, 1000, 37)), fn(torch.arange(0, 1000, 37)))
     assert make_condition_fn("static")(torch.tensor([1.0, 900.0])).tolist() == [0.0, 0.0]
     with pytest.raises(ValueError):

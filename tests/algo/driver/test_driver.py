@@ -241,7 +241,7 @@ def test_unit_granularity_re_runs_fewer_layers_on_the_unet():
 
 
 def test_granularity_is_checked():
-    with pytest.raises(ValueError, match="granularity must be one of unit, block"):
+    with pytest.raises(ValueError, match="granularity: expected one of unit, block, got .layer."):
         SequentialConfig(granularity="layer")
 
 

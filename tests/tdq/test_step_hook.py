@@ -5,7 +5,7 @@ from torch import nn
 
 from diffptq.quant.act import TimeConditionedActQuantizer
 from diffptq.quant.quantizer import QuantSpec
-from diffptq.tdq.condition import apply_condition, attach_condition_hook, detach_condition_hook
+from diffptq.tdq.step_hook import apply_condition, attach_condition_hook, detach_condition_hook
 from diffptq.tdq.scale_mlp import ScaleMLP
 from diffptq.tdq.schedule import log_snr_from_sigma, make_condition_fn
 
