@@ -31,6 +31,7 @@ from diffptq.models import family_of, load_pipeline
 from diffptq.data.calib import collect_calibration
 from diffptq.data.prompts import calibration_prompts
 from diffptq.models.bundled.evaluator import load_evaluator
+from diffptq.models.names import BUNDLED_NAMES
 from diffptq.models.bundled.sampling import eval_prompts, prompt_acc
 from diffptq.quant.quantizer import QuantSpec
 from diffptq.tdq.calibrate import TdqConfig, calibrate_tdq_pipeline
@@ -56,7 +57,7 @@ def fp8_copy(pipe, act_mode: str, tdq: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled-dit", choices=["bundled-dit", "bundled-unet"])
+    p.add_argument("--model", default="bundled-dit", choices=BUNDLED_NAMES)
     p.add_argument("--n_calib", type=int, default=16)
     p.add_argument("--calib_steps", type=int, default=20)
     p.add_argument("--n_eval", type=int, default=64)

@@ -87,3 +87,20 @@ def test_script_prints_one_line_for_missing_weights(tmp_path):
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert "error: model PixArt-alpha/PixArt-XL-2-512x512 is not in the Hugging Face cache" in res.stderr
+
+
+def test_the_light_model_names_are_the_loaders():
+    """diffptq.models.names (read by the command line before torch is imported) lists exactly what load_pipeline
+    knows, and every bundled model, the 28-block DiT included, loads offline with its sampling settings."""
+    from diffptq.models.fullsize import FULLSIZE_MODELS
+    from diffptq.models.load import BUNDLED_MODELS, PROJECT_MODELS
+    from diffptq.models.names import BUNDLED_NAMES, FULLSIZE_NAMES, PROJECT_MODEL_NAMES, TINY_NAMES
+    from diffptq.models.schedulers import SCHEDULERS
+    from diffptq.models.names import SCHEDULER_NAMES
+    from diffptq.models.tiny import TINY_MODELS
+
+    assert tuple(PROJECT_MODELS) == PROJECT_MODEL_NAMES and tuple(BUNDLED_MODELS) == BUNDLED_NAMES
+    assert tuple(TINY_MODELS) == TINY_NAMES and tuple(FULLSIZE_MODELS) == FULLSIZE_NAMES
+    assert tuple(SCHEDULERS) == SCHEDULER_NAMES
+    deep = load_pipeline("bundled-dit-deep")
+    assert len(deep.transformer.transformer_blocks) == 28 and deep.diffptq_sampling["guidance_scale"] > 1
