@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
 from diffptq.quant.quantizer import QuantSpec, check_group_size, dequantize
+from diffptq.config.checks import check_choice
+from diffptq.config.sequential import ACT_KINDS
 from diffptq.quant.rotation import ROTATIONS, HadamardRotation, make_rotation
 
 log = logging.getLogger(__name__)
@@ -202,10 +204,9 @@ class QuantConfig:
     rotate_conv: bool = False
 
     def __post_init__(self) -> None:
-        if self.act_kind not in ("static", "dynamic"):
-            raise ValueError(f"QuantConfig.act_kind must be 'static' or 'dynamic', got {self.act_kind!r}")
-        if self.rotate is not None and self.rotate not in ROTATIONS:
-            raise ValueError(f"QuantConfig.rotate must be None or one of {ROTATIONS}, got {self.rotate!r}")
+        check_choice(self.act_kind, "QuantConfig.act_kind", ACT_KINDS)
+        if self.rotate is not None:
+            check_choice(self.rotate, "QuantConfig.rotate", ROTATIONS)
 
 
 def name_matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
