@@ -35,6 +35,7 @@ from diffptq.cli import (
     run_main,
     sequential_config,
 )
+from diffptq.config import check_calibration_fits
 from diffptq.models.names import DEFAULT_CLIP
 
 
@@ -76,8 +77,10 @@ def parse_args(argv=None):
         path = getattr(args, flag)
         if path is not None and not os.path.isdir(path):
             p.error(f"argument --{flag}: no folder {path}")
-    calib_config(args)  # every value checked before anything heavy is imported
-    sequential_config(args, method="rtn", wbits=4, abits=8)
+    calib = calib_config(args)  # every value checked before anything heavy is imported
+    for method in {"rtn", "gptq", "qronos"} & set(args.methods.split(",")):
+        check_calibration_fits(sequential_config(args, method=method, wbits=4, abits=8), calib.n_calib,
+                               calib.batch_size)
     return args
 
 

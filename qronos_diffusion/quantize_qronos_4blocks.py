@@ -26,6 +26,7 @@ from diffptq.cli import (
     sequential_config,
     start_run,
 )
+from diffptq.config import check_calibration_fits
 
 
 def parse_args(argv=None):
@@ -38,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--save_path", default=None, help="checkpoint file (safetensors; a .pt name is accepted)")
     args = p.parse_args(argv)
     check_rotation_flags(args)
-    sequential_config(args)  # every value checked before anything heavy is imported
-    calib_config(args)
+    calib = calib_config(args)  # every value checked before anything heavy is imported
+    check_calibration_fits(sequential_config(args), calib.n_calib, calib.batch_size)
     return args
 
 

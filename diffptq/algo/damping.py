@@ -3,11 +3,14 @@
 Modes (δ is the absolute damping added to diag H):
   "mean_diag"   δ = value · mean(diag H)                          (value = 0.01: the GPTQ reference rule)
   "lambda_max"  δ = value · λ_max(H), power iteration              (the Brevitas rule; value ~ 1e-6 .. 1e-3)
-  "adaptive"    δ = max(value · boost · mean(diag H), cond_floor · λ_max(H)), per layer:
+  "spread"      δ = max(value · boost · mean(diag H), cond_floor · λ_max(H)), per layer:
                 boost = min(max_boost, sqrt(max(1, spread / ref_spread)) · (1 + 10 · near_dead)),
                 spread = max / median of the live diagonal, near_dead = share of live columns with
                 H_ii < 1e-6 · median. Heavy-tailed inputs (outlier channels, FFN layers) get more damping; the
                 λ_max floor bounds the condition number of H + δI by about 1/cond_floor.
+  "adaptive"    δ = g · mean(diag H) with g the value of a grid whose solve gives the lowest output error on held-out
+                records (diffptq.algo.heldout, run by the sequential driver); a solve without held-out data uses
+                value · mean(diag H).
 Every mode retries a failed Cholesky with δ × factor, at most max_retries times; the caller falls back to RTN
 when all fail. H passed here already has dead columns set to H_ii = 1.
 """
@@ -85,6 +88,8 @@ def initial_delta(H: Tensor, damping: Damping, live: Tensor | None = None) -> fl
     """The first δ to try for H (in, in) under `damping`."""
     mean_diag = float(torch.diagonal(H).mean())
     if damping.mode == "mean_diag":
+        return damping.value * mean_diag
+    if damping.mode == "adaptive":  # chosen on held-out data by the driver (algo.heldout); alone: the fixed rule
         return damping.value * mean_diag
     lam = lambda_max(H)
     if damping.mode == "lambda_max":

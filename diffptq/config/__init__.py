@@ -9,9 +9,16 @@ checks      one check per kind of value (bits, seeds, counts, finite numbers), s
 """
 from diffptq.config.calib import CalibConfig
 from diffptq.config.quant import DAMP_MODES, SCALE_METHODS, Damping, QuantSpec, as_damping
-from diffptq.config.sequential import ACT_KINDS, GRANULARITIES, METHODS, ROTATIONS, SequentialConfig
+from diffptq.config.sequential import (
+    ACT_KINDS,
+    GRANULARITIES,
+    METHODS,
+    ROTATIONS,
+    SequentialConfig,
+    check_calibration_fits,
+)
 from diffptq.config.tdq import CONDITIONS, EXTRAPOLATIONS, TdqConfig, TdqFitConfig
 
 __all__ = ["ACT_KINDS", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS", "ROTATIONS",
            "SCALE_METHODS", "CalibConfig", "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig",
-           "as_damping"]
+           "as_damping", "check_calibration_fits"]

@@ -11,7 +11,8 @@ from diffptq.config.checks import check_bits, check_choice, check_float, check_i
 from diffptq.errors import ConfigError
 
 SCALE_METHODS = ("minmax", "mse")
-DAMP_MODES = ("mean_diag", "lambda_max", "adaptive")
+DAMP_MODES = ("mean_diag", "lambda_max", "spread", "adaptive")
+DAMP_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # the values "adaptive" chooses from, relative to mean diag H
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,11 @@ class QuantSpec:
 @dataclass(frozen=True)
 class Damping:
     """How the damping δ added to diag H is chosen; `value` is relative (to mean diag H, or to λ_max for mode
-    "lambda_max"). Modes, retries and the adaptive rule: diffptq.algo.damping."""
+    "lambda_max"). Modes: "mean_diag" (δ = value · mean diag H), "lambda_max", "spread" (a rule on the spread of
+    diag H; diffptq.algo.damping) and "adaptive": per layer, the value of `grid` whose solve gives the lowest output
+    error on held-out calibration records (a `holdout` share of the prompts, never seen by H), then solved again on
+    all records (diffptq.algo.heldout; the sequential driver provides the held-out records; a solver given no
+    held-out data uses `value`)."""
 
     mode: str = "mean_diag"
     value: float = 0.01
@@ -71,10 +76,15 @@ class Damping:
     ref_spread: float = 100.0
     max_boost: float = 10.0
     cond_floor: float = 1e-6
+    grid: tuple[float, ...] = DAMP_GRID
+    holdout: float = 0.25
 
     def __post_init__(self) -> None:
         check_choice(self.mode, "Damping.mode", DAMP_MODES)
         check_float(self.value, "Damping.value", lo=0.0, lo_open=True)
+        for v in self.grid:
+            check_float(v, "Damping.grid", lo=0.0, lo_open=True)
+        check_float(self.holdout, "Damping.holdout", lo=0.0, hi=0.5, lo_open=True)
 
     @property
     def setting(self) -> float | str:
@@ -87,17 +97,17 @@ class Damping:
 
     @classmethod
     def parse(cls, text: str, what: str = "--damp") -> Damping:
-        """--damp: a number > 0 (relative to mean diag H), 'adaptive' or 'lambda_max'."""
+        """--damp: a number > 0 (relative to mean diag H), 'adaptive', 'spread' or 'lambda_max'."""
         text = str(text).strip()
-        if text == "adaptive":
-            return cls("adaptive")
+        if text in ("adaptive", "spread"):
+            return cls(text)
         if text == "lambda_max":
             return cls("lambda_max", value=1e-6)
         try:
             value = float(text)
         except ValueError:
-            raise fail(what, f"expected a number > 0 (relative to mean diag H), 'adaptive' or 'lambda_max', "
-                             f"got {text!r}") from None
+            raise fail(what, f"expected a number > 0 (relative to mean diag H), 'adaptive', 'spread' or "
+                             f"'lambda_max', got {text!r}") from None
         return cls("mean_diag", check_float(value, what, lo=0.0, lo_open=True))
 
 
@@ -106,7 +116,7 @@ def as_damping(damp: float | str | Damping) -> Damping:
     if isinstance(damp, Damping):
         return damp
     if isinstance(damp, str):
-        if damp in ("adaptive", "lambda_max"):
+        if damp in ("adaptive", "spread", "lambda_max"):
             return Damping.parse(damp)
-        raise ConfigError(f"damp must be a float, 'adaptive', 'lambda_max' or a Damping, got {damp!r}")
+        raise ConfigError(f"damp must be a float, 'adaptive', 'spread', 'lambda_max' or a Damping, got {damp!r}")
     return Damping("mean_diag", check_float(damp, "damp", lo=0.0, lo_open=True))

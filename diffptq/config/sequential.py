@@ -105,3 +105,11 @@ class SequentialConfig:
             raise fail("--wbits", f"{wbits} leaves nothing to quantize; give 2..8")
         act = None if abits >= FLOAT_BITS else replace(self.act or DEFAULT_ACT, bits=abits)
         return replace(self, weight=replace(self.weight, bits=wbits), act=act)
+
+
+def check_calibration_fits(cfg: SequentialConfig, n_calib: int, batch_size: int) -> None:
+    """ConfigError when the calibration data cannot serve `cfg`: adaptive damping holds out whole prompt batches,
+    so it needs at least two (GPTQ and Qronos; RTN uses no damping)."""
+    if cfg.damp.mode == "adaptive" and cfg.method != "rtn" and -(-n_calib // batch_size) < 2:
+        raise ConfigError(f"--damp adaptive chooses each layer's damping on held-out prompts: give at least two "
+                          f"calibration batches (--n_calib {n_calib} is one batch of --calib_batch_size {batch_size})")

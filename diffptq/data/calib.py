@@ -11,6 +11,7 @@ them batch by batch on the compute device.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,11 +27,13 @@ from diffptq.models.families import family_of
 @dataclass
 class CalibRecord:
     """One denoiser call. `inputs`: keyword tensors/values as the denoiser received them (batch = 2 × prompts under
-    CFG); `step`: index of the sampling step; `timestep`: the scalar timestep of that step."""
+    CFG); `step`: index of the sampling step; `timestep`: the scalar timestep of that step; `batch`: index of the
+    batch of prompts it belongs to (its records share those prompts)."""
 
     inputs: dict
     step: int
     timestep: float
+    batch: int = 0
 
 
 @dataclass
@@ -59,6 +62,15 @@ class CalibrationSet:
             return []
         held = [i for i in range(len(self.records)) if (i + 1) % holdout_every == 0]
         return held or ([len(self.records) - 1] if len(self.records) > 1 else [])
+
+    def prompt_holdout(self, fraction: float) -> list[int]:
+        """Indices of the records of the last ceil(fraction × batches) prompt batches (every step of those prompts),
+        so held-out records share no prompt with the others; none when there is only one batch."""
+        batches = sorted({r.batch for r in self.records})
+        if len(batches) < 2:
+            return []
+        held = set(batches[len(batches) - min(len(batches) - 1, math.ceil(fraction * len(batches))):])
+        return [i for i, r in enumerate(self.records) if r.batch in held]
 
     def split(self, holdout_every: int) -> tuple["CalibrationSet", "CalibrationSet"]:
         """(calibration, held-out) by `holdout_indices(holdout_every)`."""
@@ -145,7 +157,7 @@ def collect_calibration(pipe, prompts: list[str] | None, num_inference_steps: in
             for step, inputs in enumerate(recorder.calls[start:]):
                 t = inputs["timestep"]
                 t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-                result.records.append(CalibRecord(inputs, step, t))
+                result.records.append(CalibRecord(inputs, step, t, b))
             result.prompts.extend(chunk)
     finally:
         handle.remove()

@@ -14,7 +14,9 @@ from diffptq.data.calib import CalibrationSet, calibration_set
 from diffptq.errors import ConfigError
 from diffptq.models.families import family_of
 
-LAYER_COLUMNS = ("block", "layer", "method", "wbits", "abits", "damp", "rel_out_err")
+LAYER_COLUMNS = ("block", "layer", "method", "wbits", "abits", "damp", "rel_out_err", "heldout_err")
+DAMPING_COLUMNS = ("layer_type", "n_layers", "damp_min", "damp_median", "damp_max", "mean_heldout_err",
+                   "mean_rel_out_err")
 SUMMARY_COLUMNS = ("method", "wbits", "abits", "act_quant", "rotate", "group_size", "blocks", "n_layers", "n_fallback",
                    "calib_time_s", "collect_time_s", "peak_vram_gb", "peak_host_gb", "mean_rel_out_err",
                    "final_denoiser_err")
@@ -31,8 +33,8 @@ class QuantizationRun:
 
     def layer_rows(self) -> list[dict]:
         return [{"block": r.block, "layer": r.layer, "method": "rtn-fallback" if r.fell_back else r.method,
-                 "wbits": r.wbits, "abits": r.abits, "damp": None if math.isnan(r.damp) else r.damp,
-                 "rel_out_err": None if math.isnan(r.rel_out_err) else r.rel_out_err} for r in self.result.layers]
+                 "wbits": r.wbits, "abits": r.abits, "damp": _number(r.damp), "rel_out_err": _number(r.rel_out_err),
+                 "heldout_err": _number(r.heldout_err)} for r in self.result.layers]
 
     def summary_row(self, cfg: SequentialConfig, blocks_text: str) -> dict:
         errs = [r.rel_out_err for r in self.result.layers if not math.isnan(r.rel_out_err)]
@@ -49,6 +51,46 @@ class QuantizationRun:
             "mean_rel_out_err": sum(errs) / len(errs) if errs else None,
             "final_denoiser_err": sum(final) / len(final) if final else None,
         }
+
+
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def layer_type(name: str) -> str:
+    """The kind of a denoiser layer, by its name: self-attention q/k/v or out, cross-attention q, k/v (the text
+    side) or out, feed-forward, convolution, or other (projections, time embeddings, resamplers)."""
+    if ".attn1." in name:
+        return "self-attention out" if ".to_out" in name else "self-attention q/k/v"
+    if ".attn2." in name:
+        if ".to_out" in name:
+            return "cross-attention out"
+        return "cross-attention q" if name.endswith("to_q") else "cross-attention k/v"
+    if ".ff." in name:
+        return "feed-forward"
+    if name.rsplit(".", 1)[-1].startswith("conv"):
+        return "convolution"
+    return "other"
+
+
+def damping_rows(layer_rows: list[dict]) -> list[dict]:
+    """The damping used, summarised by layer type (layer_type): count, min / median / max of `damp`, mean
+    held-out and rel_out_err errors."""
+    groups: dict[str, list[dict]] = {}
+    for r in layer_rows:
+        if r["damp"] is not None:
+            groups.setdefault(layer_type(r["layer"]), []).append(r)
+
+    def mean(rows, key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+    out = []
+    for kind, rows in groups.items():
+        d = sorted(r["damp"] for r in rows)
+        out.append({"layer_type": kind, "n_layers": len(rows), "damp_min": d[0], "damp_median": d[len(d) // 2],
+                    "damp_max": d[-1], "mean_heldout_err": mean(rows, "heldout_err"),
+                    "mean_rel_out_err": mean(rows, "rel_out_err")})
+    return out
 
 
 def peak_host_bytes() -> int:
@@ -154,4 +196,8 @@ def quantize_script(args, run, save_path) -> str:
     write_csv(layers, run.out_dir / "layers.csv", LAYER_COLUMNS)
     write_markdown(layers, run.out_dir / "layers.md", LAYER_COLUMNS, title="Per-layer results")
     write_csv(summary, run.out_dir / "summary.csv", SUMMARY_COLUMNS)
+    damping = damping_rows(layers)
+    write_csv(damping, run.out_dir / "damping.csv", DAMPING_COLUMNS)
+    write_markdown(damping, run.out_dir / "damping.md", DAMPING_COLUMNS,
+                   title=f"Damping by layer type (--damp {cfg.damp.label})")
     return write_markdown(summary, run.out_dir / "summary.md", SUMMARY_COLUMNS, title="Summary").read_text()

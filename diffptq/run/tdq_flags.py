@@ -22,6 +22,7 @@ from diffptq.cli import (
     sequential_config,
     tdq_config,
 )
+from diffptq.config import check_calibration_fits
 from diffptq.errors import ConfigError
 from diffptq.models.names import SCHEDULER_NAMES
 
@@ -87,9 +88,9 @@ def _check(args: argparse.Namespace, parser: ArgumentParser, wbits: list[int], a
     for a in abits:
         if a >= 16:
             parser.error("argument --abits: 16 leaves no activation to quantize: TDQ needs 2..8")
+    calib = calib_config(args)
     for w in wbits:
-        sequential_config(args, wbits=w, abits=abits[0])
-    calib_config(args)
+        check_calibration_fits(sequential_config(args, wbits=w, abits=abits[0]), calib.n_calib, calib.batch_size)
     tdq_config(args, getattr(args, "condition", None) or args.conditions[0])
 
 

@@ -25,7 +25,7 @@ def _spectrum_H(eigs, seed=0):
 
 def test_as_damping():
     assert as_damping(0.05) == Damping("mean_diag", 0.05)
-    assert as_damping("adaptive").mode == "adaptive"
+    assert as_damping("adaptive").mode == "adaptive" and as_damping("spread").mode == "spread"
     assert as_damping("lambda_max") == Damping("lambda_max", 1e-6)
     with pytest.raises(ValueError, match="'percent'"):
         as_damping("percent")
@@ -48,20 +48,20 @@ def test_mean_diag_delta_is_relative_to_mean_diag():
     torch.testing.assert_close(f.U.T @ f.U, Hinv, rtol=1e-4, atol=1e-5)
 
 
-def test_adaptive_damps_heavy_tailed_h_more():
+def test_spread_rule_damps_heavy_tailed_h_more():
     base = torch.randn(400, 32)
     tail = base.clone()
     tail[:, :2] *= 100  # two outlier channels: diag spread 1e4
     rel = {}
     for name, x in (("base", base), ("tail", tail)):
         H = x.T @ x / 400
-        rel[name] = initial_delta(H, Damping("adaptive")) / float(torch.diagonal(H).mean())
+        rel[name] = initial_delta(H, Damping("spread")) / float(torch.diagonal(H).mean())
     assert rel["base"] == pytest.approx(0.01, rel=1e-6)
     assert rel["tail"] > 2 * rel["base"]
 
 
 @pytest.mark.parametrize("method", ["gptq", "qronos"])
-@pytest.mark.parametrize("damp", [0.01, "adaptive", "lambda_max"])
+@pytest.mark.parametrize("damp", [0.01, "spread", "adaptive", "lambda_max"])
 def test_rank_deficient_h(method, damp):
     x = torch.randn(8, 48)  # 8 samples for 48 inputs: rank 8
     H = x.T @ x / 8
@@ -71,7 +71,7 @@ def test_rank_deficient_h(method, damp):
     assert not res.fell_back and res.delta > 0 and res.damp_rel > 0
 
 
-@pytest.mark.parametrize("damp", [0.01, "adaptive"])
+@pytest.mark.parametrize("damp", [0.01, "spread", "adaptive"])
 def test_badly_scaled_h(damp):
     x = torch.randn(256, 32)
     x[:, ::4] *= 1e6
@@ -94,7 +94,7 @@ def test_indefinite_h_succeeds_after_retries():
     assert res.damp_rel == pytest.approx(0.1, rel=1e-5)
 
 
-@pytest.mark.parametrize("damp", [0.01, "adaptive"])
+@pytest.mark.parametrize("damp", [0.01, "spread", "adaptive"])
 def test_hopeless_h_falls_back_to_rtn(damp, caplog):
     eigs = torch.linspace(1, 2, 64)
     eigs[0] = -90  # mean diag ≈ 0.07: even the largest δ tried (≈ 0.07 · 0.1 · 10^4) stays below 90

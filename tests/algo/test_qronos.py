@@ -46,7 +46,7 @@ def test_qronos_gain_grows_with_stream_mismatch():
 
 @pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(3, symmetric=False, group_size=16), QuantSpec(2)])
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("damp", [0.01, "adaptive"])
+@pytest.mark.parametrize("damp", [0.01, "spread", "adaptive"])
 def test_qronos_with_g_equal_h_is_gptq(spec, act_order, damp):
     x, _ = correlated_streams(0, n=512)
     x[:, 3] = 0  # a dead column on the way

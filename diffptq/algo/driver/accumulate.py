@@ -11,6 +11,7 @@ from diffptq.algo.damping import any_nonfinite
 from diffptq.algo.driver.passes import UnitRunner, grab
 from diffptq.algo.driver.plan import BlockPlan
 from diffptq.algo.driver.timing import PhaseTimer
+from diffptq.algo.heldout import Grams
 from diffptq.algo.hessian import GramAccumulator
 from diffptq.errors import NonFiniteActivationError
 from diffptq.quant.act import same_quantization
@@ -42,8 +43,8 @@ def share_leaders(plan: BlockPlan, layers: dict[str, QuantLayer]) -> dict[str, s
     return leader
 
 
-def _accumulate(timer: PhaseTimer, acc: dict, leader: dict, x_fp: dict, bad: dict, name: str, mod: QuantLayer,
-                x: Tensor) -> None:
+def _accumulate(timer: PhaseTimer, acc: dict, acc_f: dict, leader: dict, x_fp: dict, bad: dict, name: str,
+                mod: QuantLayer, x: Tensor) -> None:
     if leader[name] != name:
         return  # same matmul input as its leader, which was accumulated already
     xq = mod.quant_input(x)
@@ -51,20 +52,25 @@ def _accumulate(timer: PhaseTimer, acc: dict, leader: dict, x_fp: dict, bad: dic
     bad[name] = flag if name not in bad else bad[name] | flag
     with timer("accumulate"):
         acc[name].update(xq, x_fp.get(name))
+        if name in acc_f:
+            acc_f[name].update(x_fp[name])
 
 
 @torch.no_grad()
-def accumulate_wave(runner: UnitRunner, k: int, plan: BlockPlan, w: int, records: list[int], cross: bool
-                    ) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """leader → (H, G) of the layers of wave w of unit k over `records`: H = X̃ᵀX̃/n (in, in) float32 of the
-    quantized stream's matmul input X̃, with `cross` (Qronos) also G = X̃ᵀX/n with the float stream's input X
-    (else None). Passes stop before the wave's last layer, but with `cross` the first wave's float pass runs the
-    whole unit and keeps its output in runner.cache.next_fp. Raises NonFiniteActivationError on NaN/Inf inputs."""
+def accumulate_wave(runner: UnitRunner, k: int, plan: BlockPlan, w: int, records: list[int], cross: bool,
+                    float_gram: bool = False) -> dict[str, Grams]:
+    """leader → Grams of the layers of wave w of unit k over `records`: H = X̃ᵀX̃/n (in, in) float32 of the
+    quantized stream's matmul input X̃, with `cross` (Qronos, held-out records) also G = X̃ᵀX/n with the float
+    stream's input X, with `float_gram` (held-out records) also F = XᵀX/n. Passes stop before the wave's last
+    layer, but with `cross` the first wave's float pass runs the whole unit and keeps its output in
+    runner.cache.next_fp. Raises NonFiniteActivationError on NaN/Inf inputs."""
     names = plan.wave_layers(w)
     layers = {n: runner.layers[n] for n in names}
     leader = runner.leaders[k]
+    cross = cross or float_gram
     acc = {n: GramAccumulator(m if isinstance(m, nn.Conv2d) else None, cross=cross)
            for n, m in layers.items() if leader[n] == n}
+    acc_f = {n: GramAccumulator(a.module) for n, a in acc.items()} if float_gram else {}
     stop = max(names, key=plan.order.index)
     keep_fp = cross and w == 0  # the first float pass runs the whole block: its output is the next float state
     bad: dict[str, Tensor] = {}
@@ -76,7 +82,7 @@ def accumulate_wave(runner: UnitRunner, k: int, plan: BlockPlan, w: int, records
             if keep_fp:
                 runner.cache.next_fp[i] = runner.cache.store_state(out, loaded.origin)
         runner.block_pass(k, loaded.states["q"], loaded.ctx, True, layers,
-                          partial(_accumulate, runner.timer, acc, leader, x_fp, bad), stop)
+                          partial(_accumulate, runner.timer, acc, acc_f, leader, x_fp, bad), stop)
     if bad:
         flags = torch.stack([bad[n] for n in names if n in bad]).tolist()
         for n, f in zip([n for n in names if n in bad], flags):
@@ -84,4 +90,8 @@ def accumulate_wave(runner: UnitRunner, k: int, plan: BlockPlan, w: int, records
                 raise NonFiniteActivationError(
                     f"NaN/Inf in the input of layer {n} (block {runner.units[k].block}) during calibration: check "
                     "the model weights and the calibration data (dtype overflow? try --dtype fp32 or bf16)")
-    return {n: a.finish() for n, a in acc.items()}  # in place: no copies of the (in, in) matrices
+    out = {}
+    for n, a in acc.items():  # finish() divides in place: no copies of the (in, in) matrices
+        rows = a.n
+        out[n] = Grams(*a.finish(), rows, acc_f[n].finish()[0] if acc_f else None)
+    return out

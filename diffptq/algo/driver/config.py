@@ -2,6 +2,8 @@
 (diffptq.config, re-exported here)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from diffptq.config.sequential import GRANULARITIES, METHODS, SequentialConfig  # noqa: F401 - the driver's config
@@ -10,7 +12,8 @@ from diffptq.quant.layers import QuantLayer
 
 @dataclass
 class LayerReport:
-    """One quantized layer: `rel_out_err` on held-out records (nan when none are held out)."""
+    """One quantized layer: `rel_out_err` on held-out records (nan when none are held out); `damp`: the damping
+    used, relative to mean diag H."""
 
     block: int
     layer: str
@@ -21,6 +24,7 @@ class LayerReport:
     rel_out_err: float
     fell_back: bool = False
     reason: str = ""
+    heldout_err: float = math.nan  # with Damping "adaptive": the chosen damping's error on held-out prompts
 
 
 @dataclass

@@ -5,7 +5,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from diffptq.algo.driver.accumulate import accumulate_wave, share_leaders
@@ -18,8 +18,10 @@ from diffptq.algo.driver.plan import BlockPlan, plan_unit
 from diffptq.algo.driver.propagate import propagate_unit
 from diffptq.algo.driver.solve import solve_layer
 from diffptq.algo.driver.stats import BlockStats
+from diffptq.algo.heldout import Grams
 from diffptq.algo.driver.timing import PhaseTimer
 from diffptq.data.calib import CalibrationSet
+from diffptq.errors import ConfigError
 from diffptq.models.families import ModelFamily
 from diffptq.quant.layers import QuantConfig, QuantLayer, set_quant_enabled, swap_modules
 
@@ -94,10 +96,19 @@ class SequentialQuantizer:
         self.streams_equal = True
         self.held = self.calib.holdout_indices(self.cfg.holdout_every)
         self.train = [i for i in range(len(self.calib)) if i not in set(self.held)]
+        # adaptive damping: whole prompt batches of the training records held out to choose each layer's damping
+        self.damp_held, self.damp_train = [], self.train
+        if self.cfg.damp.mode == "adaptive" and self.cfg.method != "rtn":
+            prompts_out = set(self.calib.prompt_holdout(self.cfg.damp.holdout))
+            self.damp_held = [i for i in self.train if i in prompts_out]
+            self.damp_train = [i for i in self.train if i not in prompts_out]
+            if not (self.damp_held and self.damp_train):
+                raise ConfigError("--damp adaptive chooses each layer's damping on held-out prompts: give at least "
+                                  "two calibration batches (--n_calib larger than --calib_batch_size)")
         # the float stream is needed for Qronos's G everywhere, else only for rel_out_err on held-out records
         # (and by subclasses that refine against it, e.g. TDQ's end-to-end refinement)
         every = self.cfg.method == "qronos" or getattr(self, "refine_steps", 0) > 0
-        self.fp_records = set(range(len(self.calib))) if every else set(self.held)
+        self.fp_records = set(range(len(self.calib))) if every else set(self.held) | set(self.damp_held)
 
     # ---- one block ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -124,18 +135,21 @@ class SequentialQuantizer:
                 self._solve(k, name, self.layers[name], None, None)
             return
         leader = self.leaders[k]
-        grams = accumulate_wave(self.runner, k, plan, w, self.train, cross=self.cfg.method == "qronos")
+        grams = accumulate_wave(self.runner, k, plan, w, self.damp_train, cross=self.cfg.method == "qronos")
+        held = (accumulate_wave(self.runner, k, plan, w, self.damp_held, cross=True, float_gram=True)
+                if self.damp_held else {})
         last_use = {leader[n]: n for n in names}
         for name in names:  # the last layer of a shared H/G gives them up: at most two (in, in) matrices alive
             own = last_use[leader[name]] == name
-            H, G = grams.pop(leader[name]) if own else grams[leader[name]]
-            self._solve(k, name, self.layers[name], H, G, consume=own)
-            del H, G
+            lead = leader[name]
+            self._solve(k, name, self.layers[name], grams.pop(lead) if own else grams[lead], consume=own,
+                        held=held.pop(lead) if own and held else held.get(lead))
 
-    def _solve(self, k: int, name: str, layer: QuantLayer, H: Tensor | None, G: Tensor | None,
-               consume: bool = False) -> None:
-        """Quantize one layer; with `consume` its H and G are released by the solver (no other layer reads them)."""
-        self.reports.append(solve_layer(self.cfg, self.units[k].block, name, layer, H, G, self.timer, consume))
+    def _solve(self, k: int, name: str, layer: QuantLayer, grams: Grams | None, consume: bool = False,
+               held: Grams | None = None) -> None:
+        """Quantize one layer; with `consume` its statistics are released by the solver (no other layer reads
+        them); `held`: held-out statistics for the adaptive damping."""
+        self.reports.append(solve_layer(self.cfg, self.units[k].block, name, layer, grams, self.timer, consume, held))
 
     @torch.no_grad()
     def propagate(self, k: int, measure: dict[str, QuantLayer] | None) -> None:
