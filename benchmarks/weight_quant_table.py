@@ -53,7 +53,7 @@ COLUMNS = ("model", "setting", "method", "damp", "mean_rel_out_err", "ffn_rel_ou
 
 
 def parse_variant(text: str) -> tuple[str, Damping]:
-    """'gptq' -> ('gptq', the default damping); 'qronos:adaptive' -> ('qronos', adaptive); 'gptq:0.1'."""
+    """'gptq' -> ('gptq', the default damping); 'qronos:spread' -> ('qronos', the spread rule); 'gptq:0.1'."""
     method, _, damp = text.partition(":")
     return method, Damping.parse(damp) if damp else Damping()
 
@@ -88,9 +88,10 @@ def main() -> None:
     p.add_argument("--settings", default="w4a8,w4a4-static,w4a4-token,w4a4-token-had",
                    help=f"comma list of {', '.join(SETTINGS)}")
     p.add_argument("--variants", default="rtn,gptq,qronos", help="methods, with ':damp' for a damping other than 1%%")
-    p.add_argument("--extra", default="w4a8:gptq:adaptive,w4a8:qronos:adaptive,"
-                   "w4a4-token-had:gptq:adaptive,w4a4-token-had:qronos:adaptive",
-                   help="further rows setting:method[:damp] (e.g. adaptive damping only where it is compared)")
+    p.add_argument("--extra", default="w4a8:gptq:spread,w4a8:qronos:spread,"
+                   "w4a4-token-had:gptq:spread,w4a4-token-had:qronos:spread",
+                   help="further rows setting:method[:damp] (e.g. another damping only where it is compared; "
+                        "'adaptive' needs two calibration batches, which this table's one batch does not give)")
     p.add_argument("--n_calib", type=int, default=8)
     p.add_argument("--calib_steps", type=int, default=5)
     p.add_argument("--n_images", type=int, default=32, help="images for PSNR vs FP and prompt_acc (0: none)")
