@@ -49,7 +49,7 @@ import torch._inductor.config as inductor_config
 from safetensors.torch import save_file
 from torch import nn
 
-from diffptq.algo.rtn import rtn_quantize_ex
+from diffptq.algo.rtn import install_layer_codes, rtn_layer_codes
 from diffptq.data.calib import collect_calibration, move_inputs
 from diffptq.data.prompts import load_prompts
 from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
@@ -61,7 +61,7 @@ from diffptq.kernels.profiling import CATEGORIES, breakdown, kernel_records
 from diffptq.models import BUNDLED_MODELS, family_of, load_pipeline
 from diffptq.models.families import FAMILIES
 from diffptq.models.fullsize import full_size_pipeline, random_text_embeddings
-from diffptq.quant.layers import QuantConfig, quant_layers, set_quant_enabled, swap_modules
+from diffptq.quant.layers import quant_layers, set_quant_enabled
 from diffptq.quant.quantizer import QuantSpec
 
 GiB, MB = 2**30, 1e6
@@ -128,37 +128,11 @@ QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
 TITLES = {"pixart": "PixArt-XL-2-512 (PixArtTransformer2DModel)", "sd": "SD 1.5 UNet (UNet2DConditionModel)"}
 
 
-# ---- quantized models from precomputed RTN codes -----------------------------------------------------------------
-def block_layers(family, den: nn.Module) -> list[str]:
-    """Qualified names of the quantizable layers inside the family's blocks (what the project quantizes)."""
-    return [f"{b}.{n}" for b, block in family.blocks(den) for n, _ in family.quantizable_layers(block)]
-
-
+# ---- quantized models from precomputed RTN codes (diffptq.algo.rtn) -----------------------------------------------
 def group_spec(cols: int) -> QuantSpec:
     """W4 groups of 128 columns, 64 where 128 does not divide (SD's 320-channel layers), else per channel."""
     g = next((g for g in (128, 64) if cols % g == 0), None)
     return QuantSpec(4, group_size=g)
-
-
-def rtn_codes(den: nn.Module, names: list[str], grouped: bool) -> dict:
-    """{name: (spec, codes, scale, zero)} on the CPU: round-to-nearest W4 of each layer, computed where it lives."""
-    out = {}
-    for name in names:
-        w = den.get_submodule(name).weight.detach()
-        spec = group_spec(w[0].numel()) if grouped else W4
-        r = rtn_quantize_ex(w.float(), spec)
-        out[name] = (spec, r.codes.cpu(), r.scale.cpu(), r.zero.cpu())
-    return out
-
-
-def install_codes(den: nn.Module, codes: dict, act: QuantSpec | None, act_kind: str = "dynamic") -> None:
-    """Swap the layers of `codes` for quant layers holding them, with `act` activation quantizers of `act_kind`."""
-    layers = swap_modules(den, QuantConfig(act=act, act_kind=act_kind, include=tuple(codes)))
-    dev = next(den.parameters()).device
-    for name, layer in layers.items():
-        spec, c, s, z = codes[name]
-        layer.weight_spec = spec
-        layer.set_quantized_weight(c.to(dev), s.to(dev), z.to(dev))
 
 
 def torchao_quantize(den: nn.Module, names: list[str]) -> str:
@@ -197,9 +171,10 @@ class FamilyRun:
         self.family = FAMILIES[name]
         pipe = full_size_pipeline(name, torch.float16, self.dev, num_layers=args.num_layers)
         den = self.family.denoiser(pipe)
-        self.names = block_layers(self.family, den)
-        t0 = time.perf_counter()
-        self.codes = {"w4a8": rtn_codes(den, self.names, grouped=False), "w4": rtn_codes(den, self.names, True)}
+        self.names = self.family.block_layer_names(den)
+        t0 = time.perf_counter()  # RTN codes computed where the weights live (the GPU), kept on the CPU
+        self.codes = {"w4a8": rtn_layer_codes(den, self.names, lambda _: W4),
+                      "w4": rtn_layer_codes(den, self.names, group_spec)}
         self.master = den.to("cpu")
         del pipe
         q_params = sum(self.master.get_submodule(n).weight.numel() for n in self.names)
@@ -228,7 +203,7 @@ class FamilyRun:
         elif v.build != "float":
             kind = "w4" if v.build == "w4" else "w4a8"
             act = {"fake": A8, "w4a8s": A8_STATIC}.get(v.build)
-            install_codes(den, self.codes[kind], act, "static" if v.build == "w4a8s" else "dynamic")
+            install_layer_codes(den, self.codes[kind], act, "static" if v.build == "w4a8s" else "dynamic")
             if v.build == "w4a8s":
                 self.calibrate_static(den, v.dtype)
             if v.build == "fake":
@@ -465,8 +440,8 @@ def quality_pipelines(pipe, fam, dev: str, calib_records: list) -> tuple[dict, d
     the static rows' int8 ranges are fitted on `calib_records`."""
     q = copy.deepcopy(pipe)
     den = fam.denoiser(q)
-    codes = rtn_codes(den, block_layers(fam, den), grouped=False)
-    install_codes(den, codes, A8)
+    codes = rtn_layer_codes(den, fam.block_layer_names(den), lambda _: W4)
+    install_layer_codes(den, codes, A8)
     w4 = copy.deepcopy(q)
     set_quant_enabled(fam.denoiser(w4), acts=False)
     pipes = {"fp32": (pipe, torch.float32), "bf16": (copy.deepcopy(pipe).to(dtype=torch.bfloat16), torch.bfloat16),
@@ -479,7 +454,7 @@ def quality_pipelines(pipe, fam, dev: str, calib_records: list) -> tuple[dict, d
         kernels[mode] = "fp32 reference" if "forced" in conv.reason else "torch._scaled_mm"
         pipes[f"fp8_{mode}"] = (speed.to(dtype=torch.bfloat16), torch.bfloat16)
     static = copy.deepcopy(pipe)
-    install_codes(fam.denoiser(static), codes, A8_STATIC, "static")
+    install_layer_codes(fam.denoiser(static), codes, A8_STATIC, "static")
     fit_static_ranges(fam.denoiser(static), (move_inputs(r.inputs, dev, torch.float32) for r in calib_records))
     pipes["fake_int8_static"] = (static, torch.float32)
     speed = copy.deepcopy(static)
