@@ -32,24 +32,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime as dt
 import gc
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import torch
 import torch._inductor.config as inductor_config
 from safetensors.torch import save_file
 from torch import nn
 
-from diffptq.algo.rtn import rtn_quantize_ex
+from diffptq.algo.rtn import install_layer_codes, rtn_layer_codes
 from diffptq.data.calib import collect_calibration, move_inputs
 from diffptq.data.prompts import load_prompts
 from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
@@ -57,108 +55,30 @@ from diffptq.io.checkpoint import save_quantized
 from diffptq.kernels import InferenceConfig, Int4WeightOnly, convert_for_inference, fp8_support, set_profile_scopes
 from diffptq.kernels.activations import use_sigmoid_form_gelu
 from diffptq.kernels.fp8_quant_triton import triton_available
-from diffptq.kernels.profiling import CATEGORIES, breakdown, kernel_records
+from diffptq.kernels.profiling import breakdown, kernel_records
 from diffptq.models import BUNDLED_MODELS, family_of, load_pipeline
 from diffptq.models.families import FAMILIES
 from diffptq.models.fullsize import full_size_pipeline, random_text_embeddings
-from diffptq.quant.layers import QuantConfig, quant_layers, set_quant_enabled, swap_modules
+from diffptq.quant.layers import quant_layers, set_quant_enabled
 from diffptq.quant.quantizer import QuantSpec
 
-GiB, MB = 2**30, 1e6
+sys.path.append(str(Path(__file__).resolve().parent))  # the report module beside this file, however it is loaded
+from inference_speed_report import ORDER, VARIANTS, Variant, meta, render  # noqa: E402
+
+GiB = 2**30
 W4 = QuantSpec(4)
 A8 = QuantSpec(8)  # fake-quant activations: int8 symmetric, dynamic per token
 # static ranges as the quantization scripts fit them (asymmetric, MSE clipping): with plain symmetric min-max
 # ranges the static FP8 path lost most of bundled-dit's prompt accuracy (inference_speed_quality_bundled_dit_cpu.md)
 A8_STATIC = QuantSpec(8, symmetric=False, scale_method="mse")
-
-
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    dtype: torch.dtype
-    compiled: bool
-    build: str  # float | fake | w4a8 | w4a8s | w4 | torchao
-    act_kernel: str = "torch"  # W4A8: per-token quantization as torch ops or the Triton kernel
-    inductor: tuple = ()  # (name, value) torch._inductor.config settings for this variant's compilation
-    headline_only: bool = False  # measured in the first pass only (the headline batch of compiled rows)
-    sigmoid_gelu: bool | None = None  # tanh GELU as x·σ(2v); None: as convert_for_inference does (on real paths)
-
-
-VARIANTS = {v.key: v for v in (
-    Variant("fp16", "FP16 eager", torch.float16, False, "float"),
-    Variant("bf16_compile", "BF16 + compile", torch.bfloat16, True, "float"),
-    Variant("bf16_compile_cdt", "BF16 + compile, coordinate-descent tuning", torch.bfloat16, True, "float",
-            inductor=(("coordinate_descent_tuning", True),), headline_only=True),
-    Variant("bf16_compile_sgelu", "BF16 + compile, GELU in sigmoid form", torch.bfloat16, True, "float",
-            headline_only=True, sigmoid_gelu=True),
-    Variant("fake", "fake-quant W4A8 (int8 per token), eager FP16", torch.float16, False, "fake"),
-    Variant("w4a8", "W4A8 speed path, eager", torch.bfloat16, False, "w4a8"),
-    Variant("w4a8_compile", "W4A8 speed path + compile", torch.bfloat16, True, "w4a8"),
-    Variant("w4a8_compile_triton", "W4A8 speed path + compile, Triton activation quantization", torch.bfloat16, True,
-            "w4a8", act_kernel="triton", headline_only=True),
-    Variant("w4a8_compile_cdt", "W4A8 speed path + compile, coordinate-descent tuning", torch.bfloat16, True, "w4a8",
-            inductor=(("coordinate_descent_tuning", True),), headline_only=True),
-    Variant("w4", "W4 memory path, eager FP16", torch.float16, False, "w4"),
-    Variant("w4_compile", "W4 memory path + compile (BF16)", torch.bfloat16, True, "w4"),
-    Variant("torchao_compile", "torchao FP8 dynamic row-wise + compile", torch.bfloat16, True, "torchao"),
-    Variant("torchao_compile_cdt", "torchao FP8 dynamic row-wise + compile, coordinate-descent tuning", torch.bfloat16,
-            True, "torchao", inductor=(("coordinate_descent_tuning", True),), headline_only=True),
-    Variant("w4a8s_compile", "W4A8 speed path, static per-tensor activations + compile", torch.bfloat16, True,
-            "w4a8s"),
-    Variant("w4a8s_compile_cdt", "W4A8 speed path, static per-tensor activations + compile, coordinate-descent tuning",
-            torch.bfloat16, True, "w4a8s", inductor=(("coordinate_descent_tuning", True),), headline_only=True),
-    Variant("w4a8s_compile_tanh", "W4A8 speed path, static per-tensor activations + compile, stock tanh GELU",
-            torch.bfloat16, True, "w4a8s", headline_only=True, sigmoid_gelu=False),
-)}
-# measurement priority without --variants: the cheap eager rows, then the compilations the goals need first (the
-# baseline, the fastest W4A8 variant, the peer), so a time budget cuts the least needed rows
-ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8s_compile", "w4a8_compile", "torchao_compile",
-                    "w4a8_compile_triton", "w4a8_compile_cdt", "w4a8s_compile_cdt", "w4a8s_compile_tanh",
-                    "bf16_compile_sgelu", "bf16_compile_cdt", "torchao_compile_cdt", "w4_compile"),
-         "sd": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8s_compile", "w4_compile", "torchao_compile",
-                "w4a8_compile")}
-QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
-                  "fake_int8_token": "fake-quant W4A8: int8 per-token activations",
-                  "w4_only": "W4 weights only", "fp8_token": "W4A8 speed path: e4m3 per-token activations (timed)",
-                  "fp8_tensor": "W4A8 speed path: e4m3 per-tensor activations",
-                  "fake_int8_static": "fake-quant W4A8: int8 static per-tensor activations (asymmetric, MSE-fitted)",
-                  "fp8_static": "W4A8 speed path: e4m3 static per-tensor activations from that int8 grid (timed "
-                                "as 'static per-tensor')"}
 TITLES = {"pixart": "PixArt-XL-2-512 (PixArtTransformer2DModel)", "sd": "SD 1.5 UNet (UNet2DConditionModel)"}
 
 
-# ---- quantized models from precomputed RTN codes -----------------------------------------------------------------
-def block_layers(family, den: nn.Module) -> list[str]:
-    """Qualified names of the quantizable layers inside the family's blocks (what the project quantizes)."""
-    return [f"{b}.{n}" for b, block in family.blocks(den) for n, _ in family.quantizable_layers(block)]
-
-
+# ---- quantized models from precomputed RTN codes (diffptq.algo.rtn) -----------------------------------------------
 def group_spec(cols: int) -> QuantSpec:
     """W4 groups of 128 columns, 64 where 128 does not divide (SD's 320-channel layers), else per channel."""
     g = next((g for g in (128, 64) if cols % g == 0), None)
     return QuantSpec(4, group_size=g)
-
-
-def rtn_codes(den: nn.Module, names: list[str], grouped: bool) -> dict:
-    """{name: (spec, codes, scale, zero)} on the CPU: round-to-nearest W4 of each layer, computed where it lives."""
-    out = {}
-    for name in names:
-        w = den.get_submodule(name).weight.detach()
-        spec = group_spec(w[0].numel()) if grouped else W4
-        r = rtn_quantize_ex(w.float(), spec)
-        out[name] = (spec, r.codes.cpu(), r.scale.cpu(), r.zero.cpu())
-    return out
-
-
-def install_codes(den: nn.Module, codes: dict, act: QuantSpec | None, act_kind: str = "dynamic") -> None:
-    """Swap the layers of `codes` for quant layers holding them, with `act` activation quantizers of `act_kind`."""
-    layers = swap_modules(den, QuantConfig(act=act, act_kind=act_kind, include=tuple(codes)))
-    dev = next(den.parameters()).device
-    for name, layer in layers.items():
-        spec, c, s, z = codes[name]
-        layer.weight_spec = spec
-        layer.set_quantized_weight(c.to(dev), s.to(dev), z.to(dev))
 
 
 def torchao_quantize(den: nn.Module, names: list[str]) -> str:
@@ -197,9 +117,10 @@ class FamilyRun:
         self.family = FAMILIES[name]
         pipe = full_size_pipeline(name, torch.float16, self.dev, num_layers=args.num_layers)
         den = self.family.denoiser(pipe)
-        self.names = block_layers(self.family, den)
-        t0 = time.perf_counter()
-        self.codes = {"w4a8": rtn_codes(den, self.names, grouped=False), "w4": rtn_codes(den, self.names, True)}
+        self.names = self.family.block_layer_names(den)
+        t0 = time.perf_counter()  # RTN codes computed where the weights live (the GPU), kept on the CPU
+        self.codes = {"w4a8": rtn_layer_codes(den, self.names, lambda _: W4),
+                      "w4": rtn_layer_codes(den, self.names, group_spec)}
         self.master = den.to("cpu")
         del pipe
         q_params = sum(self.master.get_submodule(n).weight.numel() for n in self.names)
@@ -228,7 +149,7 @@ class FamilyRun:
         elif v.build != "float":
             kind = "w4" if v.build == "w4" else "w4a8"
             act = {"fake": A8, "w4a8s": A8_STATIC}.get(v.build)
-            install_codes(den, self.codes[kind], act, "static" if v.build == "w4a8s" else "dynamic")
+            install_layer_codes(den, self.codes[kind], act, "static" if v.build == "w4a8s" else "dynamic")
             if v.build == "w4a8s":
                 self.calibrate_static(den, v.dtype)
             if v.build == "fake":
@@ -465,8 +386,8 @@ def quality_pipelines(pipe, fam, dev: str, calib_records: list) -> tuple[dict, d
     the static rows' int8 ranges are fitted on `calib_records`."""
     q = copy.deepcopy(pipe)
     den = fam.denoiser(q)
-    codes = rtn_codes(den, block_layers(fam, den), grouped=False)
-    install_codes(den, codes, A8)
+    codes = rtn_layer_codes(den, fam.block_layer_names(den), lambda _: W4)
+    install_layer_codes(den, codes, A8)
     w4 = copy.deepcopy(q)
     set_quant_enabled(fam.denoiser(w4), acts=False)
     pipes = {"fp32": (pipe, torch.float32), "bf16": (copy.deepcopy(pipe).to(dtype=torch.bfloat16), torch.bfloat16),
@@ -479,7 +400,7 @@ def quality_pipelines(pipe, fam, dev: str, calib_records: list) -> tuple[dict, d
         kernels[mode] = "fp32 reference" if "forced" in conv.reason else "torch._scaled_mm"
         pipes[f"fp8_{mode}"] = (speed.to(dtype=torch.bfloat16), torch.bfloat16)
     static = copy.deepcopy(pipe)
-    install_codes(fam.denoiser(static), codes, A8_STATIC, "static")
+    install_layer_codes(fam.denoiser(static), codes, A8_STATIC, "static")
     fit_static_ranges(fam.denoiser(static), (move_inputs(r.inputs, dev, torch.float32) for r in calib_records))
     pipes["fake_int8_static"] = (static, torch.float32)
     speed = copy.deepcopy(static)
@@ -553,179 +474,7 @@ def bundled_prompt_acc(pipes: dict, args) -> dict:
     return out
 
 
-# ---- report ---------------------------------------------------------------------------------------------------------
-def _cell(row: dict | None, key: str, fmt: str) -> str:
-    if row is None:
-        return ""
-    if "error" in row:
-        return "error"
-    if "skipped" in row:
-        return "skipped"
-    return "n/a" if row.get(key) is None else format(row[key], fmt)
-
-
-def _lookup(fam: dict, key: str, batch: int) -> dict | None:
-    return next((r for r in fam["rows"] if r["variant"] == key and r["batch"] == batch), None)
-
-
-def _value(fam: dict | None, key: str, batch: int, field: str) -> float | None:
-    r = _lookup(fam, key, batch) if fam else None
-    return None if r is None else r.get(field)
-
-
-def goals(res: dict) -> list[str]:
-    """The issue's goals with measured ratios side by side (met / missed / not measured)."""
-    p, s = res["families"].get("pixart"), res["families"].get("sd")
-    lines = ["| goal | measured | target | met |", "| --- | --- | --- | --- |"]
-
-    def add(goal, num, den, target, higher=True, unit="×"):
-        ok = None if not (num and den) else (num / den >= target if higher else num / den <= target)
-        measured = "n/a" if ok is None else f"{num / den:.2f}{unit}"
-        lines.append(f"| {goal} | {measured} | {'≥' if higher else '≤'} {target}{unit} | "
-                     f"{'n/a' if ok is None else 'yes' if ok else 'no'} |")
-
-    lat = "latency_ms"
-    # the W4A8 variants (activation numerics and compile settings)
-    speed = ("w4a8_compile", "w4a8s_compile", "w4a8_compile_triton", "w4a8_compile_cdt", "w4a8s_compile_cdt",
-             "w4a8s_compile_tanh")
-    # references beyond the issue's three, when measured: BF16 given the same GELU rewrite (what the rewrite alone
-    # gives), and BF16 / torchao under coordinate-descent tuning (compared with the W4A8 rows tuned alike)
-    extra = (("bf16_compile_sgelu", 1.15), ("bf16_compile_cdt", 1.15), ("torchao_compile_cdt", 1.3))
-    for ref, target in (("bf16_compile", 1.15), ("fp16", 1.4), ("torchao_compile", 1.3)) + extra:
-        if (ref, target) in extra and not _value(p, ref, 16, lat):
-            continue
-        for key in speed:
-            if ref != "fp16" and key.endswith("_cdt") != ref.endswith("_cdt"):
-                continue  # compiled rows are compared under the same inductor tuning only
-            if key == "w4a8_compile" or _value(p, key, 16, lat):
-                add(f"PixArt {VARIANTS[key].label} vs {VARIANTS[ref].label}, batch 16 (speed-up)",
-                    _value(p, ref, 16, lat), _value(p, key, 16, lat), target)
-    if p and "disk" in p["sizes"]:
-        d = p["sizes"]["disk"]
-        add("PixArt W4 transformer on disk, memory-path tensors / FP16", d.get("w4"), d.get("fp16"), 0.3, False)
-        rest = (d.get("fp16") or 0) - p["sizes"].get("fp16_quantized_weights", 0)
-        ck = p["sizes"].get("checkpoint", {}).get("w4")
-        add("PixArt W4 diffptq checkpoint + float remainder / FP16", ck and ck + rest, d.get("fp16"), 0.3, False)
-        if d.get("w4"):  # the memory-path variant was built in this run
-            lines.append(f"| PixArt W4 transformer on disk (MB): memory-path tensors / checkpoint + remainder | "
-                         f"{d['w4'] / MB:.0f} / {((ck or 0) + rest) / MB:.0f} | ≤ 350 | "
-                         f"{'yes' if d['w4'] <= 350 * MB else 'no'} |")
-    for fam, label in ((p, "PixArt"), (s, "UNet")):
-        for key in ("w4", "w4_compile"):
-            ref = "fp16" if key == "w4" else "bf16_compile"
-            add(f"{label} {VARIANTS[key].label} peak VRAM at batch 1 / {VARIANTS[ref].label}",
-                _value(fam, key, 1, "peak_vram_gib"), _value(fam, ref, 1, "peak_vram_gib"), 0.5, False)
-    for key, ref in (("w4", "fp16"), ("w4_compile", "bf16_compile"), ("w4a8_compile", "bf16_compile"),
-                     ("w4a8s_compile", "bf16_compile")):
-        for b in (16, 1):
-            add(f"UNet {VARIANTS[key].label} vs {VARIANTS[ref].label}, batch {b} (speed-up)",
-                _value(s, ref, b, lat), _value(s, key, b, lat), 1.0)
-    return lines
-
-
-def family_section(fam: dict, batches: list[int]) -> list[str]:
-    if "params" not in fam:
-        return [f"## {fam['title']}", "", f"failed before any measurement: {fam.get('error')}", ""]
-    head = "| variant | " + " | ".join(f"batch {b}" for b in batches)
-    sep = "| --- |" + " --- |" * len(batches)
-    keys = [k for k in ORDER[fam["family"]] if any(r["variant"] == k for r in fam["rows"])]
-    lines = [f"## {fam['title']}", "",
-             f"{fam['params'] / 1e6:.1f}M parameters, {fam['quantized_params'] / 1e6:.1f}M in "
-             f"{fam['quantized_layers']} quantized block layers; memory-path group sizes (layers): {fam['groups']}; "
-             f"compile scope: {fam['compile_scope']}.", "", "Denoiser step latency (ms, median):", "",
-             head + " | first call s (batch " + str(batches[0]) + ") |", sep + " --- |"]
-    for k in keys:
-        cells = [_cell(_lookup(fam, k, b), "latency_ms", ".1f") for b in batches]
-        cells.append(_cell(_lookup(fam, k, batches[0]), "first_call_s", ".1f"))
-        lines.append(f"| {VARIANTS[k].label} | " + " | ".join(cells) + " |")
-    lines += ["", "Peak VRAM during one step (GiB, weights and inputs included):", "", head + " |", sep]
-    for k in keys:
-        lines.append(f"| {VARIANTS[k].label} | " + " | ".join(_cell(_lookup(fam, k, b), "peak_vram_gib", ".2f")
-                                                         for b in batches) + " |")
-    sz = fam["sizes"]
-    lines += ["", "Model size (MB): parameters and buffers at their stored size; GPU memory allocated after building "
-              "(before any step; torchao's tensor subclasses count correctly only there); on disk as safetensors.",
-              "", "| variant | in memory | GPU allocated | on disk |", "| --- | --- | --- | --- |"]
-    for k, b in sz.get("memory", {}).items():
-        alloc, disk = sz.get("allocated", {}).get(k), sz.get("disk", {}).get(k)
-        lines.append(f"| {VARIANTS[k].label} | {b / MB:.0f} | {'' if alloc is None else f'{alloc / MB:.0f}'} | "
-                     f"{'' if disk is None else f'{disk / MB:.0f}'} |")
-    if "w4_bits_per_weight" in sz:
-        lines.append(f"| memory-path layers alone: packed codes + scales (+ zeros) | "
-                     f"{sz['w4_bits_per_weight']:.3f} bits/weight | | |")
-    for kind, b in sz.get("checkpoint", {}).items():
-        lines.append(f"| diffptq checkpoint of the {kind} codes (quantized layers only; packed int4, fp32 scale and "
-                     f"zero) | | | {b / MB:.0f} ({8 * b / fam['quantized_params']:.2f} bits/weight) |")
-    for key, prof in fam.get("profiles", {}).items():
-        v, b = key.split("@")
-        lines += ["", f"GPU time of one {VARIANTS[v].label} step at batch {b} ({prof['total_ms']:.1f} ms of kernels):",
-                  "", "| " + " | ".join(CATEGORIES) + " |", "|" + " --- |" * len(CATEGORIES),
-                  "| " + " | ".join(f"{prof['ms'][c]:.1f} ms ({100 * prof['share'][c]:.0f}%)" for c in CATEGORIES)
-                  + " |", "", "Top kernels: " + "; ".join(f"`{n[:60]}` {t:.2f} ms ({c})" for n, t, c in
-                                                          prof["top"][:5])]
-    problems = [r for r in fam["rows"] if "error" in r or "skipped" in r]
-    if fam.get("error"):
-        problems.append({"label": "the family run", "batch": "-", "error": fam["error"]})
-    if problems:
-        lines += ["", "Not measured:", ""] + [f"- {r['label']}, batch {r['batch']}: {r.get('error') or r['skipped']}"
-                                              for r in problems]
-    return lines + [""]
-
-
-def render(res: dict) -> str:
-    m = res["meta"]
-    batches = m["batches"]
-    lines = ["# Inference speed and memory: W4A8 speed path and W4 memory path", "",
-             f"Card: {m['gpu']}; torch {m['torch']}; diffusers {m['diffusers']}; torchao {m['torchao']}; {m['date']}. "
-             f"Full-size random-weight denoisers at 512 px ({m['latent']}×{m['latent']} latents), one denoiser step "
-             f"per call at the given batch. Weights: RTN W4 symmetric of the block layers (embedders and final "
-             f"projections stay in float). W4A8: per-channel weights as exact e4m3, {m['act_mode']} e4m3 activations, "
-             f"torch._scaled_mm row-wise (fast accumulation), q/k/v fused; layers the FP8 GEMM cannot take: "
-             f"{m['others']}. Memory path: packed int4, fp16 group scales, dequantized per call. torch.compile mode "
-             f"{m['compile_mode']}, static shapes per batch. Latency: median of {m['repeats']} CUDA-event-timed "
-             f"steps after {m['warmup']} warm-up steps. Wall time of this run: {m.get('wall_s', 0):.0f} s.", "",
-             "## Goals", ""] + goals(res) + [""]
-    for fam in res["families"].values():
-        lines += family_section(fam, batches)
-    q = res.get("quality")
-    if q and "rows" in q:
-        gemm = ", ".join(f"{k}: {v}" for k, v in q["kernel"].items())
-        lines += [f"## Quality of the timed W4A8 numerics ({q['model']})", "",
-                  f"Denoiser noise predictions on {q['records']} recorded calibration inputs (batch {q['batch']}); "
-                  f"FP8 GEMM ({gemm}). The reference is the fp32 model; the fake-quant model has the same W4 codes.",
-                  "", "| numerics | PSNR vs FP (dB) | PSNR vs fake-quant A8 (dB) | rel. error vs FP |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {QUALITY_LABELS.get(r['numerics'], r['numerics'])} | {r['psnr_vs_fp_db']:.1f} | "
-                  f"{r['psnr_vs_fake_db']:.1f} | {r['rel_err_vs_fp']:.4f} |" for r in q["rows"]]
-        acc = q.get("prompt_acc")
-        if acc and "error" in acc:
-            lines += ["", f"prompt_acc: {acc['error']}"]
-        elif acc:
-            lines += ["", "Sampled images (bundled pipelines, their own sampling settings): prompt_acc with the "
-                      "bundled evaluator; image PSNR and LPIPS against the FP32 pipeline's images.", "",
-                      "| numerics | prompt_acc | image PSNR (dB) | LPIPS |", "| --- | --- | --- | --- |"]
-            lines += [f"| {QUALITY_LABELS.get(k, k)} | {v['prompt_acc']:.3f} | {v['psnr_db']:.1f} | "
-                      f"{'' if v['lpips'] is None else format(v['lpips'], '.4f')} |" for k, v in acc.items()]
-    elif q:
-        lines += ["## Quality", "", f"failed: {q.get('error')}"]
-    return "\n".join(lines) + "\n"
-
-
 # ---- main -----------------------------------------------------------------------------------------------------------
-def meta(args) -> dict:
-    try:
-        import torchao
-
-        tao = torchao.__version__
-    except ImportError:
-        tao = "not installed"
-    cuda = torch.cuda.is_available() and torch.device(args.device).type == "cuda"
-    return {"gpu": torch.cuda.get_device_name() if cuda else "CPU (smoke run)", "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "torchao": tao, "date": dt.date.today().isoformat(),
-            "batches": [int(b) for b in args.batches.split(",")], "latent": args.latent, "act_mode": args.act_mode,
-            "others": args.others, "compile_mode": args.compile_mode, "warmup": args.warmup, "repeats": args.repeats}
-
-
 def uses_cuda_graphs(compile_mode: str) -> bool:
     """Whether a torch.compile mode records CUDA graphs ("reduce-overhead", "max-autotune")."""
     return compile_mode in ("reduce-overhead", "max-autotune")

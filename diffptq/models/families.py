@@ -68,6 +68,11 @@ class ModelFamily:
             if isinstance(mod, QUANTIZABLE_TYPES) and not any(fnmatch.fnmatch(name, p) for p in skip)
         ]
 
+    def block_layer_names(self, denoiser: nn.Module) -> list[str]:
+        """Qualified names in `denoiser` of the quantizable layers of every block, blocks in forward order: the
+        layers the project quantizes (embedders, patch/conv_in and the final projections are not among them)."""
+        return [f"{b}.{n}" for b, block in self.blocks(denoiser) for n, _ in self.quantizable_layers(block)]
+
     def call_kwargs(self, pipe) -> dict:
         """Extra keyword arguments for calling the pipeline so that it runs offline at the model's own size."""
         defaults = dict(getattr(pipe, "diffptq_sampling", {}))  # a model's own recommended settings
