@@ -34,7 +34,7 @@ def _fallback(W: Tensor, spec: QuantSpec, method: str, reason: str, delta: float
     return res
 
 
-def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
+def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = Damping(),
                      act_order: bool = False, block_size: int = 128, G: Tensor | None = None,
                      first_column: FirstColumn | None = None, method: str = "gptq",
                      consume: bool = False) -> QuantResult:
@@ -95,13 +95,13 @@ def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | 
     return QuantResult(weight, codes, scale, zero, method, fac.delta, fac.damp_rel, fac.retries)
 
 
-def gptq_quantize_ex(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
+def gptq_quantize_ex(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = Damping(),
                      act_order: bool = False, block_size: int = 128, consume: bool = False) -> QuantResult:
     """GPTQ with the full record (codes, scale, zero, damping used, RTN fallback). See hessian_quantize."""
     return hessian_quantize(W, H, spec, damp, act_order, block_size, method="gptq", consume=consume)
 
 
-def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = 0.01,
+def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = Damping(),
                   act_order: bool = False, block_size: int = 128) -> Tensor:
     """GPTQ-quantized weight (dequantized, W's shape and dtype). H = X̃ᵀX̃/n (in, in); damp relative to mean diag H,
     or "adaptive" / "lambda_max" / a Damping."""

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
-from diffptq.quant.quantizer import QuantSpec, check_group_size, dequantize
 from diffptq.config.checks import check_choice
 from diffptq.config.sequential import ACT_KINDS
+from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
+from diffptq.quant.quantizer import QuantSpec, check_group_size, dequantize
 from diffptq.quant.rotation import ROTATIONS, HadamardRotation, make_rotation
 
 log = logging.getLogger(__name__)
