@@ -16,6 +16,7 @@ from torch import Tensor
 from diffptq.algo.damping import Damping, all_finite, as_damping, damped_inverse_cholesky, fp32_matmul
 from diffptq.algo.rtn import QuantResult, rtn_quantize_ex
 from diffptq.algo.sweep import gptq_sweep
+from diffptq.config.quant import DEFAULT_DAMPING
 from diffptq.quant.quantizer import QuantSpec, dequantize, expand_params, fit_weight_params
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def _fallback(W: Tensor, spec: QuantSpec, method: str, reason: str, delta: float
     return res
 
 
-def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = Damping(),
+def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = DEFAULT_DAMPING,
                      act_order: bool = False, block_size: int = 128, G: Tensor | None = None,
                      first_column: FirstColumn | None = None, method: str = "gptq",
                      consume: bool = False) -> QuantResult:
@@ -95,13 +96,13 @@ def hessian_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | 
     return QuantResult(weight, codes, scale, zero, method, fac.delta, fac.damp_rel, fac.retries)
 
 
-def gptq_quantize_ex(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = Damping(),
+def gptq_quantize_ex(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = DEFAULT_DAMPING,
                      act_order: bool = False, block_size: int = 128, consume: bool = False) -> QuantResult:
     """GPTQ with the full record (codes, scale, zero, damping used, RTN fallback). See hessian_quantize."""
     return hessian_quantize(W, H, spec, damp, act_order, block_size, method="gptq", consume=consume)
 
 
-def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = Damping(),
+def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, damp: float | str | Damping = DEFAULT_DAMPING,
                   act_order: bool = False, block_size: int = 128) -> Tensor:
     """GPTQ-quantized weight (dequantized, W's shape and dtype). H = X̃ᵀX̃/n (in, in); damp relative to mean diag H,
     or "adaptive" / "lambda_max" / a Damping."""

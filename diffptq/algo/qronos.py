@@ -13,6 +13,7 @@ from torch import Tensor
 from diffptq.algo.damping import Damping
 from diffptq.algo.gptq import hessian_quantize
 from diffptq.algo.rtn import QuantResult
+from diffptq.config.quant import DEFAULT_DAMPING
 from diffptq.quant.quantizer import QuantSpec, round_to_grid
 
 
@@ -33,7 +34,7 @@ def qronos_first_column(v: Tensor, g: Tensor, h0: Tensor, delta: float, U: Tenso
     v[:, 0] = q0
 
 
-def qronos_quantize_ex(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = Damping(),
+def qronos_quantize_ex(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = DEFAULT_DAMPING,
                        act_order: bool = False, block_size: int = 128, consume: bool = False) -> QuantResult:
     """Qronos with the full record (codes, scale, zero, damping used, RTN fallback). consume: see hessian_quantize.
     """
@@ -41,7 +42,7 @@ def qronos_quantize_ex(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: f
                             method="qronos", consume=consume)
 
 
-def qronos_quantize(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = Damping(),
+def qronos_quantize(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = DEFAULT_DAMPING,
                     act_order: bool = False, block_size: int = 128) -> Tensor:
     """Qronos-quantized weight (dequantized, W's shape and dtype). W: (out, in); H = X̃ᵀX̃/n, G = X̃ᵀX/n (in, in)."""
     return qronos_quantize_ex(W, H, G, spec, damp, act_order, block_size).weight

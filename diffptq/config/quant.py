@@ -111,6 +111,9 @@ class Damping:
         return cls("mean_diag", check_float(value, what, lo=0.0, lo_open=True))
 
 
+DEFAULT_DAMPING = Damping()  # the one default rule: 1% of mean diag H
+
+
 def as_damping(damp: float | str | Damping) -> Damping:
     """A Damping from itself, a number (the mean-diagonal rule with that value) or a mode name."""
     if isinstance(damp, Damping):
