@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 from diffptq import demo
+from diffptq.models import load
 
 
 def test_falls_back_to_tiny_dit_with_a_note(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(demo.BUNDLED_MODELS, "bundled-dit", tmp_path / "absent")
+    monkeypatch.setitem(load.BUNDLED_MODELS, "bundled-dit", tmp_path / "absent")
     assert demo.demo_model() == "tiny-dit"
     assert "no bundled-dit weights" in capsys.readouterr().out
-    monkeypatch.setitem(demo.BUNDLED_MODELS, "bundled-dit", tmp_path)
+    monkeypatch.setitem(load.BUNDLED_MODELS, "bundled-dit", tmp_path)
     (tmp_path / "model_index.json").write_text("{}")
     assert demo.demo_model() == "bundled-dit"
 

@@ -32,7 +32,7 @@ def _run(args, **kw):
     (["--abits", "1"], "bits must lie in 2..8"),
     (["--group_size", "12"], "--group_size 12 does not divide the input width 16 of layer"),
     (["--blocks", "0-9"], "indices must lie in 0..1"),
-    (["--damp", "lots"], "argument --damp: expected a number > 0 (relative to mean diag H), 'adaptive' or"),
+    (["--damp", "lots"], "argument --damp: expected a number > 0 (relative to mean diag H), 'adaptive', 'spread'"),
 ])
 def test_bad_flag_values_give_one_line(tmp_path, flags, message, capsys):
     code, err = _main_in_process(["--model", "tiny-dit", *SMALL, "--out_dir", str(tmp_path / "o"), *flags], capsys)

@@ -38,9 +38,10 @@ def test_driver_accumulates_h_and_g_on_rotated_inputs_and_keeps_groups(tiny_dit,
     for rotate in (False, True):
         seen = grams[rotate] = {}
 
-        def spy(self, k, name, layer, H, G, consume=False, seen=seen):
-            seen[name] = (H.clone(), None if G is None else G.clone())  # the solver may consume (empty) them
-            return solve(self, k, name, layer, H, G, consume)
+        def spy(self, k, name, layer, grams, consume=False, held=None, seen=seen):
+            # the solver may consume (empty) the statistics: keep copies
+            seen[name] = (grams.H.clone(), None if grams.G is None else grams.G.clone())
+            return solve(self, k, name, layer, grams, consume, held)
         monkeypatch.setattr(SequentialQuantizer, "_solve", spy)
         _, _, drv = _driver(tiny_dit, rotate)
         drv.run()

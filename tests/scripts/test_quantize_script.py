@@ -20,7 +20,8 @@ def test_script_on_a_saved_directory(tmp_path):
                                                                              "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr[-2000:]
     rows = list(csv.DictReader((out / "layers.csv").open()))
-    assert list(rows[0]) == ["block", "layer", "method", "wbits", "abits", "damp", "rel_out_err"]
+    assert list(rows[0]) == ["block", "layer", "method", "wbits", "abits", "damp", "rel_out_err",
+                            "heldout_err"]
     assert {r["block"] for r in rows} == {"0", "1"} and all(float(r["rel_out_err"]) > 0 for r in rows)
     summary = list(csv.DictReader((out / "summary.csv").open()))
     assert len(summary) == 1 and summary[0]["method"] == "qronos" and float(summary[0]["final_denoiser_err"]) > 0
