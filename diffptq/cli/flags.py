@@ -17,6 +17,7 @@ from diffptq.cli.parser import (
     non_negative_int,
     positive_int,
     prompt_file,
+    smooth_value,
 )
 from diffptq.config import (
     ACT_KINDS,
@@ -37,10 +38,10 @@ SEQ, CALIB, TDQ, FIT = SequentialConfig(), CalibConfig(), TdqConfig(), TdqFitCon
 
 
 def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = True, act_kind: bool = True,
-                    execution: bool = True) -> None:
+                    execution: bool = True, outliers: bool = True) -> None:
     """How weights (and activations) are quantized: method, bits, activation quantizer, groups, act-order, damping.
     method_flag None / bits False: the script chooses methods and bits otherwise (benchmark_final's --methods,
-    --bits). execution: the driver's memory and granularity switches."""
+    --bits). execution: the driver's memory and granularity switches. outliers: --smooth and --lowrank."""
     if method_flag:
         parser.add_argument(method_flag, dest="method", default=SEQ.method, choices=METHODS,
                             help="weight quantization method (default: %(default)s)")
@@ -58,6 +59,12 @@ def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = T
     parser.add_argument("--damp", type=damp_value, default=SEQ.damp,
                         help="Hessian damping: a number > 0 relative to mean(diag H), 'adaptive' or 'lambda_max' "
                              f"(default: {SEQ.damp.label})")
+    if outliers:
+        parser.add_argument("--smooth", type=smooth_value, default=SEQ.smooth,
+                            help="smooth each Linear's input channels with this alpha in (0, 1] before quantizing "
+                                 "(x / s, W·s; default: off)")
+        parser.add_argument("--lowrank", type=non_negative_int, default=SEQ.lowrank,
+                            help="rank of a 16-bit branch kept out of each Linear's quantized weight (default: 0, off)")
     if execution:
         parser.add_argument("--offload_done", action="store_true",
                             help="keep finished blocks in host memory until the end of the calibration, so GPU "
@@ -145,7 +152,8 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
         granularity=getattr(args, "granularity", SEQ.granularity),
         offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
         rotate=None if rotate == "none" else rotate, rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
-        rotate_conv=getattr(args, "rotate_conv", False))
+        rotate_conv=getattr(args, "rotate_conv", False), smooth=getattr(args, "smooth", SEQ.smooth),
+        lowrank=getattr(args, "lowrank", SEQ.lowrank))
     return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
 
 

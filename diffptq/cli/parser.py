@@ -46,6 +46,7 @@ bits_value = _typed(lambda t: check_bits(t), "bits")
 guidance_value = _typed(lambda t: check_guidance(t, ""), "guidance")
 positive_float = _typed(lambda t: check_float(t, lo=0.0, lo_open=True), "positive_float")
 damp_value = _typed(lambda t: Damping.parse(t, ""), "damp")
+smooth_value = _typed(lambda t: check_float(t, lo=0.0, hi=1.0, lo_open=True), "smooth")
 
 
 def prompt_file(text: str) -> str:

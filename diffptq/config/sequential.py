@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from diffptq.config.checks import (
     FLOAT_BITS,
     check_choice,
+    check_float,
     check_int,
     check_non_negative_int,
     check_positive_int,
@@ -60,6 +61,10 @@ class SequentialConfig:
     rotate / rotate_seed / rotate_conv: an online input rotation of the swapped layers (as in
     diffptq.quant.layers.QuantConfig), set at the swap, so H, G, the activation quantizers and rel_out_err all see
     the rotated inputs.
+    smooth: α of per-channel smoothing of each Linear's input (x / s, W·diag(s), one s per group of layers fed by
+    the same tensor, from the calibration records' max |x|), before its activation quantizer is calibrated (None:
+    off). lowrank: rank of a high-precision branch kept out of each Linear's quantized weight (0: off).
+    diffptq.quant.outliers; Conv2d layers get neither.
     """
 
     method: str = "qronos"
@@ -81,6 +86,8 @@ class SequentialConfig:
     rotate: str | None = None
     rotate_seed: int = 0
     rotate_conv: bool = False
+    smooth: float | None = None
+    lowrank: int = 0
 
     def __post_init__(self) -> None:
         check_choice(self.method, "method", METHODS)
@@ -94,6 +101,9 @@ class SequentialConfig:
         check_non_negative_int(self.rotate_seed, "--rotate_seed")
         if self.blocks is not None:
             self.blocks = [check_int(b, "blocks", lo=0) for b in self.blocks]
+        if self.smooth is not None:
+            check_float(self.smooth, "--smooth", lo=0.0, hi=1.0, lo_open=True)
+        check_non_negative_int(self.lowrank, "--lowrank")
         if self.rotate is not None:
             check_choice(self.rotate, "--rotate", ROTATIONS)
         elif self.rotate_conv:

@@ -7,8 +7,10 @@ Tensors, per quantized layer `<name>` of the denoiser:
 Metadata key `diffptq`: JSON with the format version, the base model (source, family, pipeline class, hash of the
 denoiser config), the quantization settings and one entry per layer (shape, kind, weight spec, activation kind,
 and `rotation`: {kind, size, seed} of an online input rotation, from which it is rebuilt, or absent/null).
-Version 2 added `rotation`. A file without rotated layers is written as version 1, which older readers load; one
-with rotations as version 2, which they refuse rather than silently drop the rotation. Both versions are read.
+  `<name>.input_scale`, `<name>.lowrank_up`, `<name>.lowrank_down`  smoothing factors and the low-rank branch
+Version 2 added `rotation`, version 3 `smooth` and `lowrank` (with their tensors). A file is written with the
+lowest version that holds it (1 without rotations or outlier handling), so older readers load what they can and
+refuse rather than silently drop what they cannot. All three versions are read.
 Nothing is ever unpickled: a file that is not safetensors is refused with a clear error.
 """
 from __future__ import annotations
@@ -32,8 +34,8 @@ from diffptq.io.schema import check_metadata, check_tensors
 from diffptq.quant.rotation import make_rotation
 
 FORMAT = "diffptq-checkpoint"
-VERSION = 2
-READ_VERSIONS = (1, 2)
+VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 
 
 def config_hash(denoiser: nn.Module) -> str:
@@ -63,6 +65,8 @@ def layer_entry(name: str, layer: QuantLayer) -> dict:
         "act_spec": asdict(aq.spec) if aq is not None else None,
         "act_extra": aq.checkpoint_config() if hasattr(aq, "checkpoint_config") else None,
         "rotation": layer.rotation.config() if layer.rotation is not None else None,
+        "smooth": layer.input_scale is not None,
+        "lowrank": 0 if layer.lowrank_up is None else int(layer.lowrank_up.shape[1]),
     }
 
 
@@ -84,10 +88,14 @@ def save_quantized(path: str | Path, denoiser: nn.Module, base: dict, quant: dic
         if layer.act_quant is not None:
             for key, t in layer.act_quant.state_dict().items():
                 tensors[f"{name}.act.{key}"] = t.detach().float().cpu().contiguous()
+        for key in ("input_scale", "lowrank_up", "lowrank_down"):
+            if getattr(layer, key) is not None:
+                # a copy each: layers fed by one input share one smoothing tensor, which safetensors refuses
+                tensors[f"{name}.{key}"] = getattr(layer, key).detach().float().cpu().clone().contiguous()
         layers.append(layer_entry(name, layer))
     if not layers:
         raise CheckpointError("nothing to save: the model has no quantized layer")
-    version = VERSION if any(e["rotation"] for e in layers) else 1
+    version = 3 if any(e["smooth"] or e["lowrank"] for e in layers) else 2 if any(e["rotation"] for e in layers) else 1
     meta = {"format": FORMAT, "version": version, "base": {**base, "config_hash": config_hash(denoiser)},
             "quant": quant, "layers": layers}
     path = Path(path)
@@ -177,8 +185,12 @@ def apply_checkpoint(denoiser: nn.Module, meta: dict, tensors: dict[str, torch.T
             module.act_quant, module.weight_spec = act, wspec
         shape = (entry["weight_shape"][0], int(torch.tensor(entry["weight_shape"][1:]).prod()))
         try:
-            rot = entry.get("rotation")  # before the codes: they are in the rotated basis
+            rot = entry.get("rotation")  # before the codes: they are in the rotated (smoothed, split) basis
             module.set_rotation(make_rotation(**rot) if rot else None)
+            if entry.get("smooth"):
+                module.set_smoothing(tensors[f"{name}.input_scale"])
+            if entry.get("lowrank"):
+                module.set_lowrank(tensors[f"{name}.lowrank_up"], tensors[f"{name}.lowrank_down"])
             codes = unpack_codes(tensors[f"{name}.codes"], shape, wspec)
             module.set_quantized_weight(codes, tensors[f"{name}.scale"], tensors[f"{name}.zero"])
             if act is not None:

@@ -77,17 +77,25 @@ def check_metadata(meta: dict, path: Path) -> None:
         rot = entry.get("rotation")
         if rot is not None and not (isinstance(rot, dict) and {"kind", "size", "seed"} <= set(rot)):
             raise CheckpointError(f"{path}: {where}: rotation must give kind, size and seed")
+        lowrank = entry.get("lowrank", 0)
+        if not isinstance(lowrank, int) or isinstance(lowrank, bool) or lowrank < 0:
+            raise CheckpointError(f"{path}: {where}: lowrank must be a rank >= 0, got {lowrank!r}")
+        if not isinstance(entry.get("smooth", False), bool):
+            raise CheckpointError(f"{path}: {where}: smooth must be true or false")
 
 
 def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Each layer's codes, scales and zero points are there; scales, zeros and activation states are finite."""
     for entry in meta["layers"]:
         name = entry["name"]
-        for key in ("codes", "scale", "zero"):
+        needed = ["codes", "scale", "zero"] + (["input_scale"] if entry.get("smooth") else []) + \
+            (["lowrank_up", "lowrank_down"] if entry.get("lowrank") else [])
+        for key in needed:
             if f"{name}.{key}" not in tensors:
                 raise CheckpointError(f"{path}: layer {name}: tensor {name}.{key} is missing")
         state = [k for k in tensors if k.startswith(f"{name}.act.")]
-        for key in (f"{name}.scale", f"{name}.zero", *state):
+        extra = [f"{name}.{k}" for k in needed[3:]]
+        for key in (f"{name}.scale", f"{name}.zero", *state, *extra):
             t = tensors[key]
             if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"{path}: {key} holds NaN or Inf: the file is damaged (its images would be "

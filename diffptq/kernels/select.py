@@ -126,6 +126,8 @@ def _convert_layer(layer: QuantLayer, path: str, cfg: InferenceConfig) -> tuple[
     """(new module or None to keep the layer, reason when kept)."""
     if getattr(layer, "rotation", None) is not None:  # the kernel modules do not rotate their inputs
         return None, "online input rotation (kept as fake-quant)"
+    if getattr(layer, "input_scale", None) is not None or getattr(layer, "lowrank_up", None) is not None:
+        return None, "smoothing / low-rank branch (kept as fake-quant)"
     if path == "w4a8":
         reason = fp8_unsupported_reason(layer)
         if reason is None:

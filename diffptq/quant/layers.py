@@ -12,6 +12,11 @@ W R (R orthonormal over the input channels) and a forward pre-hook, run before a
 Rᵀx. Everything that sees the layer's input through the module (activation quantizer, hooks that record H and G,
 rel_out_err) thus sees the rotated input its weights act on, and codes are those of W R: y = (W R)(Rᵀx) = W x.
 Linear rotates the last dimension, Conv2d the channel dimension (per pixel, which commutes with the convolution).
+
+Optional outlier handling of a QuantLinear (diffptq.quant.outliers): smoothing (`set_smoothing`: input x / s, weight
+W·diag(s), applied after any rotation) and a low-rank high-precision branch (`set_lowrank`: the float weight becomes
+the residual R = W − up @ down, and forward adds (x @ downᵀ) @ upᵀ on the unquantized input). Float mode still
+computes W x exactly; quantized, only R is quantized.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from diffptq.quant.rotation import ROTATIONS, HadamardRotation, make_rotation
 
 log = logging.getLogger(__name__)
 _CODE_BUFFERS = ("weight_codes", "weight_scale", "weight_zero")
+_OUTLIER_BUFFERS = ("input_scale", "lowrank_up", "lowrank_down")
 
 
 class QuantLayer:
@@ -48,11 +54,12 @@ class QuantLayer:
         self.act_quant = act_quant
         self.weight_spec = weight_spec
         self.quant_weight = True
-        for name in _CODE_BUFFERS:
+        for name in (*_CODE_BUFFERS, *_OUTLIER_BUFFERS):
             self.register_buffer(name, None)
         self.register_buffer("weight_q", None, persistent=False)
         self.rotation: HadamardRotation | None = None
         self._rotation_hook = None
+        self._smoothing_hook = None
 
     @property
     def channel_dim(self) -> int:
@@ -85,6 +92,47 @@ class QuantLayer:
 
     def _rotate_input(self, module: nn.Module, args: tuple) -> tuple:
         return (self.rotation.rotate_input(args[0], self.channel_dim), *args[1:])
+
+    @torch.no_grad()
+    def set_smoothing(self, s: Tensor) -> None:
+        """Smooth this Linear's input: x → x / s (after the rotation, if any), float weight W → W·diag(s), s (in,) > 0.
+        Call before the low-rank split and before quantizing."""
+        if not isinstance(self, nn.Linear):
+            raise ValueError("smoothing is implemented for Linear layers")
+        if self.input_scale is not None or self.is_quantized or self.lowrank_up is not None:
+            raise ValueError("set_smoothing: the layer is already smoothed, split or quantized")
+        s = s.detach().float().to(self.weight.device).reshape(-1)
+        if s.numel() != self.weight.shape[1] or not bool((s > 0).all()):
+            raise ValueError(f"smoothing factors must be {self.weight.shape[1]} positive values")
+        self.input_scale = s
+        self.weight = nn.Parameter((self.weight.double() * s.double()).to(self.weight.dtype),
+                                   requires_grad=self.weight.requires_grad)
+        self._smoothing_hook = self.register_forward_pre_hook(self._smooth_input)  # after the rotation's
+
+    def _smooth_input(self, module: nn.Module, args: tuple) -> tuple:
+        return (args[0] / self.input_scale.to(args[0].dtype), *args[1:])
+
+    @torch.no_grad()
+    def set_lowrank(self, up: Tensor, down: Tensor) -> None:
+        """Keep up @ down (up (out, r), down (r, in)) as a high-precision branch on the unquantized input; the float
+        weight becomes the residual W − up @ down (what gets quantized)."""
+        if not isinstance(self, nn.Linear):
+            raise ValueError("the low-rank branch is implemented for Linear layers")
+        if self.lowrank_up is not None or self.is_quantized:
+            raise ValueError("set_lowrank: the layer already has a branch or codes")
+        out, cols = self.weight.shape
+        if up.shape[0] != out or down.shape[1] != cols or up.shape[1] != down.shape[0]:
+            raise ValueError(f"low-rank factors {tuple(up.shape)} @ {tuple(down.shape)} for a ({out}, {cols}) weight")
+        dev, dtype = self.weight.device, self.weight.dtype
+        self.lowrank_up, self.lowrank_down = up.detach().to(dev, dtype), down.detach().to(dev, dtype)
+        R = self.weight.double() - up.double().to(dev) @ down.double().to(dev)
+        self.weight = nn.Parameter(R.to(dtype), requires_grad=self.weight.requires_grad)
+
+    def branch(self, x: Tensor) -> Tensor | None:
+        """The low-rank branch's output (x @ downᵀ) @ upᵀ for the layer's (transformed) input x, or None."""
+        if self.lowrank_up is None:
+            return None
+        return F.linear(F.linear(x, self.lowrank_down.to(x.dtype)), self.lowrank_up.to(x.dtype))
 
     @property
     def is_quantized(self) -> bool:
@@ -147,7 +195,9 @@ class QuantLinear(QuantLayer, nn.Linear):
         self._init_quant(act_quant, weight_spec)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quant_input(x), self.current_weight(), self.bias)
+        y = F.linear(self.quant_input(x), self.current_weight(), self.bias)
+        extra = self.branch(x)
+        return y if extra is None else y + extra
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):

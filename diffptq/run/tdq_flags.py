@@ -69,7 +69,8 @@ def add_compare_args(parser: argparse.ArgumentParser) -> None:
 def _parser(family: str, doc: str, compare: bool) -> ArgumentParser:
     p = ArgumentParser(description=doc, formatter_class=RawDescriptionHelpFormatter)
     add_common_args(p, family)
-    add_weight_args(p, method_flag="--weight_method", bits=not compare, act_kind=False, execution=False)
+    add_weight_args(p, method_flag="--weight_method", bits=not compare, act_kind=False, execution=False,
+                    outliers=False)
     add_blocks_arg(p, "all")
     add_calib_args(p)
     add_tdq_args(p, compare)

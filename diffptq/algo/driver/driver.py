@@ -13,6 +13,7 @@ from diffptq.algo.driver.activations import calibrate_activations
 from diffptq.algo.driver.cache import StreamCache
 from diffptq.algo.driver.config import LayerReport, SequentialConfig, SequentialResult
 from diffptq.algo.driver.offload import Offloader
+from diffptq.algo.driver.outliers import prepare_outliers
 from diffptq.algo.driver.passes import UnitRunner
 from diffptq.algo.driver.plan import BlockPlan, plan_unit
 from diffptq.algo.driver.propagate import propagate_unit
@@ -166,6 +167,8 @@ class SequentialQuantizer:
         layers = self.runner.layers_of(k)
         self.quant_calls[self.units[k].name] += 1
         plan = self.plans[k] = self.plan_block(k, layers)
+        if self.cfg.smooth is not None or self.cfg.lowrank:
+            prepare_outliers(self.runner, k, layers, plan, self.train, self.cfg.smooth, self.cfg.lowrank)
         self.calibrate_acts(k, layers)
         self.leaders[k] = share_leaders(plan, self.layers)
         for w in range(len(plan.waves)):

@@ -28,6 +28,8 @@ def add_layer_error(x_fp: dict, num: dict, den: dict, name: str, mod: QuantLayer
     the float pass (x_fp[name]), X̃ its input here (x) as the matmul sees it (after its activation quantizer)."""
     ref = layer_matmul(mod, x_fp[name], mod.weight).float()
     out = layer_matmul(mod, mod.quant_input(x), mod.current_weight()).float()
+    if mod.lowrank_up is not None:  # the high-precision branch is part of the layer's output in both streams
+        ref, out = ref + mod.branch(x_fp[name]).float(), out + mod.branch(x).float()
     e, r = (out - ref).pow(2).sum(), ref.pow(2).sum()
     num[name] = num[name] + e if name in num else e
     den[name] = den[name] + r if name in den else r
