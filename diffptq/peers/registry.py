@@ -54,11 +54,15 @@ class Peer:
         except (ImportError, ValueError):  # the parent package is absent, or a half-imported module
             return False
 
+    def missing(self) -> str:
+        """The one line for an absent package: which package, and the install command."""
+        return (f"peer {self.name} needs the Python package {self.package!r} ({self.dist}=={self.pinned}), which is "
+                f"not installed: {INSTALL_HINT}")
+
     def require(self) -> None:
-        """Raise PeerUnavailable (one line: which package, the install command) unless the package is installed."""
+        """Raise PeerUnavailable (`missing()`) unless the package is installed."""
         if not self.available():
-            raise PeerUnavailable(f"peer {self.name} needs the Python package {self.package!r} ({self.dist}=="
-                                  f"{self.pinned}), which is not installed: {INSTALL_HINT}")
+            raise PeerUnavailable(self.missing())
 
     def version(self) -> str | None:
         """The installed version of the peer's distribution, None when absent."""
