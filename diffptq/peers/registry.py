@@ -65,9 +65,11 @@ class Peer:
             raise PeerUnavailable(self.missing())
 
     def version(self) -> str | None:
-        """The installed version of the peer's distribution, None when absent."""
+        """The installed version of the peer's distribution, None when its package cannot be imported."""
         from importlib import metadata
 
+        if not self.available():
+            return None
         try:
             return metadata.version(self.dist)
         except metadata.PackageNotFoundError:

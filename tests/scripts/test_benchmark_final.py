@@ -39,8 +39,9 @@ def _same_but_timing(a: dict, b: dict) -> bool:
 
 def test_column_order_is_the_issues():
     assert list(COLUMNS) == ISSUE_COLUMNS and list(ALL_COLUMNS[:len(COLUMNS)]) == ISSUE_COLUMNS
-    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled" and ALL_COLUMNS[-3:] == ("rotate", "images_per_s",
-                                                                              "num_processes")
+    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled" and ALL_COLUMNS[-9:-6] == ("rotate", "images_per_s",
+                                                                                "num_processes")
+    assert ALL_COLUMNS[-6:] == ("prompt_acc_lo", "prompt_acc_hi", "psnr_lo", "psnr_hi", "peer_version", "note")
 
 
 def test_parse_methods_bits_and_variant_order():
