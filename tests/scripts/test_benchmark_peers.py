@@ -54,9 +54,9 @@ def peer_run(tmp_path_factory):
     save_evaluator(EvalNet(EvaluatorSpec()), tmp / "evaluator")
     (tmp / "scenes.txt").write_text("\n".join(eval_prompts(N_IMAGES)) + "\n")
     out = tmp / "run"
-    argv = ["--model", "tiny-dit", "--n_images", str(N_IMAGES), "--num_inference_steps", "2", "--n_calib", "2",
-            "--calib_steps", "2", "--calib_batch_size", "2", "--batch_size", "4", "--methods", "fp,rtn", "--bits",
-            "w4a8", "--peers", PEER_LIST, "--prompts", str(tmp / "scenes.txt"), "--evaluator",
+    argv = ["--model", "tiny-dit", "--device", "cpu", "--n_images", str(N_IMAGES), "--num_inference_steps", "2",
+            "--n_calib", "2", "--calib_steps", "2", "--calib_batch_size", "2", "--batch_size", "4", "--methods",
+            "fp,rtn", "--bits", "w4a8", "--peers", PEER_LIST, "--prompts", str(tmp / "scenes.txt"), "--evaluator",
             str(tmp / "evaluator"), "--save_images", "--out_dir", str(out)]
     res = subprocess.run(_script(argv, absent="optimum.quanto"), capture_output=True, text=True, timeout=600,
                          env=_env(tmp), cwd=ROOT)
