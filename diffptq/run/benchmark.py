@@ -159,7 +159,7 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: Path, device: torch.device, dty
 
 
 def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, device: torch.device,
-              dtype: torch.dtype, accelerator: Any, main: bool) -> Iterator[tuple[Variant, torch.Tensor, dict]]:
+              dtype: torch.dtype, accelerator: Any, main: bool) -> Iterator[tuple[Variant, torch.Tensor | None, dict]]:
     """For fp (always: the reference) and every variant: (variant, uint8 images (N,3,H,W), row fields but metrics).
     Processes other than the main one yield no images; a peer that could not run yields None and its note."""
     family = family_of(pipe)
