@@ -1,6 +1,8 @@
 """FP vs RTN / GPTQ-Sequential / Qronos: image metrics, latency, memory and size, one row per method × bits.
 
 Example: python qronos_diffusion/benchmark_final.py --model bundled-dit --methods fp,rtn,gptq,qronos --bits w4a8,w4a4
+Side by side with other libraries' quantizers (pip install -r requirements-peers.txt): add e.g.
+--peers modelopt:int8_sq,torchao:int8da_int4w,quanto:w4a8,brevitas:qronos (one more row each).
 Re-evaluate saved checkpoints: add --save_checkpoints to a first run, then --checkpoints <its out_dir> (each is
 evaluated as saved, its rotation included). W4A4: --bits w4a4 --act_quant dynamic --rotate hadamard.
 Several processes, each generating a slice of the prompts: accelerate launch --num_processes 2 this_script ... on
@@ -14,6 +16,7 @@ plots), config.json (written last), checkpoints/ (with --save_checkpoints) and i
 from __future__ import annotations
 
 import os
+import sys
 from argparse import RawDescriptionHelpFormatter
 
 from diffptq.cli import (
@@ -30,6 +33,7 @@ from diffptq.cli import (
     file_sha256,
     finish_run,
     methods_value,
+    peers_value,
     positive_int,
     prompt_file,
     run_main,
@@ -37,7 +41,7 @@ from diffptq.cli import (
 )
 from diffptq.config import check_calibration_fits
 from diffptq.models.names import DEFAULT_CLIP
-
+from diffptq.peers import INSTALL_HINT, PEERS, parse_peers
 
 
 def parse_args(argv=None):
@@ -47,6 +51,9 @@ def parse_args(argv=None):
                    help="comma list of fp, rtn, gptq, qronos (default: %(default)s)")
     p.add_argument("--bits", type=bits_list_value, default="w4a8,w4a4",
                    help="comma list of wXaY (w4 or w4a16: float activations) (default: %(default)s)")
+    p.add_argument("--peers", type=peers_value, default="",
+                   help="comma list of peer quantizers to add as rows, each calibrated on the same calibration set "
+                        f"(needs {INSTALL_HINT}): {', '.join(PEERS)} (default: none)")
     p.add_argument("--checkpoints", default=None,
                    help="folder of saved checkpoints (or a previous --out_dir) to evaluate instead of quantizing; "
                         "variants without a checkpoint there are quantized")
@@ -77,6 +84,9 @@ def parse_args(argv=None):
         path = getattr(args, flag)
         if path is not None and not os.path.isdir(path):
             p.error(f"argument --{flag}: no folder {path}")
+    for name in parse_peers(args.peers):  # an absent package: a warning, and the peer's row says why it is empty
+        if not PEERS[name].available():
+            print(f"warning: {PEERS[name].missing()}; its row keeps empty metrics", file=sys.stderr)
     calib = calib_config(args)  # every value checked before anything heavy is imported
     for method in {"rtn", "gptq", "qronos"} & set(args.methods.split(",")):
         check_calibration_fits(sequential_config(args, method=method, wbits=4, abits=8), calib.n_calib,

@@ -102,7 +102,8 @@ def test_every_module_is_readable_at_once():
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
 
 
-@pytest.mark.parametrize("module", ["diffptq.cli", "diffptq.config", "diffptq.models.names", "diffptq.run.tdq_flags"])
+@pytest.mark.parametrize("module", ["diffptq.cli", "diffptq.config", "diffptq.models.names", "diffptq.run.tdq_flags",
+                                    "diffptq.peers"])
 def test_command_line_layer_imports_no_torch(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -36,6 +36,7 @@ from diffptq.cli.parser import (
     guidance_value,
     methods_value,
     non_negative_int,
+    peers_value,
     positive_float,
     positive_int,
     prompt_file,
@@ -47,6 +48,6 @@ __all__ = ["REPO_ROOT", "ArgumentParser", "Run", "add_blocks_arg", "add_calib_ar
            "blocks_value",
            "calib_config", "check_output_dir", "check_output_file", "check_rotation_flags", "damp_value",
            "device_value", "file_sha256", "finish_run", "guidance_value", "methods_value", "non_negative_int",
-           "package_versions",
+           "package_versions", "peers_value",
            "positive_float", "positive_int", "prompt_file", "resolve_device", "resolve_dtype", "run_main", "seed_value",
            "sequential_config", "start_run", "tdq_config"]

@@ -104,6 +104,18 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(out))
 
 
-# --methods / --bits stay text (config.json records them as given); the run parses them again
+def peers_value(text: str) -> str:
+    """--peers: a comma list of peer configurations (diffptq.peers; 'none' or '' for none), checked by name only:
+    whether their packages are installed is a warning at start-up, not an error."""
+    from diffptq.peers import parse_peers
+
+    try:
+        parse_peers(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+# --methods / --bits / --peers stay text (config.json records them as given); the run parses them again
 methods_value = _typed(lambda t: parse_methods(t) and t, "methods")
 bits_list_value = _typed(lambda t: parse_bits(t) and t, "bits")

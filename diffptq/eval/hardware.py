@@ -101,5 +101,15 @@ def module_bytes(module: nn.Module) -> int:
             if id(tensor) in seen:  # tied weights: one object registered in several modules
                 continue
             seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
+            total += tensor_bytes(tensor)
     return total
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """numel · element_size; for a wrapper tensor subclass (torchao's and quanto's quantized weights, whose outer
+    dtype is the float one) the bytes of the inner tensors it is made of (`__tensor_flatten__`)."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return tensor.numel() * tensor.element_size()
+    names, _ = flatten()
+    return sum(tensor_bytes(getattr(tensor, name)) for name in names)

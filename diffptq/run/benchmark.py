@@ -6,7 +6,9 @@ from a saved checkpoint, and the pipeline generates the same prompts with the sa
 image metrics vs the FP images (diffptq.eval.metrics), per-image latency and peak VRAM (CUDA only: empty on CPU),
 the in-memory size of the denoiser's weights, the calibration time and the throughput of the whole generation
 (images_per_s: all processes together when sharded). Tables and figures: benchmark_report; with save_images the
-images themselves (diffptq.eval.image_store), to compare runs on different numbers of processes.
+images themselves (diffptq.eval.image_store), to compare runs on different numbers of processes. Peer quantizers
+(`peers`: diffptq.peers, run by benchmark_peers) add one row each after ours, on the same calibration set, prompts
+and seeds; one that cannot run keeps empty metrics and its reason in `note`.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from diffptq.models import family_of, load_pipeline
 from diffptq.models.schedulers import set_scheduler
 from diffptq.quant.layers import quant_layers
 from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
+from diffptq.run.benchmark_peers import failure_note, is_peer, peer_variant_bits, prepare_peer
 from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, score
 
 __all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "Variant",
@@ -47,7 +50,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 @dataclass(frozen=True)
 class Variant:
-    """One row: `method` (fp | rtn | gptq | qronos) at wbits/abits (None for fp; abits 16 = float activations)."""
+    """One row: `method` (fp | rtn | gptq | qronos, or a peer name such as 'modelopt:int8_sq') at wbits/abits
+    (None for fp; abits 16 = float activations)."""
 
     method: str
     wbits: int | None = None
@@ -63,14 +67,16 @@ class Variant:
 
     @property
     def file_stem(self) -> str:
-        """'fp' or '<method>_w<W>a<A>': the name of the variant's checkpoint and image files."""
-        return self.method if self.method == "fp" else f"{self.method}_{self.bits_name}"
+        """'fp' or '<method>_w<W>a<A>' (a peer's ':' as '-'): the name of the variant's checkpoint and image files."""
+        return self.method if self.method == "fp" else f"{self.method.replace(':', '-')}_{self.bits_name}"
 
 
-def variants(methods: Sequence[str], bits: Sequence[tuple[int, int]]) -> list[Variant]:
-    """fp first (once, if listed), then for each bit setting every quantization method in the given order."""
+def variants(methods: Sequence[str], bits: Sequence[tuple[int, int]], peers: Sequence[str] = ()) -> list[Variant]:
+    """fp first (once, if listed), then for each bit setting every quantization method in the given order, then each
+    peer configuration at its own bits."""
     out = [Variant("fp")] if "fp" in methods else []
-    return out + [Variant(m, w, a) for w, a in bits for m in methods if m != "fp"]
+    return out + [Variant(m, w, a) for w, a in bits for m in methods if m != "fp"] + [
+        Variant(*fields) for fields in peer_variant_bits(peers)]
 
 
 @dataclass
@@ -104,11 +110,11 @@ class BenchmarkConfig:
 
 @dataclass
 class BenchmarkResult:
-    """rows: one dict per variant (ALL_COLUMNS and `label`); grid: each row's first images (uint8 (C,3,H,W));
-    prompts: the evaluation prompts (the grid's columns are the first C)."""
+    """rows: one dict per variant (ALL_COLUMNS and `label`); grid: each row's first images (uint8 (C,3,H,W)), None for
+    a row without images (a peer that could not run); prompts: the evaluation prompts (the grid's first C)."""
 
     rows: list[dict[str, Any]]
-    grid: list[torch.Tensor]
+    grid: list[torch.Tensor | None]
     prompts: list[str]
 
 
@@ -134,6 +140,8 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: Path, device: torch.device, dty
     if cfg.save_images:
         seeds = image_seeds(len(prompts), cfg.seed)
         for variant, images, fields in made:
+            if images is None:
+                continue
             info = {k: fields[k] for k in ("label", "method", "wbits", "abits", "model", "dtype", "num_processes")}
             save_images(out_dir / "images" / f"{variant.file_stem}.safetensors", images, prompts, seeds,
                         {**info, "num_inference_steps": cfg.num_inference_steps, "scheduler": cfg.scheduler})
@@ -141,22 +149,23 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: Path, device: torch.device, dty
     fp_images = next(images for variant, images, _ in made if variant.method == "fp")
     rows, grid = [], []
     for variant, images, fields in made:
-        if variant in cfg.variants:
+        if variant in cfg.variants and images is None:  # a peer that could not run: empty metrics, its note
+            rows.append(fields)
+            grid.append(None)
+        elif variant in cfg.variants:
             rows.append({**fields, **score(passes, images, fp_images, prompts, variant.label, cfg.progress)})
             grid.append(images[:cfg.grid_columns])
     return BenchmarkResult(rows, grid, prompts)
 
 
 def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, device: torch.device,
-              dtype: torch.dtype, accelerator: Any, main: bool) -> Iterator[tuple[Variant, torch.Tensor, dict]]:
+              dtype: torch.dtype, accelerator: Any, main: bool) -> Iterator[tuple[Variant, torch.Tensor | None, dict]]:
     """For fp (always: the reference) and every variant: (variant, uint8 images (N,3,H,W), row fields but metrics).
-    Processes other than the main one yield no images."""
+    Processes other than the main one yield no images; a peer that could not run yields None and its note."""
     family = family_of(pipe)
     fp_cpu = copy.deepcopy(family.denoiser(pipe)).to("cpu")  # the pristine float weights every variant starts from
     ckpts = index_checkpoints(cfg.checkpoints, fp_cpu, family.name) if cfg.checkpoints else {}
     calib = _Calibration(pipe, cfg.calib, cfg.progress and main)
-    seeds = image_seeds(len(prompts), cfg.seed)
-    n_time = min(cfg.batch_size, len(prompts))
     world = int(getattr(accelerator, "num_processes", 1)) if accelerator is not None else 1
     wanted = cfg.variants if Variant("fp") in cfg.variants else [Variant("fp"), *cfg.variants]
     for variant in wanted:
@@ -164,28 +173,49 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
             denoiser, info = family.denoiser(pipe), {"source": "fp"}
         else:
             family.denoiser(pipe).to("cpu")  # the float weights leave the GPU: VRAM is measured per variant
-            denoiser, info = prepare_variant(pipe, fp_cpu, variant, cfg, calib, ckpts, out_dir, device, dtype, main)
-        make_all = partial(_generate, pipe, cfg, prompts, seeds, cfg.progress and main, accelerator,
-                           f"generate {variant.label}", uint8=True)  # 8-bit before the gather: what is kept
-        make_batch = partial(_generate, pipe, cfg, prompts[:n_time], seeds[:n_time], False)
-        with swapped_denoiser(pipe, denoiser):
-            _generate(pipe, cfg, prompts[:1], seeds[:1], False)  # warm-up, every process: one-off start-up costs
-            (images, seconds), peak = _measured(partial(_timed, make_all, device, accelerator), device)
-            latency = measure_latency(make_batch, images_per_call=n_time, repeats=cfg.latency_repeats, device=device)
-            den_latency = denoiser_latency(pipe, cfg, prompts[:n_time], device)
-            size = denoiser_size_bytes(denoiser)
-            rotate = rotation_of(denoiser)
+            if is_peer(variant.method):
+                denoiser, info = prepare_peer(fp_cpu, variant.method, calib, device, dtype)
+            else:
+                denoiser, info = prepare_variant(pipe, fp_cpu, variant, cfg, calib, ckpts, out_dir, device, dtype,
+                                                 main)
+        images, measured = None, {"n_images": 0}
+        if denoiser is not None:
+            try:
+                images, measured = _measure(pipe, denoiser, variant, cfg, prompts, device, accelerator, main)
+            except Exception as err:
+                if not is_peer(variant.method):
+                    raise
+                info["note"] = failure_note(err, "generation")  # a peer's model that cannot run here: its note
+                log.warning("%s: %s", variant.method, info["note"])
         if variant.method != "fp":
             del denoiser
             family.denoiser(pipe).to(device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         fields = {"method": variant.method, "label": variant.label, "dtype": DTYPE_NAMES[dtype],
-                  "wbits": variant.wbits, "abits": variant.abits, "model": cfg.model, "n_images": len(images),
-                  "latency_s": latency, "peak_vram_gb": None if peak is None else peak / GIB,
-                  "model_size_gb": size / GIB, "denoiser_latency_s": den_latency, "calib_time_s": None,
-                  "rotate": rotate, "images_per_s": len(images) / seconds, "num_processes": world, **info}
-        yield variant, as_uint8(images) if main else images[:0], fields
+                  "wbits": variant.wbits, "abits": variant.abits, "model": cfg.model, "calib_time_s": None,
+                  "num_processes": world, **measured, **info}
+        yield variant, None if images is None else as_uint8(images) if main else images[:0], fields
+
+
+def _measure(pipe, denoiser: nn.Module, variant: Variant, cfg: BenchmarkConfig, prompts: list[str],
+             device: torch.device, accelerator: Any, main: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """With `denoiser` in the pipeline: every prompt's images (8-bit values) and the row's measurements (n_images,
+    latency_s, peak_vram_gb, denoiser_latency_s, model_size_gb, rotate, images_per_s)."""
+    seeds = image_seeds(len(prompts), cfg.seed)
+    n_time = min(cfg.batch_size, len(prompts))
+    make_all = partial(_generate, pipe, cfg, prompts, seeds, cfg.progress and main, accelerator,
+                       f"generate {variant.label}", uint8=True)  # 8-bit before the gather: what is kept
+    make_batch = partial(_generate, pipe, cfg, prompts[:n_time], seeds[:n_time], False)
+    with swapped_denoiser(pipe, denoiser):
+        _generate(pipe, cfg, prompts[:1], seeds[:1], False)  # warm-up, every process: one-off start-up costs
+        (images, seconds), peak = _measured(partial(_timed, make_all, device, accelerator), device)
+        latency = measure_latency(make_batch, images_per_call=n_time, repeats=cfg.latency_repeats, device=device)
+        return images, {"n_images": len(images), "latency_s": latency,
+                        "peak_vram_gb": None if peak is None else peak / GIB,
+                        "denoiser_latency_s": denoiser_latency(pipe, cfg, prompts[:n_time], device),
+                        "model_size_gb": denoiser_size_bytes(denoiser) / GIB, "rotate": rotation_of(denoiser),
+                        "images_per_s": len(images) / seconds}
 
 
 # ---- one variant --------------------------------------------------------------------------------------------------

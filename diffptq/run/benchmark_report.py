@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffptq.eval.metrics import ImageMetrics, MetricOptions
+from diffptq.eval.stats import overlaps
 from diffptq.models.names import is_bundled
 
 log = logging.getLogger("diffptq.benchmark")
@@ -21,9 +23,13 @@ COLUMNS = ("method", "dtype", "wbits", "abits", "model", "n_images", "fid", "fid
 # checkpoint file the row was saved to / loaded from, where the quantized weights came from, the online input
 # rotation of the quantized layers (empty: none), images per second of the whole (sharded) generation and the number
 # of processes that shared it
+# then the 95% intervals of prompt_acc (Wilson) and psnr (bootstrap over images), and for peer rows (--peers) the
+# peer library's installed version and a note (what it quantized, or why it could not run)
 EXTRA_COLUMNS = ("fid_bundled", "denoiser_latency_s", "checkpoint_gb", "source", "rotate", "images_per_s",
-                 "num_processes")
+                 "num_processes", "prompt_acc_lo", "prompt_acc_hi", "psnr_lo", "psnr_hi", "peer_version", "note")
 ALL_COLUMNS = COLUMNS + EXTRA_COLUMNS
+TIE_LEGEND = ("prompt_acc: ★ the best of its bit width (same wbits and abits, two rows or more), ≈ tied with it "
+              "(their Wilson 95% intervals, prompt_acc_lo..prompt_acc_hi, overlap).")
 PLOT_COLUMNS = ("fid", "fid_bundled", "clip_score", "lpips", "psnr", "ssim", "prompt_acc", "latency_s",
                 "model_size_gb")
 
@@ -74,19 +80,51 @@ def _grid_images(images: torch.Tensor, min_side: int = 128) -> torch.Tensor:
     return torch.nn.functional.interpolate(images.float(), scale_factor=factor, mode="nearest").to(images.dtype)
 
 
-def write_outputs(rows: list[dict[str, Any]], grid: list[torch.Tensor], prompts: Sequence[str], out_dir: Path,
+def acc_marks(rows: Sequence[dict[str, Any]]) -> dict[int, str]:
+    """Row index -> '★' for the best prompt_acc among the rows of one bit width (wbits, abits; two rows or more with a
+    value and an interval), '≈' for the rows of that bit width whose interval overlaps the best one's."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        if row.get("prompt_acc") is not None and row.get("prompt_acc_lo") is not None:
+            groups[(row.get("wbits"), row.get("abits"))].append(i)
+    marks = {}
+    for members in (m for m in groups.values() if len(m) > 1):
+        best = max(members, key=lambda i: rows[i]["prompt_acc"])
+        interval = (rows[best]["prompt_acc_lo"], rows[best]["prompt_acc_hi"])
+        marks[best] = "★"
+        marks.update({i: "≈" for i in members if i != best
+                      and overlaps((rows[i]["prompt_acc_lo"], rows[i]["prompt_acc_hi"]), interval)})
+    return marks
+
+
+def metrics_markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
+    """metrics.md: the ALL_COLUMNS table with prompt_acc marked by acc_marks, and the legend when a mark is there."""
+    from diffptq.eval.report import format_value, markdown_table
+
+    marks = acc_marks(rows)
+    shown = [{**row, "prompt_acc": f"{format_value(row['prompt_acc'], 4)} {marks[i]}"} if i in marks else row
+             for i, row in enumerate(rows)]
+    return f"# {title}\n\n" + markdown_table(shown, ALL_COLUMNS) + (f"\n{TIE_LEGEND}\n" if marks else "")
+
+
+def write_outputs(rows: list[dict[str, Any]], grid: list[torch.Tensor | None], prompts: Sequence[str], out_dir: Path,
                   title: str) -> dict[str, Path]:
     """metrics.csv and metrics.md (ALL_COLUMNS), grid.png (rows: variants, columns: prompts), metrics.png (bars).
 
-    rows: dicts with ALL_COLUMNS and `label`; grid: per row the first images (C,3,H,W); prompts: their C prompts.
+    rows: dicts with ALL_COLUMNS and `label`; grid: per row the first images (C,3,H,W), None for a row without images
+    (a peer that could not run: not in the grid); prompts: their C prompts.
     """
-    from diffptq.eval.report import save_bar_plots, save_image_grid, write_csv, write_markdown
+    from diffptq.eval.report import save_bar_plots, save_image_grid, write_csv
+    from diffptq.io.files import write_text_atomic
 
     paths = {"csv": write_csv(rows, out_dir / "metrics.csv", ALL_COLUMNS),
-             "md": write_markdown(rows, out_dir / "metrics.md", ALL_COLUMNS, title=title)}
+             "md": write_text_atomic(out_dir / "metrics.md", metrics_markdown(rows, title))}
+    shown = [(row["label"], images) for row, images in zip(rows, grid, strict=True) if images is not None]
+    if shown:
+        labels = [label for label, _ in shown]
+        paths["grid"] = save_image_grid([_grid_images(g) for _, g in shown], out_dir / "grid.png", labels,
+                                        list(prompts))
     if rows:
-        labels = [row["label"] for row in rows]
-        paths["grid"] = save_image_grid([_grid_images(g) for g in grid], out_dir / "grid.png", labels, list(prompts))
         plotted = [c for c in PLOT_COLUMNS if any(row.get(c) is not None for row in rows)]
         if plotted:
             paths["plots"] = save_bar_plots(rows, plotted, out_dir / "metrics.png", label_key="label")

@@ -11,6 +11,7 @@ import torch
 from diffptq.cli import Run, calib_config, resolve_dtype, sequential_config, start_run
 from diffptq.cli.parser import parse_bits, parse_methods
 from diffptq.eval.metrics import MetricOptions
+from diffptq.peers import parse_peers
 from diffptq.run import benchmark as bench
 from diffptq.run.benchmark_report import load_bundled_evaluator, write_outputs
 
@@ -33,7 +34,8 @@ def benchmark_script(args: argparse.Namespace, run: Run, state) -> tuple[dict[st
     on the others)."""
     is_main = state is None or state.is_main_process
     cfg = bench.BenchmarkConfig(
-        model=args.model, variants=bench.variants(parse_methods(args.methods), parse_bits(args.bits)),
+        model=args.model,
+        variants=bench.variants(parse_methods(args.methods), parse_bits(args.bits), parse_peers(args.peers)),
         n_images=args.n_images,
         prompts_file=args.prompts, seed=args.seed, num_inference_steps=args.num_inference_steps,
         scheduler=args.scheduler, guidance_scale=args.guidance_scale, batch_size=args.batch_size,

@@ -124,3 +124,42 @@ def test_metrics_on_cuda_with_an_evaluator_returning_cpu_features(empty_caches):
     options = MetricOptions(device="cuda", fid_extractor=MeanColour(), evaluator=CpuFeatures(), metrics=("fid", "psnr"))
     out = compute_image_metrics(images * 0.5, images, ["red", "green", "blue"] * 2, options)
     assert out["fid"] > 0 and out["fid_bundled"] > 0 and math.isfinite(out["psnr"])
+
+
+class CorrectEvaluator(ToyEvaluator):
+    """ToyEvaluator that also answers image by image (as the bundled evaluator's prompt_correct)."""
+
+    def prompt_correct(self, images, prompts):
+        names = ("red", "green", "blue")
+        return [names[int(img.mean((1, 2)).argmax())] in p for img, p in zip(images, prompts, strict=True)]
+
+
+@pytest.mark.parametrize("evaluator", [ToyEvaluator(), CorrectEvaluator()], ids=["per-image accuracy", "correct"])
+def test_intervals_match_an_independent_computation(empty_caches, evaluator):
+    images = _coloured(6)
+    prompts = ["red", "green", "blue", "red", "a cat", "blue"]  # 5 of 6 right
+    noisy = (images + 0.05 * torch.randn_like(images)).clamp(0, 1)
+    options = MetricOptions(evaluator=evaluator, metrics=("psnr",), batch_size=4)
+    out = compute_image_metrics(noisy, images, prompts, options)
+    p, n, z = 5 / 6, 6, 1.959964  # Wilson score interval, written out
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    assert out["prompt_acc"] == pytest.approx(p)
+    assert (out["prompt_acc_lo"], out["prompt_acc_hi"]) == pytest.approx((centre - half, min(1.0, centre + half)))
+    per_image = [float(10 * torch.log10(1 / ((a - b) ** 2).mean())) for a, b in zip(noisy, images, strict=True)]
+    assert out["psnr"] == pytest.approx(sum(per_image) / 6, rel=1e-4)
+    gen = torch.Generator().manual_seed(0)  # the bootstrap of diffptq.eval.stats: 2000 resamples, seed 0
+    means = torch.tensor(per_image, dtype=torch.float64)[torch.randint(0, 6, (2000, 6), generator=gen)].mean(1)
+    expected = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    assert [out["psnr_lo"], out["psnr_hi"]] == pytest.approx(expected, rel=1e-5)
+    assert out["psnr_lo"] < out["psnr"] < out["psnr_hi"]
+
+
+def test_psnr_interval_of_identical_images(empty_caches):
+    images = _coloured(4)
+    out = compute_image_metrics(images, images.clone(), ["p"] * 4, MetricOptions(metrics=("psnr",)))
+    assert out["psnr"] == out["psnr_lo"] == out["psnr_hi"] == float("inf")
+    partly = images.clone()
+    partly[0] = partly[0] * 0.9
+    out = compute_image_metrics(partly, images, ["p"] * 4, MetricOptions(metrics=("psnr",)))
+    assert out["psnr"] == float("inf") and out["psnr_lo"] is None and out["psnr_hi"] is None

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from diffptq.run.benchmark import (
 
 ISSUE_COLUMNS = ["method", "dtype", "wbits", "abits", "model", "n_images", "fid", "fid_features", "clip_score", "lpips",
                  "psnr", "ssim", "prompt_acc", "latency_s", "peak_vram_gb", "model_size_gb", "calib_time_s"]
+ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES = 4
 TIMING = ("source", "images_per_s")  # columns that differ between two runs of the same variant
 
@@ -39,8 +41,9 @@ def _same_but_timing(a: dict, b: dict) -> bool:
 
 def test_column_order_is_the_issues():
     assert list(COLUMNS) == ISSUE_COLUMNS and list(ALL_COLUMNS[:len(COLUMNS)]) == ISSUE_COLUMNS
-    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled" and ALL_COLUMNS[-3:] == ("rotate", "images_per_s",
-                                                                              "num_processes")
+    assert ALL_COLUMNS[len(COLUMNS)] == "fid_bundled" and ALL_COLUMNS[-9:-6] == ("rotate", "images_per_s",
+                                                                                "num_processes")
+    assert ALL_COLUMNS[-6:] == ("prompt_acc_lo", "prompt_acc_hi", "psnr_lo", "psnr_hi", "peer_version", "note")
 
 
 def test_parse_methods_bits_and_variant_order():
@@ -68,7 +71,8 @@ def test_size_counts_packed_codes_not_float_caches():
 
 def _run(args, tmp_path, name, n_images=N_IMAGES):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), "HF_HOME": str(tmp_path / "hf_home")}
+           "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), "HF_HOME": str(tmp_path / "hf_home"),
+           "PYTHONPATH": str(ROOT)}  # this checkout's diffptq, whichever one the interpreter has installed
     out = tmp_path / name
     cmd = [sys.executable, "qronos_diffusion/benchmark_final.py", "--model", "tiny-dit", "--n_images", str(n_images),
            "--num_inference_steps", "2", "--n_calib", "2", "--calib_steps", "2", "--calib_batch_size", "2",

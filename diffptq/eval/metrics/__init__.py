@@ -13,12 +13,29 @@ from .fid import (
     inception_fid_metric,
     load_image_dir,
 )
-from .similarity import ALEXNET_WEIGHTS, lpips_metric, lpips_score, psnr_score, ssim_score
-from .suite import ALL_METRICS, RESULT_KEYS, BundledEvaluator, ImageMetrics, MetricOptions, compute_image_metrics
+from .similarity import (
+    ALEXNET_WEIGHTS,
+    lpips_metric,
+    lpips_score,
+    psnr_interval,
+    psnr_per_image,
+    psnr_score,
+    ssim_score,
+)
+from .suite import (
+    ALL_METRICS,
+    RESULT_KEYS,
+    BundledEvaluator,
+    ImageMetrics,
+    MetricOptions,
+    compute_image_metrics,
+    prompt_correct,
+)
 
 __all__ = [
     "ALEXNET_WEIGHTS", "ALL_METRICS", "DEFAULT_CLIP", "INCEPTION_WEIGHTS", "RESULT_KEYS", "BundledEvaluator",
     "FeatureExtractor", "ImageMetrics", "MetricOptions", "clip_score", "clip_score_metric", "compute_image_metrics",
     "custom_fid_metric", "fid_feature_dim", "frechet_distance", "inception_fid_metric", "load_clip",
-    "load_image_dir", "lpips_metric", "lpips_score", "psnr_score", "ssim_score",
+    "load_image_dir", "lpips_metric", "lpips_score", "prompt_correct", "psnr_interval", "psnr_per_image", "psnr_score",
+    "ssim_score",
 ]

@@ -20,6 +20,8 @@ from torchmetrics.image import (
     StructuralSimilarityIndexMeasure,
 )
 
+from diffptq.eval.stats import bootstrap_interval
+
 from .common import as_float01, batches, log, resolve_weights, torch_hub_checkpoint, warn_missing
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -101,6 +103,29 @@ def psnr_score(
     """Mean over images of per-image PSNR in dB, data range 1: 10·log10(1 / MSE); inf when all pairs are identical."""
     metric = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device)
     return _paired_mean(metric, images, ref_images, batch_size)
+
+
+def psnr_per_image(images: torch.Tensor, ref_images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """(N,) float64 PSNR in dB of each image vs its reference, data range 1 (the values psnr_score averages); inf
+    for an identical pair."""
+    if images.shape != ref_images.shape:
+        raise ValueError(f"paired metrics need equal shapes, got {tuple(images.shape)} and {tuple(ref_images.shape)}")
+    out = []
+    for sl in batches(len(images), batch_size):
+        diff = as_float01(images[sl]).double() - as_float01(ref_images[sl]).double()
+        out.append(-10 * torch.log10(diff.pow(2).flatten(1).mean(1)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def psnr_interval(per_image: torch.Tensor) -> tuple[float | None, float | None]:
+    """Bootstrap 95% interval of the mean PSNR over images (diffptq.eval.stats); (inf, inf) when every pair is
+    identical, (None, None) when only some are (a mean with infinite terms has no interval)."""
+    finite = torch.isfinite(per_image)
+    if bool(finite.all()) and len(per_image):
+        return bootstrap_interval(per_image)
+    if len(per_image) and bool((per_image == float("inf")).all()):
+        return float("inf"), float("inf")
+    return None, None
 
 
 def ssim_score(

@@ -12,15 +12,17 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from diffptq.eval.stats import wilson_interval
+
 from .clip import DEFAULT_CLIP, clip_score, clip_score_metric
 from .common import as_float01, batches, log
 from .fid import custom_fid_metric, fid_feature_dim, frechet_distance, inception_fid_metric, load_image_dir
-from .similarity import lpips_metric, lpips_score, psnr_score, ssim_score
+from .similarity import lpips_metric, lpips_score, psnr_interval, psnr_per_image, psnr_score, ssim_score
 
 ALL_METRICS = ("fid", "clip_score", "lpips", "psnr", "ssim")
 RESULT_KEYS = (
     "fid", "fid_features", "fid_images", "fid_ref_images", "clip_score", "lpips", "psnr", "ssim",
-    "prompt_acc", "fid_bundled",
+    "prompt_acc", "fid_bundled", "prompt_acc_lo", "prompt_acc_hi", "psnr_lo", "psnr_hi",
 )
 
 
@@ -30,6 +32,8 @@ class BundledEvaluator(Protocol):
 
     `features(images)`: float32 (N,3,H,W) in [0,1] -> (N, d) features, used for `fid_bundled` by the same FID code.
     `prompt_accuracy(images, prompts)`: share of images (0..1) in which the evaluator recognises the prompt.
+    An evaluator may also have `prompt_correct(images, prompts)` -> (N,) bools, image by image (used when present;
+    otherwise prompt_accuracy is asked image by image).
     """
 
     def features(self, images: torch.Tensor) -> torch.Tensor: ...
@@ -97,7 +101,8 @@ class ImageMetrics:
         fp_images: the FP model's images for the same prompts and seeds (same shape), or None (paired metrics and the
         default FID reference are then None). Returns every key of RESULT_KEYS: fid (lower is better), fid_features
         (d), fid_images / fid_ref_images (counts used), clip_score (0..100), lpips (0 = identical), psnr (dB, inf if
-        identical), ssim (1 = identical), prompt_acc and fid_bundled (from `options.evaluator`).
+        identical), ssim (1 = identical), prompt_acc and fid_bundled (from `options.evaluator`); 95% intervals:
+        psnr_lo / psnr_hi (bootstrap over images) and prompt_acc_lo / prompt_acc_hi (Wilson).
         """
         opts, want = self.options, set(self.options.metrics)
         if len(images) != len(prompts):
@@ -119,6 +124,7 @@ class ImageMetrics:
                 out["lpips"] = None if metric is None else lpips_score(metric, images, fp_images, opts.batch_size)
             if "psnr" in want:
                 out["psnr"] = psnr_score(images, fp_images, opts.batch_size, opts.device)
+                out["psnr_lo"], out["psnr_hi"] = psnr_interval(psnr_per_image(images, fp_images, opts.batch_size))
             if "ssim" in want:
                 out["ssim"] = ssim_score(images, fp_images, opts.batch_size, opts.device)
         if opts.evaluator is not None:
@@ -148,16 +154,24 @@ class ImageMetrics:
         self, images: torch.Tensor, ref: torch.Tensor | None, prompts: Sequence[str]
     ) -> dict[str, float | None]:
         opts, evaluator = self.options, self.options.evaluator
-        correct = 0.0
+        correct = 0
         for sl in batches(len(images), opts.batch_size):
             batch = as_float01(images[sl]).to(opts.device)
-            correct += float(evaluator.prompt_accuracy(batch, list(prompts[sl]))) * len(batch)
-        out: dict[str, float | None] = {"prompt_acc": correct / len(images)}
+            correct += int(prompt_correct(evaluator, batch, list(prompts[sl])).sum())
+        lo, hi = wilson_interval(correct, len(images))
+        out: dict[str, float | None] = {"prompt_acc": correct / len(images), "prompt_acc_lo": lo, "prompt_acc_hi": hi}
         if ref is not None:
             probe = as_float01(images[:2]).to(opts.device)
             metric = self._get("fid_bundled", lambda: custom_fid_metric(evaluator.features, probe))
             out["fid_bundled"] = frechet_distance(metric, images, ref, opts.batch_size, "fid_bundled")
         return out
+
+
+def prompt_correct(evaluator: BundledEvaluator, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """(N,) bool: the evaluator recognises prompt i in image i (its prompt_correct, else prompt_accuracy per image)."""
+    if hasattr(evaluator, "prompt_correct"):
+        return torch.as_tensor(evaluator.prompt_correct(images, list(prompts))).bool().reshape(len(images))
+    return torch.tensor([evaluator.prompt_accuracy(images[i:i + 1], [p]) >= 0.5 for i, p in enumerate(prompts)])
 
 
 def compute_image_metrics(

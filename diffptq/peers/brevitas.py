@@ -1,0 +1,68 @@
+"""Brevitas (AMD/Xilinx): `layerwise_quantize` swaps the block layers for QuantLinear / QuantConv2d (every other
+Linear / Conv2d in `name_blacklist`), `calibration_mode` sets the static activation scales, then `gptq_mode` (GPTQ)
+or `gpfq_mode` with `Qronos` as the algorithm runs its layer-by-layer loop: one calibration pass per layer, each
+stopped at that layer.
+
+Weights: symmetric int per output channel (Int8WeightPerChannelFloat at `wbits`); activations: int per tensor
+(Int8ActPerTensorFloat at `abits`). Act order on, Qronos alpha 1e-6: the settings of Brevitas' own examples.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+from torch import nn
+
+from diffptq.peers.common import Replay, block_layers, forward_all, layer_note
+from diffptq.peers.registry import Peer
+
+SPEED = "fake-quant: real speed needs a Brevitas export (ONNX QCDQ / QONNX) to an inference runtime"
+
+
+def _swap_block_layers(denoiser: nn.Module, layers: dict[str, nn.Module], wbits: int, abits: int) -> None:
+    import brevitas.nn as qnn
+    from brevitas.graph.quantize import layerwise_quantize
+    from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+
+    kwargs = {"weight_quant": Int8WeightPerChannelFloat, "weight_bit_width": wbits, "return_quant_tensor": False}
+    if abits < 16:
+        kwargs.update(input_quant=Int8ActPerTensorFloat, input_bit_width=abits)
+    layer_map = {nn.Linear: (qnn.QuantLinear, kwargs), nn.Conv2d: (qnn.QuantConv2d, kwargs)}
+    others = [n for n, m in denoiser.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and n not in layers]
+    layerwise_quantize(denoiser, compute_layer_map=layer_map, name_blacklist=others)
+
+
+@torch.no_grad()
+def _solve(denoiser: nn.Module, calib: Replay, algorithm: str, device: torch.device | str) -> int:
+    """GPTQ or Qronos over every quantized layer, Brevitas' loop; returns the number of layers it solved."""
+    from brevitas.graph.gpfq import gpfq_mode
+    from brevitas.graph.gptq import gptq_mode
+    from brevitas.graph.qronos import Qronos
+
+    buffers = {"device": str(torch.device(device)), "dtype": torch.float32}
+    if algorithm == "gptq":
+        mode = gptq_mode(denoiser, act_order=True, **buffers)
+    else:
+        mode = gpfq_mode(denoiser, act_order=True, create_weight_orig=True, algorithm_impl=partial(Qronos, alpha=1e-6),
+                         **buffers)
+    with mode as algo:
+        for _ in range(algo.num_layers):
+            forward_all(algo.model, calib)
+            algo.update()
+        return algo.num_layers
+
+
+def quantize(peer: Peer, denoiser: nn.Module, calib_inputs: Iterable[dict], device: torch.device | str) -> str:
+    """Swap, calibrate activations, then GPTQ / Qronos (`peer.settings['algorithm']`); returns the row's note."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    layers = block_layers(denoiser)
+    calib = Replay(calib_inputs)
+    _swap_block_layers(denoiser, layers, peer.wbits, peer.abits)
+    if peer.abits < 16:
+        with torch.no_grad(), calibration_mode(denoiser):
+            forward_all(denoiser, calib)
+    solved = _solve(denoiser, calib, peer.settings["algorithm"], device)
+    done = sum(type(denoiser.get_submodule(n)).__module__.startswith("brevitas") for n in layers)
+    return layer_note(peer, done, len(layers), tail=f"{peer.settings['algorithm']} solved {solved} layers; {SPEED}")

@@ -1,0 +1,51 @@
+"""The adapters' shared helpers and ModelOpt's per-layer config (plain dicts: no peer library needed)."""
+import pytest
+from torch import nn
+
+from diffptq.models import family_of, load_pipeline
+from diffptq.peers import PeerFailed
+from diffptq.peers.common import Replay, block_layers, fitting_group, forward_all
+from diffptq.peers.modelopt import block_config
+
+
+def test_fitting_group():
+    assert fitting_group(1152, 128) == 128 and fitting_group(320, 128) == 64 and fitting_group(5120, 128) == 128
+    assert fitting_group(16, 128) == 16 and fitting_group(96, 128) == 96  # a whole row at most `preferred` wide
+    assert fitting_group(200, 128) is None and fitting_group(200, 128, smallest=8) == 8  # 200 = 8 · 25
+    assert fitting_group(8, 128) is None
+
+
+def test_replay_lists_a_one_shot_iterator_and_keeps_a_reiterable():
+    once = Replay(iter([{"a": 1}, {"a": 2}]))
+    assert list(once) == list(once) == [{"a": 1}, {"a": 2}]
+    source = [{"a": 1}]
+    assert Replay(source).source is source
+    with pytest.raises(PeerFailed, match="empty"):
+        forward_all(nn.Identity(), [])
+
+
+def test_modelopt_config_names_only_block_layers_and_fits_groups():
+    pipe = load_pipeline("tiny-unet")
+    den = family_of(pipe).denoiser(pipe)
+    layers = block_layers(den)
+    preset = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                            {"quantizer_name": "*weight_quantizer",
+                             "cfg": {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}},
+                            {"quantizer_name": "*input_quantizer", "enable": False},
+                            {"quantizer_name": "*proj_out*", "enable": False}],  # a preset's model-specific rule
+              "algorithm": "awq_lite"}
+    config, left = block_config(preset, layers)
+    linear = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
+    entries = config["quant_cfg"]
+    assert entries[0] == {"quantizer_name": "*", "enable": False} and config["algorithm"] == "awq_lite"
+    assert [e["quantizer_name"] for e in entries[1:]] == [f"{n}.{q}" for n in linear
+                                                          for q in ("weight_quantizer", "input_quantizer")]
+    assert left == {"Conv2d (group-wise format)": len(layers) - len(linear), "layers whose width fits no group": 0}
+    for entry in entries[1::2]:
+        width = layers[entry["quantizer_name"].rsplit(".", 1)[0]].in_features
+        assert entry["cfg"]["block_sizes"] == {-1: fitting_group(width, 128), "type": "static"}
+    assert preset["quant_cfg"][1]["cfg"]["block_sizes"][-1] == 128  # the preset itself is left as it was
+    per_channel = {"quant_cfg": [{"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}}],
+                   "algorithm": "max"}
+    config, left = block_config(per_channel, layers)
+    assert len(config["quant_cfg"]) == 1 + len(layers) and sum(left.values()) == 0  # Conv2d too
