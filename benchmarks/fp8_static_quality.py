@@ -34,6 +34,7 @@ from diffptq.models.bundled.evaluator import load_evaluator
 from diffptq.models.names import BUNDLED_NAMES
 from diffptq.models.bundled.sampling import eval_prompts, prompt_acc
 from diffptq.quant.quantizer import QuantSpec
+from diffptq.config import TdqFitConfig
 from diffptq.tdq.calibrate import TdqConfig, calibrate_tdq_pipeline
 from diffptq.tdq.inference import attach_tdq, detach_tdq
 
@@ -61,6 +62,9 @@ def main() -> None:
     p.add_argument("--n_calib", type=int, default=16)
     p.add_argument("--calib_steps", type=int, default=20)
     p.add_argument("--n_eval", type=int, default=64)
+    p.add_argument("--num_inference_steps", type=int, default=None,
+                   help="evaluation sampling steps (default: the model's own, 20)")
+    p.add_argument("--mlp_steps", type=int, default=TdqFitConfig.steps, help="Adam steps of each TDQ scale MLP")
     p.add_argument("--out", default="results/fp8_static_quality.md")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -73,7 +77,8 @@ def main() -> None:
     quantize_sequential(fam.denoiser(static), fam, calib, SequentialConfig(method="rtn", weight=W4, act=A8),
                         progress=False)
     tdq = copy.deepcopy(fp)
-    calibrate_tdq_pipeline(tdq, TdqConfig(condition="logsnr"), SequentialConfig(method="rtn", weight=W4, act=A8),
+    tdq_cfg = TdqConfig(condition="logsnr", fit=TdqFitConfig(steps=args.mlp_steps))
+    calibrate_tdq_pipeline(tdq, tdq_cfg, SequentialConfig(method="rtn", weight=W4, act=A8),
                            calib=calib,
                            progress=False)
     token = fp8_copy(static, "token", tdq=False)
@@ -86,8 +91,9 @@ def main() -> None:
     evaluator = load_evaluator("cpu")
     eval_set = eval_prompts(args.n_eval)
     rows, ref = [], None
+    steps = {} if args.num_inference_steps is None else {"num_inference_steps": args.num_inference_steps}
     for name, pipe in pipes.items():
-        acc, images = prompt_acc(pipe, evaluator, eval_set)
+        acc, images = prompt_acc(pipe, evaluator, eval_set, **steps)
         ref = images if ref is None else ref
         rows.append((name, acc, psnr_score(images, ref)))
         print(f"{name}: prompt_acc {acc:.3f}", flush=True)
@@ -99,7 +105,9 @@ def main() -> None:
         f"calibration {args.n_calib} scene prompts × {args.calib_steps} steps of the model's sampler with CFG; "
         f"prompt_acc on {args.n_eval} evaluation prompts, image PSNR against the FP32 pipeline.", "",
         "```", "python benchmarks/fp8_static_quality.py --model " + args.model + f" --n_calib {args.n_calib} "
-        f"--calib_steps {args.calib_steps} --n_eval {args.n_eval}", "```", "",
+        f"--calib_steps {args.calib_steps} --n_eval {args.n_eval}"
+        + ("" if args.num_inference_steps is None else f" --num_inference_steps {args.num_inference_steps}")
+        + ("" if args.mlp_steps == TdqFitConfig.steps else f" --mlp_steps {args.mlp_steps}"), "```", "",
         "| numerics | prompt_acc | image PSNR vs FP32 (dB) |", "| --- | --- | --- |"]
     lines += [f"| {n} | {a:.3f} | {s:.1f} |" for n, a, s in rows]
     write_text_atomic(args.out, "\n".join(lines) + "\n")

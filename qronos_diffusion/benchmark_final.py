@@ -4,7 +4,8 @@ Example: python qronos_diffusion/benchmark_final.py --model bundled-dit --method
 Side by side with other libraries' quantizers (pip install -r requirements-peers.txt): add e.g.
 --peers modelopt:int8_sq,torchao:int8da_int4w,quanto:w4a8,brevitas:qronos (one more row each).
 Re-evaluate saved checkpoints: add --save_checkpoints to a first run, then --checkpoints <its out_dir> (each is
-evaluated as saved, its rotation included). W4A4: --bits w4a4 --act_quant dynamic --rotate hadamard.
+evaluated as saved, its rotation included). The w4a4 rows use per-token activations behind a Hadamard rotation
+(the defaults --act_quant auto --rotate auto; at 8 bits these mean static per-tensor, unrotated).
 Several processes, each generating a slice of the prompts: accelerate launch --num_processes 2 this_script ... on
 GPUs (one per process); on a CPU host accelerate launch --multi_gpu --num_processes 2 (or torchrun --nproc_per_node 2)
 this_script ... --device cpu (gloo). Check that N processes make the images of one: run with --save_images on 1 and

@@ -1,8 +1,9 @@
 """Quantize a PixArt-alpha or SD 1.5 denoiser block by block with RTN, GPTQ-Sequential or Qronos.
 
 Example: python qronos_diffusion/quantize_qronos_4blocks.py --model bundled-dit --method qronos --wbits 4 --abits 8
-W4A4: --abits 4 --act_quant dynamic --rotate hadamard (per-token 4-bit activations behind an online Hadamard
-rotation of every quantized layer's input; the rotation is saved in the checkpoint).
+W4A4: --abits 4. At 4 activation bits and below the defaults (--act_quant auto --rotate auto) give per-token
+activations behind an online Hadamard rotation of every quantized layer's input (saved in the checkpoint); above,
+static per-tensor activations and no rotation. Give --act_quant / --rotate to choose otherwise.
 Writes into --out_dir: the checkpoint (--save_path, default <out_dir>/checkpoint.safetensors), layers.csv/.md,
 summary.csv/.md and config.json.
 """

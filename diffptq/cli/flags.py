@@ -21,10 +21,13 @@ from diffptq.cli.parser import (
 )
 from diffptq.config import (
     ACT_KINDS,
+    AUTO,
     CONDITIONS,
     EXTRAPOLATIONS,
     GRANULARITIES,
     METHODS,
+    RECIPE_FIELDS,
+    RECIPE_MAX_ABITS,
     ROTATIONS,
     CalibConfig,
     SequentialConfig,
@@ -51,8 +54,9 @@ def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = T
         parser.add_argument("--abits", type=bits_value, default=SEQ.act.bits if SEQ.act else FLOAT_BITS,
                             help="activation bits 2..8, or 16 for float activations (default: %(default)s)")
     if act_kind:
-        parser.add_argument("--act_quant", default=SEQ.act_kind, choices=ACT_KINDS,
-                            help="activation quantizer: static per-tensor or dynamic per-token (default: %(default)s)")
+        parser.add_argument("--act_quant", default=AUTO, choices=[AUTO, *ACT_KINDS],
+                            help="activation quantizer: static per-tensor or dynamic per-token; auto: dynamic at "
+                                 f"--abits <= {RECIPE_MAX_ABITS}, static above (default: %(default)s)")
     parser.add_argument("--group_size", type=positive_int, default=SEQ.weight.group_size,
                         help="weight group size in input columns (default: per output channel)")
     parser.add_argument("--act_order", action="store_true", help="GPTQ/Qronos columns by decreasing diag(H)")
@@ -87,9 +91,10 @@ def add_blocks_arg(parser, default: str) -> None:
 
 def add_rotation_args(parser) -> None:
     """--rotate, --rotate_conv, --rotate_seed: the online input rotation of diffptq.quant.rotation."""
-    parser.add_argument("--rotate", default="none", choices=["none", *ROTATIONS],
+    parser.add_argument("--rotate", default=AUTO, choices=[AUTO, "none", *ROTATIONS],
                         help="online input rotation y = (W R)(Rᵀx) of every quantized Linear, applied before "
-                             "GPTQ/Qronos and the activation quantizer (default: %(default)s)")
+                             f"GPTQ/Qronos and the activation quantizer; auto: hadamard at --abits <= "
+                             f"{RECIPE_MAX_ABITS}, none above (default: %(default)s)")
     parser.add_argument("--rotate_conv", action="store_true", help="rotate the quantized Conv2d layers' inputs too")
     parser.add_argument("--rotate_seed", type=non_negative_int, default=SEQ.rotate_seed,
                         help="seed of the rotation's random signs and mixing")
@@ -145,15 +150,16 @@ def add_tdq_args(parser, compare: bool = False) -> None:
 def sequential_config(args: argparse.Namespace, method: str | None = None, wbits: int | None = None,
                       abits: int | None = None, blocks: list[int] | None = None) -> SequentialConfig:
     """The SequentialConfig of the flags (method / bits given here override theirs, for scripts with lists)."""
-    rotate = getattr(args, "rotate", "none")
+    act_kind, rotate = getattr(args, "act_quant", SEQ.act_kind), getattr(args, "rotate", "none")
+    auto = tuple(name for name, value in zip(RECIPE_FIELDS, (act_kind, rotate)) if value == AUTO)
     cfg = SequentialConfig(
         method=method or args.method, weight=replace(SEQ.weight, group_size=args.group_size),
-        act_kind=getattr(args, "act_quant", SEQ.act_kind), damp=args.damp, act_order=args.act_order, blocks=blocks,
+        act_kind=SEQ.act_kind if act_kind == AUTO else act_kind, damp=args.damp, act_order=args.act_order, blocks=blocks,
         granularity=getattr(args, "granularity", SEQ.granularity),
         offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
-        rotate=None if rotate == "none" else rotate, rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
+        rotate=None if rotate in ("none", AUTO) else rotate, rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
         rotate_conv=getattr(args, "rotate_conv", False), smooth=getattr(args, "smooth", SEQ.smooth),
-        lowrank=getattr(args, "lowrank", SEQ.lowrank))
+        lowrank=getattr(args, "lowrank", SEQ.lowrank), auto=auto)
     return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
 
 
@@ -170,6 +176,7 @@ def tdq_config(args: argparse.Namespace, condition: str | None = None) -> TdqCon
 
 
 def check_rotation_flags(args: argparse.Namespace) -> None:
-    """--rotate_conv without --rotate: a usage error at parse time (SequentialConfig says the same)."""
-    if getattr(args, "rotate_conv", False) and getattr(args, "rotate", "none") == "none":
+    """--rotate_conv without --rotate (auto included: it rotates at some bits only): a usage error at parse time
+    (SequentialConfig says the same)."""
+    if getattr(args, "rotate_conv", False) and getattr(args, "rotate", "none") in ("none", AUTO):
         raise ConfigError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard")

@@ -11,14 +11,18 @@ from diffptq.config.calib import CalibConfig
 from diffptq.config.quant import DAMP_MODES, SCALE_METHODS, Damping, QuantSpec, as_damping
 from diffptq.config.sequential import (
     ACT_KINDS,
+    AUTO,
     GRANULARITIES,
     METHODS,
+    RECIPE_FIELDS,
+    RECIPE_MAX_ABITS,
     ROTATIONS,
     SequentialConfig,
     check_calibration_fits,
+    recipe,
 )
 from diffptq.config.tdq import CONDITIONS, EXTRAPOLATIONS, TdqConfig, TdqFitConfig
 
-__all__ = ["ACT_KINDS", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS", "ROTATIONS",
-           "SCALE_METHODS", "CalibConfig", "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig",
-           "as_damping", "check_calibration_fits"]
+__all__ = ["ACT_KINDS", "AUTO", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS", "RECIPE_FIELDS",
+           "RECIPE_MAX_ABITS", "ROTATIONS", "SCALE_METHODS", "CalibConfig", "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig",
+           "as_damping", "check_calibration_fits", "recipe"]

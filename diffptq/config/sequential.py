@@ -21,6 +21,17 @@ ACT_KINDS = ("static", "dynamic")
 GRANULARITIES = ("unit", "block")
 ROTATIONS = ("hadamard",)  # online input rotations (diffptq.quant.rotation)
 DEFAULT_ACT = QuantSpec(8, symmetric=False)  # activations: asymmetric 8-bit (the zero point follows the range)
+AUTO = "auto"  # the flag value of --act_quant / --rotate that leaves the choice to the recipe of the bits
+RECIPE_FIELDS = ("act_kind", "rotate")
+RECIPE_MAX_ABITS = 4  # at or below: the low-bit recipe
+LOW_BIT_RECIPE = {"act_kind": "dynamic", "rotate": "hadamard"}  # per-token activations behind a Hadamard rotation
+HIGH_BIT_RECIPE = {"act_kind": "static", "rotate": None}  # calibrated per-tensor activations, no rotation
+
+
+def recipe(abits: int) -> dict:
+    """The activation quantizer and rotation of the default recipe at `abits` (static per-tensor 4-bit activations
+    collapse; per-token ones behind an online Hadamard rotation keep the picture: README, W4A4)."""
+    return dict(LOW_BIT_RECIPE if abits <= RECIPE_MAX_ABITS else HIGH_BIT_RECIPE)
 
 
 @dataclass
@@ -65,6 +76,8 @@ class SequentialConfig:
     the same tensor, from the calibration records' max |x|), before its activation quantizer is calibrated (None:
     off). lowrank: rank of a high-precision branch kept out of each Linear's quantized weight (0: off).
     diffptq.quant.outliers; Conv2d layers get neither.
+    auto: the fields of RECIPE_FIELDS that with_bits sets from the activation bits (recipe(abits)); the scripts' flags
+    --act_quant and --rotate put theirs here when left at their default, "auto".
     """
 
     method: str = "qronos"
@@ -88,6 +101,7 @@ class SequentialConfig:
     rotate_conv: bool = False
     smooth: float | None = None
     lowrank: int = 0
+    auto: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice(self.method, "method", METHODS)
@@ -104,17 +118,22 @@ class SequentialConfig:
         if self.smooth is not None:
             check_float(self.smooth, "--smooth", lo=0.0, hi=1.0, lo_open=True)
         check_non_negative_int(self.lowrank, "--lowrank")
+        self.auto = tuple(self.auto)
+        for name in self.auto:
+            check_choice(name, "SequentialConfig.auto", RECIPE_FIELDS)
         if self.rotate is not None:
             check_choice(self.rotate, "--rotate", ROTATIONS)
         elif self.rotate_conv:
             raise ConfigError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard")
 
     def with_bits(self, wbits: int, abits: int) -> SequentialConfig:
-        """This config at `wbits` / `abits` (16: float activations); the grids keep their other settings."""
+        """This config at `wbits` / `abits` (16: float activations); the grids keep their other settings, and the
+        fields in `auto` follow recipe(abits)."""
         if wbits >= FLOAT_BITS:
             raise fail("--wbits", f"{wbits} leaves nothing to quantize; give 2..8")
         act = None if abits >= FLOAT_BITS else replace(self.act or DEFAULT_ACT, bits=abits)
-        return replace(self, weight=replace(self.weight, bits=wbits), act=act)
+        chosen = {name: value for name, value in recipe(abits).items() if name in self.auto}
+        return replace(self, weight=replace(self.weight, bits=wbits), act=act, **chosen)
 
 
 def check_calibration_fits(cfg: SequentialConfig, n_calib: int, batch_size: int) -> None:

@@ -28,14 +28,31 @@ def _exit(module, argv, capsys) -> tuple[int, str]:
 def test_quantization_scripts_share_the_rotation_flags(name):
     parse = _script("qronos_diffusion", name).parse_args
     default = parse([])
-    assert (default.rotate, default.rotate_seed, default.rotate_conv) == ("none", 0, False)
+    assert (default.rotate, default.act_quant, default.rotate_seed, default.rotate_conv) == ("auto", "auto", 0, False)
     cfg = sequential_config(default, method="rtn", wbits=4, abits=8)
-    assert (cfg.rotate, cfg.rotate_seed, cfg.rotate_conv) == (None, 0, False)
+    assert (cfg.rotate, cfg.act_kind, cfg.rotate_seed, cfg.rotate_conv) == (None, "static", 0, False)
     given = sequential_config(parse(["--rotate", "hadamard", "--rotate_seed", "5", "--rotate_conv"]), method="rtn",
                               wbits=4, abits=8)
     assert (given.rotate, given.rotate_seed, given.rotate_conv) == ("hadamard", 5, True)
     with pytest.raises(SystemExit):
         parse(["--rotate", "givens"])
+
+
+@pytest.mark.parametrize("name", ["quantize_qronos_4blocks", "benchmark_final"])
+def test_default_flags_give_the_low_bit_recipe_at_a4_only(name):
+    """Left at auto, --act_quant / --rotate follow the activation bits: per-token activations behind a Hadamard
+    rotation at 4 bits and below (static per-tensor A4 collapses), static and unrotated at 8; a flag given wins."""
+    parse = _script("qronos_diffusion", name).parse_args
+    kinds = {}
+    for argv in ([], ["--act_quant", "static"], ["--rotate", "none"], ["--act_quant", "dynamic", "--rotate", "none"]):
+        base = sequential_config(parse(argv), method="qronos", wbits=4, abits=8)
+        kinds[tuple(argv)] = [(c.act_kind, c.rotate) for c in (base.with_bits(4, 4), base.with_bits(4, 3),
+                                                              base.with_bits(4, 8), base.with_bits(4, 16))]
+    assert kinds[()] == [("dynamic", "hadamard"), ("dynamic", "hadamard"), ("static", None), ("static", None)]
+    assert kinds[("--act_quant", "static")] == [("static", "hadamard"), ("static", "hadamard"), ("static", None),
+                                                ("static", None)]
+    assert kinds[("--rotate", "none")] == [("dynamic", None), ("dynamic", None), ("static", None), ("static", None)]
+    assert kinds[("--act_quant", "dynamic", "--rotate", "none")] == [("dynamic", None)] * 4
 
 
 @pytest.mark.parametrize("name", ["quantize_qronos_4blocks", "benchmark_final"])
