@@ -7,6 +7,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
+# pytest-xdist processes of `make test` (1: none, all tests in this process)
+TEST_WORKERS ?= 2
 
 .PHONY: env demo test lint clean
 
@@ -23,7 +25,7 @@ demo: env
 	$(BIN)/python -m diffptq.demo
 
 test: env
-	$(BIN)/python -m pytest -p no:cacheprovider tests
+	$(BIN)/python -m pytest -p no:cacheprovider $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) tests
 
 lint: env
 	$(BIN)/python -m ruff check diffptq tests qronos_diffusion LogSnr-DiT LogSnr-Unet benchmarks

@@ -128,7 +128,8 @@ def test_two_real_processes_over_gloo(tmp_path, reference):
     """torchrun --nproc_per_node 2 (what accelerate launch --multi_gpu does) on the CPU: gloo gathers the shards."""
     script = tmp_path / "shard.py"
     script.write_text(SCRIPT.format(prompts=PROMPTS))
-    res = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", str(script), str(tmp_path / "images.pt")],
+    res = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "images.pt")],
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert same(torch.load(tmp_path / "images.pt"), reference)

@@ -120,7 +120,8 @@ def test_two_processes_make_the_images_of_one(runs, compare, tmp_path):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home"), "TORCH_HOME": str(tmp_path / "torch_home"),
            "PYTHONPATH": str(ROOT)}  # this checkout's diffptq, whichever one the interpreter has installed
-    res = subprocess.run([str(TORCHRUN), "--nproc_per_node", "2", "qronos_diffusion/benchmark_final.py", *RUN_ARGS,
+    res = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2",
+                          "qronos_diffusion/benchmark_final.py", *RUN_ARGS,
                           "--device", "cpu", *_no_weights(tmp_path), "--out_dir", str(out)],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

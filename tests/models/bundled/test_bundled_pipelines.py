@@ -50,7 +50,7 @@ def test_w4a4_rtn_hurts(which, evaluator):
     pipe = load_bundled(which, dtype=torch.float32)
     attr = "transformer" if which.startswith("dit") else "unet"
     setattr(pipe, attr, rtn_fake_quant(getattr(pipe, attr), w_bits=4, a_bits=4))
-    prompts = eval_prompts(N_PROMPTS)
+    prompts = eval_prompts(N_PROMPTS // 2)  # the first half of the FP test's prompts: the drop is far beyond noise
     acc = evaluator.prompt_accuracy(generate(pipe, prompts, batch_size=N_PROMPTS), prompts)
     assert acc <= PROMPT_ACC_BAR - 0.4, acc
 
