@@ -122,7 +122,9 @@ def test_cpu_leaves_latency_and_vram_empty_not_zero(runs):
     (_, rows, _), _ = runs
     for row in rows:
         assert row["latency_s"] == "" and row["peak_vram_gb"] == "" and row["denoiser_latency_s"] == ""
-        assert row["rotate"] == "" and row["num_processes"] == "1"
+        assert row["num_processes"] == "1"
+        # the default recipe: 4-bit activations behind a Hadamard rotation, 8-bit ones unrotated
+        assert row["rotate"] == ("hadamard" if row["abits"] == "4" else "")
         assert float(row["model_size_gb"]) > 0 and float(row["images_per_s"]) > 0  # wall clock: on the CPU too
     fp, quantized = rows[0], rows[1:]
     assert fp["calib_time_s"] == "" and all(float(r["calib_time_s"]) > 0 for r in quantized)
