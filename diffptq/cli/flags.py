@@ -30,9 +30,9 @@ from diffptq.config import (
     SequentialConfig,
     TdqConfig,
     TdqFitConfig,
+    check_rotation,
 )
 from diffptq.config.checks import FLOAT_BITS
-from diffptq.errors import ConfigError
 
 SEQ, CALIB, TDQ, FIT = SequentialConfig(), CalibConfig(), TdqConfig(), TdqFitConfig()
 
@@ -86,13 +86,19 @@ def add_blocks_arg(parser, default: str) -> None:
 
 
 def add_rotation_args(parser) -> None:
-    """--rotate, --rotate_conv, --rotate_seed: the online input rotation of diffptq.quant.rotation."""
+    """--rotate, --rotate_conv, --rotate_seed, --keep: the online input rotation of diffptq.quant.rotation."""
     parser.add_argument("--rotate", default="none", choices=["none", *ROTATIONS],
                         help="online input rotation y = (W R)(Rᵀx) of every quantized Linear, applied before "
-                             "GPTQ/Qronos and the activation quantizer (default: %(default)s)")
-    parser.add_argument("--rotate_conv", action="store_true", help="rotate the quantized Conv2d layers' inputs too")
+                             "GPTQ/Qronos and the activation quantizer: hadamard (random, data-free) or pca (the "
+                             "eigenvectors of the calibration inputs' second moment, saved in the checkpoint) "
+                             "(default: %(default)s)")
+    parser.add_argument("--rotate_conv", action="store_true",
+                        help="rotate the quantized Conv2d layers' inputs too (hadamard only)")
     parser.add_argument("--rotate_seed", type=non_negative_int, default=SEQ.rotate_seed,
-                        help="seed of the rotation's random signs and mixing")
+                        help="seed of the Hadamard rotation's random signs and mixing")
+    parser.add_argument("--keep", type=non_negative_int, default=SEQ.keep,
+                        help="with --rotate pca: quantize the K leading components of each Linear's input at 8 bits, "
+                             "the rest at --abits (clamped to the layer's width; default: %(default)s, off)")
 
 
 def add_calib_args(parser, prompts_flag: str = "--prompts", guidance: bool = True) -> None:
@@ -153,7 +159,7 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
         offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
         rotate=None if rotate == "none" else rotate, rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
         rotate_conv=getattr(args, "rotate_conv", False), smooth=getattr(args, "smooth", SEQ.smooth),
-        lowrank=getattr(args, "lowrank", SEQ.lowrank))
+        lowrank=getattr(args, "lowrank", SEQ.lowrank), keep=getattr(args, "keep", SEQ.keep))
     return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
 
 
@@ -170,6 +176,7 @@ def tdq_config(args: argparse.Namespace, condition: str | None = None) -> TdqCon
 
 
 def check_rotation_flags(args: argparse.Namespace) -> None:
-    """--rotate_conv without --rotate: a usage error at parse time (SequentialConfig says the same)."""
-    if getattr(args, "rotate_conv", False) and getattr(args, "rotate", "none") == "none":
-        raise ConfigError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard")
+    """--rotate_conv without --rotate hadamard, --keep without --rotate pca: usage errors at parse time (the check
+    SequentialConfig makes)."""
+    rotate = getattr(args, "rotate", "none")
+    check_rotation(None if rotate == "none" else rotate, getattr(args, "rotate_conv", False), getattr(args, "keep", 0))

@@ -16,9 +16,10 @@ from diffptq.config.sequential import (
     ROTATIONS,
     SequentialConfig,
     check_calibration_fits,
+    check_rotation,
 )
 from diffptq.config.tdq import CONDITIONS, EXTRAPOLATIONS, TdqConfig, TdqFitConfig
 
 __all__ = ["ACT_KINDS", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS", "ROTATIONS",
            "SCALE_METHODS", "CalibConfig", "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig",
-           "as_damping", "check_calibration_fits"]
+           "as_damping", "check_calibration_fits", "check_rotation"]
