@@ -95,7 +95,8 @@ def add_rotation_args(parser) -> None:
     parser.add_argument("--rotate_conv", action="store_true",
                         help="rotate the quantized Conv2d layers' inputs too (hadamard only)")
     parser.add_argument("--rotate_seed", type=non_negative_int, default=SEQ.rotate_seed,
-                        help="seed of the Hadamard rotation's random signs and mixing")
+                        help="seed of the Hadamard rotations' random signs and mixing (with --rotate pca: of the "
+                             "mixing inside the leading and the other components)")
     parser.add_argument("--keep", type=non_negative_int, default=SEQ.keep,
                         help="with --rotate pca: quantize the K leading components of each Linear's input at 8 bits, "
                              "the rest at --abits (clamped to the layer's width; default: %(default)s, off)")

@@ -34,7 +34,7 @@ from diffptq.quant.quantizer import (
     unpack_codes,
     unpack_int4,
 )
-from diffptq.quant.rotation import ROTATIONS, HadamardRotation, PcaRotation, make_rotation, pca_basis
+from diffptq.quant.rotation import ROTATIONS, HadamardRotation, PcaRotation, make_rotation, pca_basis, pca_rotation
 
 __all__ = [
     "ROTATIONS",
@@ -62,6 +62,7 @@ __all__ = [
     "pack_codes",
     "pack_int4",
     "pca_basis",
+    "pca_rotation",
     "params_from_range",
     "quant_layers",
     "quantize_codes",

@@ -14,8 +14,9 @@ every other, also when n is not a power of two (e.g. 160 = 5·32, 96 = 3·32). A
 token: the features are viewed as an (m, p) matrix V and Rᵀx = vec(Qᵀ · V_{s⊙x} · H_p); no n × n matrix is formed.
 R depends only on (n, seed), so the rotation is rebuilt from those two numbers (checkpoints store no matrix).
 
-PCA: R = the eigenvectors of E[x xᵀ] by decreasing eigenvalue, so Rᵀx lists the input's principal components first
-(pca_basis); applying Rᵀ is a dense (n, n) matmul per token, and R is stored (n² float32 per group of layers).
+PCA: U = the eigenvectors of E[x xᵀ] by decreasing eigenvalue, so Uᵀx lists the input's principal components first
+(pca_basis); R = U · blockdiag(Q_k, Q_{n−k}) mixes the k leading components among themselves and the others among
+themselves (pca_rotation). Applying Rᵀ is a dense (n, n) matmul per token, and R is stored (n² float32 per group).
 """
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ class HadamardRotation(Rotation):
 
 
 class PcaRotation(Rotation, nn.Module):
-    """R = `basis` (size, size), orthonormal columns sorted by decreasing variance (pca_basis): Rᵀx puts the input's
-    leading principal components first. An nn.Module whose non-persistent buffer `basis` (float32) moves with the
+    """R = `basis` (size, size) with orthonormal columns (pca_rotation): Rᵀx puts the input's leading principal
+    components in its first channels. An nn.Module whose non-persistent buffer `basis` (float32) moves with the
     model and counts in its size once, however many layers (q, k, v) share the instance; checkpoints store it."""
 
     kind = "pca"
@@ -195,9 +196,26 @@ def pca_basis(second_moment: Tensor) -> tuple[Tensor, Tensor]:
     return vectors.float(), values
 
 
+@torch.no_grad()
+def pca_rotation(second_moment: Tensor, keep: int, seed: int = 0) -> Tensor:
+    """R (n, n) float32 for inputs with second moment C (n, n): the PCA basis U of pca_basis with its first
+    k = min(keep, n) columns mixed by one randomized Hadamard rotation (HadamardRotation(k, seed)) and its other
+    n − k columns by another, R = U · blockdiag(Q_k, Q_{n−k}). Rᵀx's first k channels span the k leading principal
+    components, the others the rest; inside each part the energy is spread evenly over the channels, and the
+    rotated second moment RᵀCR is block diagonal but not diagonal (GPTQ keeps correlations to work with)."""
+    basis, _ = pca_basis(second_moment)
+    basis = basis.double()
+    n = basis.shape[0]
+    k = min(max(keep, 0), n)
+    for lo, hi in ((0, k), (k, n)):
+        if hi > lo:  # U[:, lo:hi] @ Q: each row of the block rotated as an input row is
+            basis[:, lo:hi] = _shared_rotation(hi - lo, seed).rotate(basis[:, lo:hi], dim=1)
+    return basis.float()
+
+
 def make_rotation(kind: str, size: int, seed: int = 0) -> HadamardRotation:
     """The data-free rotation `kind` for `size` input features; one shared instance per (kind, size, seed). The
-    PCA rotation is built from calibration inputs instead (PcaRotation(pca_basis(C)[0]))."""
+    PCA rotation is built from calibration inputs instead (PcaRotation(pca_rotation(C, keep, seed)))."""
     if kind not in ROTATIONS:
         raise ValueError(f"unknown rotation {kind!r}; choose one of {', '.join(ROTATIONS)}")
     if kind == "pca":

@@ -1,7 +1,7 @@
 """PCA rotation with high-precision leading components (--rotate pca --keep K, docs/ALGORITHMS.md §8b): the basis
-diagonalises the calibration second moment, folding keeps the float output, the leading channels sit on an 8-bit
-grid and the rest on the layer's, outlier-heavy inputs lose less, the driver shares one R per input tensor, and
-checkpoints store R and reload to bit-identical outputs."""
+diagonalises the calibration second moment, the rotation splits it into the leading components and the rest, folding
+keeps the float output, the leading channels sit on an 8-bit grid and the rest on the layer's, outlier-heavy inputs
+lose less, the driver shares one R per input tensor, and checkpoints store R and reload to bit-identical outputs."""
 import pytest
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from diffptq.quant.act import (
     same_quantization,
 )
 from diffptq.quant.layers import QuantConfig, QuantLinear, float_mode
-from diffptq.quant.rotation import PcaRotation, make_rotation, pca_basis
+from diffptq.quant.rotation import PcaRotation, make_rotation, pca_basis, pca_rotation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 W4, W8, A4, A8 = QuantSpec(4), QuantSpec(8), QuantSpec(4, symmetric=False), QuantSpec(8, symmetric=False)
@@ -64,6 +64,27 @@ def test_basis_is_orthonormal_and_diagonalises_the_second_moment():
     assert float(Rd[:, 0].abs().argmax()) == 5  # ... which the outlier channel dominates
 
 
+def test_rotation_splits_the_leading_components_from_the_rest_and_spreads_each_part():
+    x = _inputs(n=2000, width=24, outliers=(5,))
+    C = (x.double().T @ x.double() / x.shape[0])
+    values = torch.linalg.eigvalsh(C).flip(0)  # descending, computed apart from pca_basis
+    U, _ = pca_basis(C.float())
+    R = pca_rotation(C.float(), keep=8, seed=3).double()
+    torch.testing.assert_close(R.T @ R, torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-5)
+    D = R.T @ C @ R
+    assert float(D[:8, 8:].abs().max()) < 1e-5 * float(D.abs().max())  # no energy crosses the split
+    # the first 8 channels span the 8 leading components: the same projector as U's first 8 columns
+    torch.testing.assert_close(R[:, :8] @ R[:, :8].T, U[:, :8].double() @ U[:, :8].double().T, rtol=0, atol=1e-5)
+    # 8 and 16 are powers of two: a signed Hadamard mix gives every channel of a part the part's mean variance
+    torch.testing.assert_close(torch.diagonal(D)[:8], values[:8].mean().expand(8), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.diagonal(D)[8:], values[8:].mean().expand(16), rtol=1e-5, atol=1e-6)
+    assert float((D[:8, :8] - torch.diag(torch.diagonal(D[:8, :8]))).abs().max()) > 1e-3 * float(values[0])  # mixed
+    assert torch.equal(pca_rotation(C.float(), 8, 3), R.float()) and not torch.equal(pca_rotation(C.float(), 8, 4),
+                                                                                     R.float())
+    torch.testing.assert_close(pca_rotation(C.float(), 100, 3).double() @ pca_rotation(C.float(), 100, 3).double().T,
+                               torch.eye(24, dtype=torch.float64), rtol=0, atol=1e-5)  # keep beyond the width
+
+
 def test_pca_rotation_matches_the_dense_matrix_and_unrotate_inverts():
     R, _ = pca_basis(torch.cov(_inputs(width=16, outliers=(3,)).T))
     rot = PcaRotation(R)
@@ -82,7 +103,7 @@ def test_pca_rotation_matches_the_dense_matrix_and_unrotate_inverts():
 def test_folding_keeps_the_float_output_and_the_weight_is_w_r():
     lin = nn.Linear(64, 24)
     x = _inputs()
-    R, _ = pca_basis(x.T @ x / x.shape[0])
+    R = pca_rotation(x.T @ x / x.shape[0], keep=8)
     layer = QuantLinear(lin, DynamicActQuantizer(A4), W4)
     layer.set_rotation(PcaRotation(R))
     torch.testing.assert_close(layer.weight_matrix(), lin.weight.detach() @ R, rtol=0, atol=1e-5)
@@ -130,8 +151,7 @@ def test_static_parts_calibrate_on_their_own_channels():
 def test_keep_equal_to_the_width_behaves_as_a8(kind):
     x = _inputs()
     lin = nn.Linear(64, 24)
-    R, _ = pca_basis(x.T @ x / x.shape[0])
-    rot = PcaRotation(R)
+    rot = PcaRotation(pca_rotation(x.T @ x / x.shape[0], keep=64))
     layers = []
     for act in (keep_leading(kind(A4), 64, 64), kind(A8)):
         layer = QuantLinear(nn.Linear(64, 24), act, W4)
@@ -152,12 +172,16 @@ def test_keep_equal_to_the_width_behaves_as_a8(kind):
     assert keep_leading(kind(A4), 0, 64).__class__ is kind  # K = 0: the layer's own quantizer
 
 
-def _a4_error(x_cal, x_eval, lin, rotate: bool, keep: int, weight: QuantSpec = W4) -> float:
-    layer = QuantLinear(nn.Linear(64, 48), keep_leading(DynamicActQuantizer(A4), keep, 64), weight)
+def _error(x_cal, x_eval, lin, basis, keep: int, weight: QuantSpec, act: QuantSpec | None) -> float:
+    """Relative output error on x_eval of `lin` quantized by GPTQ (H from x_cal) with per-token activations, in the
+    basis `basis` ("mixed": pca_rotation, "pure": the PCA basis alone, None: no rotation)."""
+    layer = QuantLinear(nn.Linear(64, 48), None if act is None else keep_leading(DynamicActQuantizer(act), keep, 64),
+                        weight)
     layer.load_state_dict(lin.state_dict(), strict=False)
-    if rotate:
-        layer.set_rotation(PcaRotation(pca_basis(x_cal.T @ x_cal / x_cal.shape[0])[0]))
-    xr = layer.rotation.rotate(x_cal) if rotate else x_cal
+    C = x_cal.T @ x_cal / x_cal.shape[0]
+    if basis is not None:
+        layer.set_rotation(PcaRotation(pca_rotation(C, keep) if basis == "mixed" else pca_basis(C)[0]))
+    xr = layer.rotation.rotate(x_cal) if basis is not None else x_cal
     res = gptq_quantize_ex(layer.weight_matrix(), gram_from_inputs(layer.quant_input(xr))[0], weight)
     layer.set_quantized_weight(res.codes, res.scale, res.zero)
     with torch.no_grad():
@@ -165,18 +189,20 @@ def _a4_error(x_cal, x_eval, lin, rotate: bool, keep: int, weight: QuantSpec = W
         return float((layer(x_eval) - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("weight,bound", [(W8, 0.25), (W4, 0.85)])
-def test_pca_with_keep_beats_plain_and_pca_alone_on_outlier_heavy_inputs(weight, bound):
-    """Per-token A4: without a rotation the outlier channels set every token's step; PCA alone piles the energy into
-    the leading components (worse still); keeping them at 8 bits leaves a fine 4-bit grid for the rest. With W4 the
-    weights' own error (the A8 floor, keep = width) bounds the gain."""
+def test_keep_beats_no_rotation_and_the_unmixed_basis_on_outlier_heavy_inputs():
+    """Per-token A4: without a rotation the outlier channels set every token's step; keeping the leading components
+    at 8 bits leaves a fine 4-bit grid for the rest. The unmixed PCA basis makes H diagonal, so GPTQ can compensate
+    nothing (its W4 error is RTN's); the mixing inside each part gives it correlations back."""
     lin = nn.Linear(64, 48)
     x_cal, x_eval = _inputs(seed=0), _inputs(seed=1)
-    plain = _a4_error(x_cal, x_eval, lin, False, 0, weight)
-    pca = _a4_error(x_cal, x_eval, lin, True, 0, weight)
-    kept = _a4_error(x_cal, x_eval, lin, True, 8, weight)
-    assert kept < bound * plain and kept < bound * pca, (kept, pca, plain)
-    assert kept < 1.1 * _a4_error(x_cal, x_eval, lin, True, 64, weight)  # close to all-8-bit activations
+
+    def err(basis, keep, weight, act=A4):
+        return _error(x_cal, x_eval, lin, basis, keep, weight, act)
+    kept = err("mixed", 8, W8)  # activations alone (8-bit weights)
+    assert kept < 0.25 * err(None, 0, W8) and kept < 0.5 * err("mixed", 0, W8)
+    kept = err("mixed", 8, W4)
+    assert kept < 0.6 * err(None, 0, W4) and kept < 0.7 * err("pure", 8, W4)
+    assert err("mixed", 8, W4, None) < 0.7 * err("pure", 8, W4, None)  # weights alone (float activations)
 
 
 # ---- configuration -----------------------------------------------------------------------------------------------
@@ -230,7 +256,7 @@ def _quantized(calib, **kw):
     return pipe, fam
 
 
-def test_driver_shares_one_basis_per_input_that_diagonalises_its_calibration_inputs(calib):
+def test_driver_shares_one_rotation_per_input_that_splits_off_its_leading_components(calib):
     from diffptq.models import family_of, load_pipeline
     from diffptq.quant.layers import quant_layers
 
@@ -251,9 +277,9 @@ def test_driver_shares_one_basis_per_input_that_diagonalises_its_calibration_inp
     assert layers["transformer_blocks.0.attn1.to_out.0"].rotation is not q.rotation
     assert all(isinstance(m.act_quant, LeadingActQuantizer) and m.act_quant.keep == 4 for m in layers.values())
     R = q.rotation.basis.double()
-    D = R.T @ C @ R
-    assert float((D - torch.diag(torch.diagonal(D))).abs().max()) < 1e-4 * float(D.abs().max())
-    assert bool((torch.diagonal(D)[:-1] >= torch.diagonal(D)[1:] - 1e-6).all())
+    D = R.T @ C @ R  # the leading 4 channels hold the 4 leading components of the input, and nothing else
+    assert float(D[:4, 4:].abs().max()) < 1e-4 * float(D.abs().max())
+    torch.testing.assert_close(torch.trace(D[:4, :4]), torch.linalg.eigvalsh(C)[-4:].sum(), rtol=1e-4, atol=0)
     with torch.no_grad(), float_mode(den):  # folded weights: the float model is unchanged
         for inputs, ref in zip(calib.batches(), refs):
             torch.testing.assert_close(den(**inputs, return_dict=False)[0], ref, rtol=1e-4, atol=1e-5)

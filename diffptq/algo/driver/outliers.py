@@ -17,7 +17,7 @@ from diffptq.errors import NonFiniteActivationError
 from diffptq.quant.act import keep_leading
 from diffptq.quant.layers import QuantLayer
 from diffptq.quant.outliers import lowrank_split, smoothing_scales
-from diffptq.quant.rotation import PcaRotation, pca_basis
+from diffptq.quant.rotation import PcaRotation, pca_rotation
 
 
 def _track_absmax(store: dict, name: str, mod: QuantLayer, x: Tensor) -> None:
@@ -33,11 +33,12 @@ def _linear_groups(layers: dict[str, QuantLayer], plan: BlockPlan) -> list[list[
 
 @torch.no_grad()
 def rotate_pca(runner: UnitRunner, k: int, layers: dict[str, QuantLayer], plan: BlockPlan, records: list[int],
-               keep: int) -> None:
-    """Give unit k's Linear layers their PCA rotation: per group of layers fed by the same tensor one PcaRotation,
-    the eigenvectors of that tensor's second moment E[x xᵀ] over the quantized stream of `records` (the unit's
-    weights float, as for smoothing), shared by the group so that its input stays one tensor. With `keep` > 0 each
-    layer's activation quantizer then keeps the first min(keep, width) rotated channels at 8 bits."""
+               keep: int, seed: int = 0) -> None:
+    """Give unit k's Linear layers their PCA rotation: per group of layers fed by the same tensor one PcaRotation
+    from that tensor's second moment E[x xᵀ] over the quantized stream of `records` (the unit's weights float, as
+    for smoothing; pca_rotation with `keep` and `seed`), shared by the group so that its input stays one tensor.
+    With `keep` > 0 each layer's activation quantizer then keeps the first min(keep, width) rotated channels (the
+    leading components) at 8 bits."""
     groups = _linear_groups(layers, plan)
     first = {g[0]: layers[g[0]] for g in groups}  # one accumulator per input tensor
     if not first:
@@ -56,7 +57,7 @@ def rotate_pca(runner: UnitRunner, k: int, layers: dict[str, QuantLayer], plan: 
             raise NonFiniteActivationError(f"NaN/Inf in the input of layer {group[0]} (block "
                                            f"{runner.units[k].block}) while computing its PCA rotation: check the "
                                            "model weights and the calibration data")
-        rotation = PcaRotation(pca_basis(second_moment)[0])
+        rotation = PcaRotation(pca_rotation(second_moment, keep, seed))
         for name in group:
             layers[name].set_rotation(rotation)
             layers[name].act_quant = keep_leading(layers[name].act_quant, keep, rotation.size)
@@ -69,7 +70,7 @@ def prepare_outliers(runner: UnitRunner, k: int, layers: dict[str, QuantLayer], 
     smoothing (smooth: one s per group of layers fed by the same tensor, from max |x| over the quantized stream of
     `records`, the unit's weights float, after the rotation) and the rank-`lowrank` branch."""
     if cfg.rotate == "pca":
-        rotate_pca(runner, k, layers, plan, records, cfg.keep)
+        rotate_pca(runner, k, layers, plan, records, cfg.keep, cfg.rotate_seed)
     linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
     if cfg.smooth is not None and linears:
         absmax: dict[str, Tensor] = {}
