@@ -33,9 +33,9 @@ from diffptq.config import (
     SequentialConfig,
     TdqConfig,
     TdqFitConfig,
+    check_rotation,
 )
 from diffptq.config.checks import FLOAT_BITS
-from diffptq.errors import ConfigError
 
 SEQ, CALIB, TDQ, FIT = SequentialConfig(), CalibConfig(), TdqConfig(), TdqFitConfig()
 
@@ -90,14 +90,20 @@ def add_blocks_arg(parser, default: str) -> None:
 
 
 def add_rotation_args(parser) -> None:
-    """--rotate, --rotate_conv, --rotate_seed: the online input rotation of diffptq.quant.rotation."""
+    """--rotate, --rotate_conv, --rotate_seed, --keep: the online input rotation of diffptq.quant.rotation."""
     parser.add_argument("--rotate", default=AUTO, choices=[AUTO, "none", *ROTATIONS],
                         help="online input rotation y = (W R)(Rᵀx) of every quantized Linear, applied before "
-                             f"GPTQ/Qronos and the activation quantizer; auto: hadamard at --abits <= "
-                             f"{RECIPE_MAX_ABITS}, none above (default: %(default)s)")
-    parser.add_argument("--rotate_conv", action="store_true", help="rotate the quantized Conv2d layers' inputs too")
+                             "GPTQ/Qronos and the activation quantizer: hadamard (random, data-free) or pca (the "
+                             "eigenvectors of the calibration inputs' second moment, saved in the checkpoint); auto: "
+                             f"hadamard at --abits <= {RECIPE_MAX_ABITS}, none above (default: %(default)s)")
+    parser.add_argument("--rotate_conv", action="store_true",
+                        help="rotate the quantized Conv2d layers' inputs too (hadamard only)")
     parser.add_argument("--rotate_seed", type=non_negative_int, default=SEQ.rotate_seed,
-                        help="seed of the rotation's random signs and mixing")
+                        help="seed of the Hadamard rotations' random signs and mixing (with --rotate pca: of the "
+                             "mixing inside the leading and the other components)")
+    parser.add_argument("--keep", type=non_negative_int, default=SEQ.keep,
+                        help="with --rotate pca: quantize the K leading components of each Linear's input at 8 bits, "
+                             "the rest at --abits (clamped to the layer's width; default: %(default)s, off)")
 
 
 def add_calib_args(parser, prompts_flag: str = "--prompts", guidance: bool = True) -> None:
@@ -154,12 +160,13 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
     auto = tuple(name for name, value in zip(RECIPE_FIELDS, (act_kind, rotate)) if value == AUTO)
     cfg = SequentialConfig(
         method=method or args.method, weight=replace(SEQ.weight, group_size=args.group_size),
-        act_kind=SEQ.act_kind if act_kind == AUTO else act_kind, damp=args.damp, act_order=args.act_order, blocks=blocks,
+        act_kind=SEQ.act_kind if act_kind == AUTO else act_kind, damp=args.damp, act_order=args.act_order,
+        blocks=blocks,
         granularity=getattr(args, "granularity", SEQ.granularity),
         offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
         rotate=None if rotate in ("none", AUTO) else rotate, rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
         rotate_conv=getattr(args, "rotate_conv", False), smooth=getattr(args, "smooth", SEQ.smooth),
-        lowrank=getattr(args, "lowrank", SEQ.lowrank), auto=auto)
+        lowrank=getattr(args, "lowrank", SEQ.lowrank), keep=getattr(args, "keep", SEQ.keep), auto=auto)
     return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
 
 
@@ -176,7 +183,8 @@ def tdq_config(args: argparse.Namespace, condition: str | None = None) -> TdqCon
 
 
 def check_rotation_flags(args: argparse.Namespace) -> None:
-    """--rotate_conv without --rotate (auto included: it rotates at some bits only): a usage error at parse time
-    (SequentialConfig says the same)."""
-    if getattr(args, "rotate_conv", False) and getattr(args, "rotate", "none") in ("none", AUTO):
-        raise ConfigError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard")
+    """--rotate_conv without --rotate hadamard, --keep without --rotate pca: usage errors at parse time (the check
+    SequentialConfig makes; auto names no rotation: it rotates at some bits only)."""
+    rotate = getattr(args, "rotate", "none")
+    check_rotation(None if rotate in ("none", AUTO) else rotate, getattr(args, "rotate_conv", False),
+                   getattr(args, "keep", 0))

@@ -19,10 +19,12 @@ from diffptq.config.sequential import (
     ROTATIONS,
     SequentialConfig,
     check_calibration_fits,
+    check_rotation,
     recipe,
 )
 from diffptq.config.tdq import CONDITIONS, EXTRAPOLATIONS, TdqConfig, TdqFitConfig
 
-__all__ = ["ACT_KINDS", "AUTO", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS", "RECIPE_FIELDS",
-           "RECIPE_MAX_ABITS", "ROTATIONS", "SCALE_METHODS", "CalibConfig", "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig",
-           "as_damping", "check_calibration_fits", "recipe"]
+__all__ = ["ACT_KINDS", "AUTO", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS",
+           "RECIPE_FIELDS", "RECIPE_MAX_ABITS", "ROTATIONS", "SCALE_METHODS", "CalibConfig", "Damping", "QuantSpec",
+           "SequentialConfig", "TdqConfig", "TdqFitConfig", "as_damping", "check_calibration_fits", "check_rotation",
+           "recipe"]

@@ -19,7 +19,7 @@ from diffptq.errors import ConfigError
 METHODS = ("rtn", "gptq", "qronos")
 ACT_KINDS = ("static", "dynamic")
 GRANULARITIES = ("unit", "block")
-ROTATIONS = ("hadamard",)  # online input rotations (diffptq.quant.rotation)
+ROTATIONS = ("hadamard", "pca")  # online input rotations (diffptq.quant.rotation)
 DEFAULT_ACT = QuantSpec(8, symmetric=False)  # activations: asymmetric 8-bit (the zero point follows the range)
 AUTO = "auto"  # the flag value of --act_quant / --rotate that leaves the choice to the recipe of the bits
 RECIPE_FIELDS = ("act_kind", "rotate")
@@ -71,7 +71,11 @@ class SequentialConfig:
     prologue/epilogue and the units not selected) instead of all those still to come. Moved back like offload_done's.
     rotate / rotate_seed / rotate_conv: an online input rotation of the swapped layers (as in
     diffptq.quant.layers.QuantConfig), set at the swap, so H, G, the activation quantizers and rel_out_err all see
-    the rotated inputs.
+    the rotated inputs. "pca" is computed per unit instead, from the calibration inputs (the eigenvectors of each
+    Linear input's second moment, one R per group of layers fed by the same tensor), before the unit's activation
+    quantizers are calibrated; Conv2d layers keep their inputs (rotate_conv needs "hadamard").
+    keep: with rotate "pca", the first `keep` rotated channels (the leading components) of each Linear's input are
+    quantized at 8 bits, the rest with `act` (clamped to the layer's width; 0: off; nothing to do without `act`).
     smooth: α of per-channel smoothing of each Linear's input (x / s, W·diag(s), one s per group of layers fed by
     the same tensor, from the calibration records' max |x|), before its activation quantizer is calibrated (None:
     off). lowrank: rank of a high-precision branch kept out of each Linear's quantized weight (0: off).
@@ -101,6 +105,7 @@ class SequentialConfig:
     rotate_conv: bool = False
     smooth: float | None = None
     lowrank: int = 0
+    keep: int = 0
     auto: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -121,10 +126,7 @@ class SequentialConfig:
         self.auto = tuple(self.auto)
         for name in self.auto:
             check_choice(name, "SequentialConfig.auto", RECIPE_FIELDS)
-        if self.rotate is not None:
-            check_choice(self.rotate, "--rotate", ROTATIONS)
-        elif self.rotate_conv:
-            raise ConfigError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard")
+        check_rotation(self.rotate, self.rotate_conv, self.keep)
 
     def with_bits(self, wbits: int, abits: int) -> SequentialConfig:
         """This config at `wbits` / `abits` (16: float activations); the grids keep their other settings, and the
@@ -134,6 +136,18 @@ class SequentialConfig:
         act = None if abits >= FLOAT_BITS else replace(self.act or DEFAULT_ACT, bits=abits)
         chosen = {name: value for name, value in recipe(abits).items() if name in self.auto}
         return replace(self, weight=replace(self.weight, bits=wbits), act=act, **chosen)
+
+
+def check_rotation(rotate: str | None, rotate_conv: bool, keep: int) -> None:
+    """ConfigError for rotation settings that mean nothing together (the flags and SequentialConfig share it)."""
+    if rotate is not None:
+        check_choice(rotate, "--rotate", ROTATIONS)
+    check_non_negative_int(keep, "--keep")
+    if rotate_conv and rotate != "hadamard":
+        raise ConfigError("--rotate_conv rotates Conv2d inputs as well: it needs --rotate hadamard"
+                          + (" (the PCA rotation applies to Linear layers only)" if rotate == "pca" else ""))
+    if keep and rotate != "pca":
+        raise ConfigError(f"--keep {keep} keeps the leading PCA components at 8 bits: it needs --rotate pca")
 
 
 def check_calibration_fits(cfg: SequentialConfig, n_calib: int, batch_size: int) -> None:

@@ -8,9 +8,13 @@ Metadata key `diffptq`: JSON with the format version, the base model (source, fa
 denoiser config), the quantization settings and one entry per layer (shape, kind, weight spec, activation kind,
 and `rotation`: {kind, size, seed} of an online input rotation, from which it is rebuilt, or absent/null).
   `<name>.input_scale`, `<name>.lowrank_up`, `<name>.lowrank_down`  smoothing factors and the low-rank branch
-Version 2 added `rotation`, version 3 `smooth` and `lowrank` (with their tensors). A file is written with the
-lowest version that holds it (1 without rotations or outlier handling), so older readers load what they can and
-refuse rather than silently drop what they cannot. All three versions are read.
+  `<name>.rotation`  a PCA rotation's matrix R (in, in) float32, stored once per group of layers sharing it (under
+      the group's first layer); each layer's `rotation` is {kind: "pca", size, matrix: the tensor's key}
+  `act_keep` (metadata): K > 0 when the activation quantizer keeps the first K rotated channels at 8 bits (its
+      state then holds `lead.*` and `rest.*`)
+Version 2 added `rotation`, version 3 `smooth` and `lowrank` (with their tensors), version 4 PCA rotations and
+`act_keep`. A file is written with the lowest version that holds it (1 without rotations or outlier handling), so
+older readers load what they can and refuse rather than silently drop what they cannot. All four versions are read.
 Nothing is ever unpickled: a file that is not safetensors is refused with a clear error.
 """
 from __future__ import annotations
@@ -27,15 +31,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffptq.errors import CheckpointError
-from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
+from diffptq.quant.act import (
+    ActQuantizer,
+    DynamicActQuantizer,
+    LeadingActQuantizer,
+    StaticActQuantizer,
+    keep_leading,
+)
 from diffptq.quant.layers import QuantLayer, QuantLinear, quant_layers
 from diffptq.quant.quantizer import QuantSpec, pack_codes, unpack_codes
 from diffptq.io.schema import check_metadata, check_tensors
-from diffptq.quant.rotation import make_rotation
+from diffptq.quant.rotation import PcaRotation, Rotation, make_rotation
 
 FORMAT = "diffptq-checkpoint"
-VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
 
 
 def config_hash(denoiser: nn.Module) -> str:
@@ -45,6 +55,8 @@ def config_hash(denoiser: nn.Module) -> str:
 
 
 def _act_kind(aq: ActQuantizer | None) -> str | None:
+    if isinstance(aq, LeadingActQuantizer):
+        aq = aq.rest  # its kind and grid; act_keep says what it keeps at 8 bits
     if aq is None:
         return None
     if isinstance(aq, StaticActQuantizer):
@@ -67,7 +79,17 @@ def layer_entry(name: str, layer: QuantLayer) -> dict:
         "rotation": layer.rotation.config() if layer.rotation is not None else None,
         "smooth": layer.input_scale is not None,
         "lowrank": 0 if layer.lowrank_up is None else int(layer.lowrank_up.shape[1]),
+        "act_keep": aq.keep if isinstance(aq, LeadingActQuantizer) else 0,
     }
+
+
+def _version(layers: list[dict]) -> int:
+    """The lowest format version that holds these layer entries."""
+    if any(e["act_keep"] or (e["rotation"] or {}).get("kind") == "pca" for e in layers):
+        return 4
+    if any(e["smooth"] or e["lowrank"] for e in layers):
+        return 3
+    return 2 if any(e["rotation"] for e in layers) else 1
 
 
 def save_quantized(path: str | Path, denoiser: nn.Module, base: dict, quant: dict) -> dict:
@@ -78,6 +100,7 @@ def save_quantized(path: str | Path, denoiser: nn.Module, base: dict, quant: dic
     """
     tensors: dict[str, torch.Tensor] = {}
     layers = []
+    pca_keys: dict[int, str] = {}  # a shared PCA rotation → the tensor that holds its matrix
     for name, layer in quant_layers(denoiser):
         if not layer.is_quantized:
             continue
@@ -92,11 +115,16 @@ def save_quantized(path: str | Path, denoiser: nn.Module, base: dict, quant: dic
             if getattr(layer, key) is not None:
                 # a copy each: layers fed by one input share one smoothing tensor, which safetensors refuses
                 tensors[f"{name}.{key}"] = getattr(layer, key).detach().float().cpu().clone().contiguous()
-        layers.append(layer_entry(name, layer))
+        entry = layer_entry(name, layer)
+        if isinstance(layer.rotation, PcaRotation):
+            key = pca_keys.setdefault(id(layer.rotation), f"{name}.rotation")
+            if key not in tensors:
+                tensors[key] = layer.rotation.basis.detach().float().cpu().clone().contiguous()
+            entry["rotation"]["matrix"] = key
+        layers.append(entry)
     if not layers:
         raise CheckpointError("nothing to save: the model has no quantized layer")
-    version = 3 if any(e["smooth"] or e["lowrank"] for e in layers) else 2 if any(e["rotation"] for e in layers) else 1
-    meta = {"format": FORMAT, "version": version, "base": {**base, "config_hash": config_hash(denoiser)},
+    meta = {"format": FORMAT, "version": _version(layers), "base": {**base, "config_hash": config_hash(denoiser)},
             "quant": quant, "layers": layers}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +194,7 @@ def apply_checkpoint(denoiser: nn.Module, meta: dict, tensors: dict[str, torch.T
     from diffptq.quant.layers import QuantConv2d
 
     out = {}
+    pca: dict[str, PcaRotation] = {}  # one instance per stored matrix: its layers share one rotated input again
     for entry in meta["layers"]:
         name = entry["name"]
         try:
@@ -185,8 +214,8 @@ def apply_checkpoint(denoiser: nn.Module, meta: dict, tensors: dict[str, torch.T
             module.act_quant, module.weight_spec = act, wspec
         shape = (entry["weight_shape"][0], int(torch.tensor(entry["weight_shape"][1:]).prod()))
         try:
-            rot = entry.get("rotation")  # before the codes: they are in the rotated (smoothed, split) basis
-            module.set_rotation(make_rotation(**rot) if rot else None)
+            # before the codes: they are in the rotated (smoothed, split) basis
+            module.set_rotation(_rotation(entry.get("rotation"), tensors, pca, module.weight.device))
             if entry.get("smooth"):
                 module.set_smoothing(tensors[f"{name}.input_scale"])
             if entry.get("lowrank"):
@@ -204,6 +233,18 @@ def apply_checkpoint(denoiser: nn.Module, meta: dict, tensors: dict[str, torch.T
     return out
 
 
+def _rotation(rot: dict | None, tensors: dict[str, torch.Tensor], pca: dict[str, PcaRotation],
+              device: torch.device) -> Rotation | None:
+    """The rotation a layer entry records: rebuilt from kind, size and seed, or a PCA matrix (shared per key)."""
+    if not rot:
+        return None
+    if rot["kind"] != "pca":
+        return make_rotation(**rot)
+    if rot["matrix"] not in pca:
+        pca[rot["matrix"]] = PcaRotation(tensors[rot["matrix"]].to(device))
+    return pca[rot["matrix"]]
+
+
 def _build_act(entry: dict, act_builder) -> ActQuantizer | None:
     kind = entry["act_kind"]
     if kind is None:
@@ -211,9 +252,9 @@ def _build_act(entry: dict, act_builder) -> ActQuantizer | None:
     spec = QuantSpec(**entry["act_spec"])
     channel_dim = 1 if entry["kind"] == "conv2d" else -1
     if kind == "static":
-        return StaticActQuantizer(spec, channel_dim)
+        return keep_leading(StaticActQuantizer(spec, channel_dim), entry.get("act_keep", 0), entry["weight_shape"][1])
     if kind == "dynamic":
-        return DynamicActQuantizer(spec, channel_dim)
+        return keep_leading(DynamicActQuantizer(spec, channel_dim), entry.get("act_keep", 0), entry["weight_shape"][1])
     if act_builder is None:
         raise CheckpointError(f"layer {entry['name']}: activation quantizer kind {kind!r} needs a builder")
     return act_builder(entry)

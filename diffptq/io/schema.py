@@ -1,8 +1,9 @@
 """The checkpoint's metadata and tensors, checked whole on load: a hand-edited or damaged file is one clear error.
 
 `check_checkpoint(meta, tensors, path)` raises CheckpointError naming the file, the entry and what is wrong: a field
-missing or of the wrong type, bits outside 2..8, an unknown layer or activation kind, a tensor missing, or a NaN/Inf
-in a weight scale, zero point or activation quantizer state (such a file makes black images).
+missing or of the wrong type, bits outside 2..8, an unknown layer, activation or rotation kind, a tensor missing, a
+PCA rotation matrix of the wrong shape or with columns that are not unit vectors, or a NaN/Inf in a weight scale,
+zero point, activation quantizer state or stored rotation (such a file makes black images).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from diffptq.errors import CheckpointError, ConfigError
 FAMILIES = ("pixart", "sd")
 LAYER_KINDS = ("linear", "conv2d")
 ACT_KINDS = (None, "static", "dynamic", "tdq")
+ROTATION_FIELDS = {"hadamard": {"kind", "size", "seed"}, "pca": {"kind", "size", "matrix"}}
 
 
 def _need(entry: dict, key: str, kind, where: str, path: Path, optional: bool = False):
@@ -74,14 +76,47 @@ def check_metadata(meta: dict, path: Path) -> None:
                                   f"{', '.join(str(k) for k in ACT_KINDS)}")
         if entry.get("act_kind") is not None:
             _spec(entry.get("act_spec"), f"{where} activation grid", path)
-        rot = entry.get("rotation")
-        if rot is not None and not (isinstance(rot, dict) and {"kind", "size", "seed"} <= set(rot)):
-            raise CheckpointError(f"{path}: {where}: rotation must give kind, size and seed")
+        _check_rotation(entry, where, path)
+        keep = entry.get("act_keep", 0)
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= shape[1]:
+            raise CheckpointError(f"{path}: {where}: act_keep must be 0..{shape[1]} (the input width), got {keep!r}")
+        if keep and entry.get("act_kind") not in ("static", "dynamic"):
+            raise CheckpointError(f"{path}: {where}: act_keep needs a static or dynamic activation quantizer")
         lowrank = entry.get("lowrank", 0)
         if not isinstance(lowrank, int) or isinstance(lowrank, bool) or lowrank < 0:
             raise CheckpointError(f"{path}: {where}: lowrank must be a rank >= 0, got {lowrank!r}")
         if not isinstance(entry.get("smooth", False), bool):
             raise CheckpointError(f"{path}: {where}: smooth must be true or false")
+
+
+def _check_rotation(entry: dict, where: str, path: Path) -> None:
+    rot = entry.get("rotation")
+    if rot is None:
+        return
+    kind = rot.get("kind") if isinstance(rot, dict) else None
+    if kind not in ROTATION_FIELDS or not ROTATION_FIELDS[kind] <= set(rot):
+        raise CheckpointError(f"{path}: {where}: rotation must give kind (hadamard: size, seed; pca: size, matrix)")
+    if not isinstance(rot["size"], int) or rot["size"] != entry["weight_shape"][1]:
+        raise CheckpointError(f"{path}: {where}: rotation size {rot['size']!r} is not the input width "
+                              f"{entry['weight_shape'][1]}")
+    if kind == "pca" and (entry["kind"] != "linear" or not isinstance(rot["matrix"], str)):
+        raise CheckpointError(f"{path}: {where}: a PCA rotation belongs to a Linear layer and names its matrix")
+
+
+def _check_pca_matrix(entry: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The stored R is (in, in), finite, with unit columns (an O(in²) check; orthogonality itself is not tested)."""
+    key, size = entry["rotation"]["matrix"], entry["rotation"]["size"]
+    where = f"{path}: layer {entry['name']}: rotation matrix {key}"
+    if key not in tensors:
+        raise CheckpointError(f"{where} is missing")
+    t = tensors[key]
+    if tuple(t.shape) != (size, size) or not t.is_floating_point():
+        raise CheckpointError(f"{where}: expected a float ({size}, {size}) matrix, got {t.dtype} {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{where} holds NaN or Inf: the file is damaged; quantize again")
+    norms = torch.linalg.vector_norm(t.double(), dim=0)
+    if not bool(((norms - 1).abs() < 1e-3).all()):
+        raise CheckpointError(f"{where}: its columns are not unit vectors (not a rotation): the file is damaged")
 
 
 def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -95,6 +130,8 @@ def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> N
                 raise CheckpointError(f"{path}: layer {name}: tensor {name}.{key} is missing")
         state = [k for k in tensors if k.startswith(f"{name}.act.")]
         extra = [f"{name}.{k}" for k in needed[3:]]
+        if (entry.get("rotation") or {}).get("kind") == "pca":
+            _check_pca_matrix(entry, tensors, path)
         for key in (f"{name}.scale", f"{name}.zero", *state, *extra):
             t = tensors[key]
             if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):

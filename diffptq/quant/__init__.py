@@ -1,6 +1,13 @@
 """Quantization primitives: integer grids (quantizer), activation quantizers (act), quantized layers (layers),
 online input rotations (rotation)."""
-from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer, TimeConditionedActQuantizer
+from diffptq.quant.act import (
+    ActQuantizer,
+    DynamicActQuantizer,
+    LeadingActQuantizer,
+    StaticActQuantizer,
+    TimeConditionedActQuantizer,
+    keep_leading,
+)
 from diffptq.quant.layers import (
     QuantConfig,
     QuantConv2d,
@@ -27,13 +34,15 @@ from diffptq.quant.quantizer import (
     unpack_codes,
     unpack_int4,
 )
-from diffptq.quant.rotation import ROTATIONS, HadamardRotation, make_rotation
+from diffptq.quant.rotation import ROTATIONS, HadamardRotation, PcaRotation, make_rotation, pca_basis, pca_rotation
 
 __all__ = [
     "ROTATIONS",
     "ActQuantizer",
     "DynamicActQuantizer",
     "HadamardRotation",
+    "LeadingActQuantizer",
+    "PcaRotation",
     "QuantConfig",
     "QuantConv2d",
     "QuantLayer",
@@ -46,11 +55,14 @@ __all__ = [
     "fake_quant",
     "fit_rows",
     "fit_weight_params",
+    "keep_leading",
     "make_rotation",
     "float_mode",
     "name_matches",
     "pack_codes",
     "pack_int4",
+    "pca_basis",
+    "pca_rotation",
     "params_from_range",
     "quant_layers",
     "quantize_codes",

@@ -6,6 +6,8 @@ Per-token means one scale per position over the channel dimension (per spatial p
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -133,12 +135,90 @@ class DynamicActQuantizer(ActQuantizer):
         return params_from_range(lo, hi, self.spec)
 
 
+KEEP_BITS = 8  # the bit width of the leading channels a LeadingActQuantizer keeps
+
+
+class LeadingActQuantizer(ActQuantizer):
+    """The first `keep` of `width` input channels on a KEEP_BITS-bit grid, the other channels on `rest`'s grid.
+
+    For inputs rotated into a PCA basis (diffptq.quant.rotation.PcaRotation) those channels are the leading principal
+    components, which carry most of the energy. `rest` is a StaticActQuantizer or DynamicActQuantizer; the leading
+    channels get a quantizer of the same kind (one more per-tensor scale, or per-token scales of their own), so each
+    part is fitted on its own channels only. keep = width quantizes everything at KEEP_BITS bits. `spec` is rest's.
+    Static parts calibrate together (start_calibration / finish_calibration); a state dict holds `lead.*` and
+    `rest.*`.
+    """
+
+    def __init__(self, rest: ActQuantizer, keep: int, width: int):
+        if type(rest) not in (StaticActQuantizer, DynamicActQuantizer):
+            raise ValueError(f"leading channels at {KEEP_BITS} bits: static or dynamic quantizers, not "
+                             f"{type(rest).__name__}")
+        if not 0 < keep <= width:
+            raise ValueError(f"keep must lie in 1..{width} (the input width), got {keep}")
+        super().__init__(rest.spec, rest.channel_dim)
+        self.enabled, rest.enabled = rest.enabled, True  # the switch is this one's; the parts always run
+        self.rest = rest
+        self.lead = type(rest)(replace(rest.spec, bits=KEEP_BITS), rest.channel_dim)
+        self.keep, self.width = keep, width
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name == "channel_dim" and "rest" in self._modules:  # both parts follow (QuantConv2d sets it)
+            self.rest.channel_dim = self.lead.channel_dim = value
+
+    def _parts(self) -> list[ActQuantizer]:
+        return [self.lead] if self.keep >= self.width else [self.lead, self.rest]
+
+    def start_calibration(self) -> None:
+        for part in self._parts():
+            if isinstance(part, StaticActQuantizer):
+                part.start_calibration()
+
+    def finish_calibration(self) -> None:
+        for part in self._parts():
+            if isinstance(part, StaticActQuantizer):
+                part.finish_calibration()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        dim = self.channel_dim % x.dim()
+        if x.shape[dim] != self.width:
+            raise ValueError(f"LeadingActQuantizer for {self.width} channels given {x.shape[dim]}")
+        if self.keep >= self.width:
+            return self.lead(x)
+        return torch.cat([self.lead(x.narrow(dim, 0, self.keep)),
+                          self.rest(x.narrow(dim, self.keep, self.width - self.keep))], dim=dim)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep} of {self.width} at {KEEP_BITS} bits, enabled={self.enabled}"
+
+
+def keep_leading(aq: ActQuantizer | None, keep: int, width: int) -> ActQuantizer | None:
+    """`aq` with its first min(keep, width) channels at KEEP_BITS bits (a LeadingActQuantizer); aq itself when keep is
+    0 or there is no quantizer."""
+    if aq is None or keep <= 0:
+        return aq
+    return LeadingActQuantizer(aq, min(keep, width), width)
+
+
+def needs_calibration(aq: ActQuantizer | None) -> bool:
+    """Whether `aq` is fitted on observed batches (start_calibration, forward passes, finish_calibration): static
+    quantizers, leading-channel ones with static parts, and any other kind with start_calibration (e.g. TDQ)."""
+    if isinstance(aq, LeadingActQuantizer):
+        return isinstance(aq.rest, StaticActQuantizer)
+    return hasattr(aq, "start_calibration")
+
+
 def same_quantization(a: ActQuantizer, b: ActQuantizer) -> bool:
     """True if a and b (when on) map every input to the same output: one class, grid and channel dim, and either
-    dynamic per token, or static, calibrated (not calibrating), with equal scale and zero. Any other kind (e.g.
-    time-conditioned): False."""
+    dynamic per token, or static, calibrated (not calibrating), with equal scale and zero, or leading-channel
+    quantizers with equal keep and parts. Any other kind (e.g. time-conditioned): False."""
     if type(a) is not type(b) or a.spec != b.spec or a.channel_dim != b.channel_dim:
         return False
+    if type(a) is LeadingActQuantizer:
+        return (a.keep, a.width) == (b.keep, b.width) and all(
+            same_quantization(pa, pb) for pa, pb in zip(a._parts(), b._parts()))
     if type(a) is DynamicActQuantizer:
         return True
     return (type(a) is StaticActQuantizer and a.calibrated and b.calibrated and not a.calibrating

@@ -35,7 +35,7 @@ from diffptq.config.checks import check_choice
 from diffptq.config.sequential import ACT_KINDS
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
 from diffptq.quant.quantizer import QuantSpec, check_group_size, dequantize
-from diffptq.quant.rotation import ROTATIONS, HadamardRotation, make_rotation
+from diffptq.quant.rotation import ROTATIONS, Rotation, make_rotation
 
 log = logging.getLogger(__name__)
 _CODE_BUFFERS = ("weight_codes", "weight_scale", "weight_zero")
@@ -57,7 +57,7 @@ class QuantLayer:
         for name in (*_CODE_BUFFERS, *_OUTLIER_BUFFERS):
             self.register_buffer(name, None)
         self.register_buffer("weight_q", None, persistent=False)
-        self.rotation: HadamardRotation | None = None
+        self.rotation: Rotation | None = None
         self._rotation_hook = None
         self._smoothing_hook = None
 
@@ -67,12 +67,13 @@ class QuantLayer:
         return 1 if isinstance(self, nn.Conv2d) else -1
 
     @torch.no_grad()
-    def set_rotation(self, rotation: HadamardRotation | None) -> None:
+    def set_rotation(self, rotation: Rotation | None) -> None:
         """Rotate this layer's input by `rotation` (None: remove a rotation); the float weight becomes W R.
 
         Call before quantizing: codes already stored are in the basis they were made in and are kept as they are
         (a checkpoint loader sets the rotation, then the codes). The weight becomes a new Parameter, so a module
-        that shared the old one (the float layer this one replaced) keeps its weight.
+        that shared the old one (the float layer this one replaced) keeps its weight. A rotation that is an
+        nn.Module (PcaRotation) becomes the submodule `rotation`: layers sharing it hold one copy of its matrix.
         """
         if rotation is self.rotation:  # make_rotation shares one instance per (kind, size, seed)
             return
@@ -87,6 +88,7 @@ class QuantLayer:
             w = rotation.rotate(w, 1)
             # prepend: hooks registered before or after this one (the driver's H/G recorders) see Rᵀx
             self._rotation_hook = self.register_forward_pre_hook(self._rotate_input, prepend=True)
+        self._modules.pop("rotation", None)  # a module-valued rotation is a submodule, any other kind an attribute
         self.rotation = rotation
         self.weight = nn.Parameter(w.to(self.weight.dtype), requires_grad=self.weight.requires_grad)
 
@@ -236,9 +238,10 @@ class QuantConfig:
     include / skip: patterns on qualified module names; glob (fnmatch, e.g. "*.attn1.*"), or a regex searched in
       the name when prefixed with "re:". A module is swapped if it matches an include and no skip pattern.
     linear / conv: which module types to swap. Grouped convolutions are skipped with a warning.
-    rotate: an online input rotation for every swapped Linear (None, or a kind of diffptq.quant.rotation, e.g.
-      "hadamard"), built from the layer's input width and `rotate_seed`; see QuantLayer.set_rotation. Conv2d
-      layers too when `rotate_conv` (off by default: on the bundled UNet rotating them raised the W4A4 error).
+    rotate: an online input rotation for every swapped Linear (None, or a data-free kind of
+      diffptq.quant.rotation: "hadamard"), built from the layer's input width and `rotate_seed`; see
+      QuantLayer.set_rotation. Conv2d layers too when `rotate_conv` (off by default: on the bundled UNet rotating
+      them raised the W4A4 error). "pca" needs calibration inputs: the sequential driver sets it after the swap.
     """
 
     weight: QuantSpec | None = None
@@ -257,6 +260,9 @@ class QuantConfig:
         check_choice(self.act_kind, "QuantConfig.act_kind", ACT_KINDS)
         if self.rotate is not None:
             check_choice(self.rotate, "QuantConfig.rotate", ROTATIONS)
+            if self.rotate == "pca":
+                raise ValueError("QuantConfig.rotate: the pca rotation depends on the calibration inputs; the "
+                                 "sequential driver sets it (SequentialConfig.rotate)")
 
 
 def name_matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:

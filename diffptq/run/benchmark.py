@@ -310,13 +310,16 @@ def prepare_variant(pipe, fp_cpu: nn.Module, variant: Variant, cfg: BenchmarkCon
 # ---- measurements -------------------------------------------------------------------------------------------------
 def rotation_of(denoiser: nn.Module) -> str | None:
     """The `rotate` column: the rotation kind of the quantized layers (e.g. 'hadamard', with '+conv' when Conv2d
-    inputs are rotated too, as quantize_pipeline names it), None when no layer rotates its input. Read off the layers,
-    so a variant loaded from a checkpoint reports what the file holds."""
+    inputs are rotated too, '+keepK' when leading PCA components are kept at 8 bits (K: the largest per layer, after
+    clamping to its width), as quantize_pipeline names it), None when no layer rotates its input. Read off the
+    layers, so a variant loaded from a checkpoint reports what the file holds."""
     rotated = [layer for _, layer in quant_layers(denoiser) if layer.rotation is not None]
     if not rotated:
         return None
     kinds = "/".join(sorted({layer.rotation.kind for layer in rotated}))
-    return kinds + ("+conv" if any(isinstance(layer, nn.Conv2d) for layer in rotated) else "")
+    keep = max(getattr(layer.act_quant, "keep", 0) for layer in rotated)
+    return (kinds + ("+conv" if any(isinstance(layer, nn.Conv2d) for layer in rotated) else "")
+            + (f"+keep{keep}" if keep else ""))
 
 
 def denoiser_size_bytes(denoiser: nn.Module) -> int:

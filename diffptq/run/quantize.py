@@ -135,8 +135,11 @@ def check_group_size(pipe, blocks: list[int], group_size: int | None) -> None:
 
 
 def rotation_label(cfg: SequentialConfig) -> str | None:
-    """The `rotate` of results and checkpoints: 'hadamard', 'hadamard+conv' with Conv2d inputs, None without."""
-    return None if cfg.rotate is None else cfg.rotate + ("+conv" if cfg.rotate_conv else "")
+    """The `rotate` of results and checkpoints: 'hadamard', 'hadamard+conv' with Conv2d inputs, 'pca', 'pca+keep8'
+    with leading components at 8 bits, None without."""
+    if cfg.rotate is None:
+        return None
+    return cfg.rotate + ("+conv" if cfg.rotate_conv else "") + (f"+keep{cfg.keep}" if cfg.keep else "")
 
 
 def quant_metadata(cfg: SequentialConfig, calib_cfg: CalibConfig, **extra) -> dict:
@@ -144,7 +147,8 @@ def quant_metadata(cfg: SequentialConfig, calib_cfg: CalibConfig, **extra) -> di
     return {"method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
             "act_quant": cfg.act_kind if cfg.act else None, "group_size": cfg.weight.group_size,
             "damp": cfg.damp.setting, "act_order": cfg.act_order, "rotate": rotation_label(cfg),
-            "rotate_seed": cfg.rotate_seed, "smooth": cfg.smooth, "lowrank": cfg.lowrank, "blocks": cfg.blocks,
+            "rotate_seed": cfg.rotate_seed, "smooth": cfg.smooth, "lowrank": cfg.lowrank, "keep": cfg.keep,
+            "blocks": cfg.blocks,
             "n_calib": calib_cfg.n_calib,
             "calib_steps": calib_cfg.calib_steps, "seed": calib_cfg.seed, **extra}
 

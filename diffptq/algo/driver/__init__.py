@@ -16,6 +16,8 @@ results (layer reports, block_stats, on_block) are reported per block. Below, "b
       later inputs change; blocks of the same class and layer order reuse the first one's answer). Groups go into
       waves: a group's wave comes after the waves of every group it depends on, so all groups of a wave can be
       calibrated from one pass (e.g. attn1 q/k/v and the cross-attention k/v, which read the text states only).
+   a'. outlier handling (outliers.py), when asked: the PCA rotation (one R per group, from the second moment of its
+      input over the quantized stream, the block's weights float), then smoothing and the low-rank branch.
    b. calibrate the block's static activation quantizers on the quantized stream (activations.py; one pass,
       stopped after the last layer that has one; the weights of the block still float, as before).
    c. per wave: one pass per stream over the calibration records, stopped after the wave's last layer: the float

@@ -5,6 +5,7 @@ import torch
 
 from diffptq.algo.driver.passes import UnitRunner
 from diffptq.algo.driver.plan import BlockPlan
+from diffptq.quant.act import needs_calibration
 from diffptq.quant.layers import QuantLayer
 
 
@@ -14,7 +15,7 @@ def calibrate_activations(runner: UnitRunner, k: int, layers: dict[str, QuantLay
     """Calibrate the activation quantizers of `layers` that calibrate (start_calibration / finish_calibration) on
     the quantized stream of `records`, one pass each (the unit's weights still float). With an exact plan a pass
     stops right after the last such layer."""
-    static = {n: m.act_quant for n, m in layers.items() if hasattr(m.act_quant, "start_calibration")}
+    static = {n: m.act_quant for n, m in layers.items() if needs_calibration(m.act_quant)}
     if not static:
         return
     for aq in static.values():

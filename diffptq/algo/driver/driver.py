@@ -82,7 +82,8 @@ class SequentialQuantizer:
     def swap(self) -> dict[str, QuantLayer]:
         include = tuple(f"{self.units[k].name}.*" for k in self.selected)
         qcfg = QuantConfig(weight=self.cfg.weight, act=self.cfg.act, act_kind=self.cfg.act_kind, include=include,
-                           skip=self.cfg.skip, act_factory=self.cfg.act_factory, rotate=self.cfg.rotate,
+                           skip=self.cfg.skip, act_factory=self.cfg.act_factory,
+                           rotate=None if self.cfg.rotate == "pca" else self.cfg.rotate,  # pca: per unit, later
                            rotate_seed=self.cfg.rotate_seed, rotate_conv=self.cfg.rotate_conv)
         self.layers = self.runner.layers = swap_modules(self.den, qcfg)
         set_quant_enabled(self.den, weights=False, acts=False)
@@ -167,8 +168,8 @@ class SequentialQuantizer:
         layers = self.runner.layers_of(k)
         self.quant_calls[self.units[k].name] += 1
         plan = self.plans[k] = self.plan_block(k, layers)
-        if self.cfg.smooth is not None or self.cfg.lowrank:
-            prepare_outliers(self.runner, k, layers, plan, self.train, self.cfg.smooth, self.cfg.lowrank)
+        if self.cfg.rotate == "pca" or self.cfg.smooth is not None or self.cfg.lowrank:
+            prepare_outliers(self.runner, k, layers, plan, self.train, self.cfg)
         self.calibrate_acts(k, layers)
         self.leaders[k] = share_leaders(plan, self.layers)
         for w in range(len(plan.waves)):
