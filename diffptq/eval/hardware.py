@@ -1,4 +1,4 @@
-"""Hardware measurements: per-image latency, peak VRAM, model size on disk and in memory.
+"""Hardware measurements: per-image latency, peak VRAM, model size on disk and in memory; the card's short name.
 
 Latency and VRAM are measured on CUDA only; elsewhere they are None (an empty cell), never 0, and the callable is not
 run.
@@ -11,6 +11,7 @@ at its stored size, numel · element_size of its dtype (so packed int4 pairs in 
 from __future__ import annotations
 
 import os
+import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 SIZE_EXCLUDE_ATTR = "_size_exclude"
+# words of a CUDA device name that say nothing about which card it is (vendor, line, memory, form factor)
+_CARD_NOISE = re.compile(r"nvidia|geforce|tesla|quadro|\d+gb|hbm\d*e?|pcie|sxm\d*|nvl", re.IGNORECASE)
 
 
 def _cuda_device(device: str | torch.device | None) -> torch.device | None:
@@ -113,3 +116,14 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
         return tensor.numel() * tensor.element_size()
     names, _ = flatten()
     return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+
+
+def card_name(device: str | torch.device | None = None, count: int = 1) -> str:
+    """The short card name of result file names (benchmarks/README.md): 'h200', 'h100', 'rtx4090', 'a100', with 'x2'
+    ... for `count` cards of one host; 'cpu' for a CPU device (or no CUDA)."""
+    dev = _cuda_device(device) if device is None or torch.device(device).type == "cuda" else None
+    if dev is None:
+        return "cpu"
+    words = re.split(r"[\s_/-]+", torch.cuda.get_device_name(dev))
+    name = "".join(w.lower() for w in words if w and not _CARD_NOISE.fullmatch(w)) or "gpu"
+    return name + (f"x{count}" if count > 1 else "")

@@ -1,9 +1,9 @@
-"""Hardware measurements: None (not 0) where CUDA is absent; checkpoint and in-memory sizes."""
+"""Hardware measurements: None (not 0) where CUDA is absent; checkpoint and in-memory sizes; card names."""
 import pytest
 import torch
 from torch import nn
 
-from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
+from diffptq.eval.hardware import card_name, checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -78,3 +78,15 @@ def test_module_bytes_counts_tied_weights_once():
     head = nn.Linear(4, 10, bias=False)
     head.weight = emb.weight
     assert module_bytes(nn.ModuleList([emb, head])) == 10 * 4 * 4
+
+
+@pytest.mark.parametrize("device_name, card", [
+    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("Tesla V100-SXM2-16GB", "v100"), ("NVIDIA H100 NVL", "h100")])
+def test_card_name_is_the_short_name_of_result_files(monkeypatch, device_name, card):
+    assert card_name("cpu") == "cpu" and card_name("cpu", count=2) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert card_name("cuda") == card_name() == card and card_name("cuda:0", count=2) == card + "x2"
+    assert card_name("cpu") == "cpu"
