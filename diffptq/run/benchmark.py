@@ -39,8 +39,8 @@ from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoin
 from diffptq.run.benchmark_peers import failure_note, is_peer, peer_variant_bits, prepare_peer
 from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, score
 
-__all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "Variant",
-           "denoiser_size_bytes", "rotation_of", "run_benchmark", "variants"]
+__all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "SharedCalibration",
+           "Variant", "denoiser_size_bytes", "rotation_of", "run_benchmark", "variants"]
 log = logging.getLogger("diffptq.benchmark")
 
 GIB = 2**30
@@ -165,7 +165,7 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
     family = family_of(pipe)
     fp_cpu = copy.deepcopy(family.denoiser(pipe)).to("cpu")  # the pristine float weights every variant starts from
     ckpts = index_checkpoints(cfg.checkpoints, fp_cpu, family.name) if cfg.checkpoints else {}
-    calib = _Calibration(pipe, cfg.calib, cfg.progress and main)
+    calib = SharedCalibration(pipe, cfg.calib, cfg.progress and main)
     world = int(getattr(accelerator, "num_processes", 1)) if accelerator is not None else 1
     wanted = cfg.variants if Variant("fp") in cfg.variants else [Variant("fp"), *cfg.variants]
     for variant in wanted:
@@ -244,7 +244,7 @@ def swapped_denoiser(pipe, denoiser: nn.Module) -> Iterator[nn.Module]:
         setattr(pipe, attr, original)
 
 
-class _Calibration:
+class SharedCalibration:
     """The calibration set, collected from the float pipeline on first use and shared by all quantized variants."""
 
     def __init__(self, pipe, calib_cfg, progress: bool) -> None:
@@ -267,7 +267,7 @@ def variant_config(cfg: BenchmarkConfig, variant: Variant, n_blocks: int) -> Seq
     return replace(cfg.quant.with_bits(variant.wbits, variant.abits), method=variant.method, blocks=blocks)
 
 
-def quantize_variant(denoiser: nn.Module, pipe, seq_cfg: SequentialConfig, calib: _Calibration,
+def quantize_variant(denoiser: nn.Module, pipe, seq_cfg: SequentialConfig, calib: SharedCalibration,
                      device: torch.device, dtype: torch.dtype, progress: bool = True) -> float:
     """Quantize `denoiser` (a float copy, on `device`, in place in `pipe`) with the sequential driver; returns
     calib_time_s, the driver's wall time (the shared calibration set's collection excluded)."""
@@ -279,7 +279,7 @@ def quantize_variant(denoiser: nn.Module, pipe, seq_cfg: SequentialConfig, calib
     return time.perf_counter() - t0
 
 
-def prepare_variant(pipe, fp_cpu: nn.Module, variant: Variant, cfg: BenchmarkConfig, calib: _Calibration,
+def prepare_variant(pipe, fp_cpu: nn.Module, variant: Variant, cfg: BenchmarkConfig, calib: SharedCalibration,
                     ckpts: dict[tuple, VariantCheckpoint], out_dir: Path, device: torch.device, dtype: torch.dtype,
                     main: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """A fresh copy of the float denoiser on `device`, loaded or quantized for `variant`; and its row fields.

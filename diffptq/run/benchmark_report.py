@@ -97,14 +97,19 @@ def acc_marks(rows: Sequence[dict[str, Any]]) -> dict[int, str]:
     return marks
 
 
-def metrics_markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
-    """metrics.md: the ALL_COLUMNS table with prompt_acc marked by acc_marks, and the legend when a mark is there."""
+def marked_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ALL_COLUMNS) -> str:
+    """A markdown table of `rows` with prompt_acc marked by acc_marks, and the legend when a mark is there."""
     from diffptq.eval.report import format_value, markdown_table
 
     marks = acc_marks(rows)
     shown = [{**row, "prompt_acc": f"{format_value(row['prompt_acc'], 4)} {marks[i]}"} if i in marks else row
              for i, row in enumerate(rows)]
-    return f"# {title}\n\n" + markdown_table(shown, ALL_COLUMNS) + (f"\n{TIE_LEGEND}\n" if marks else "")
+    return markdown_table(shown, columns) + (f"\n{TIE_LEGEND}\n" if marks else "")
+
+
+def metrics_markdown(rows: Sequence[dict[str, Any]], title: str) -> str:
+    """metrics.md: the ALL_COLUMNS table with prompt_acc marked (marked_table)."""
+    return f"# {title}\n\n" + marked_table(rows)
 
 
 def write_outputs(rows: list[dict[str, Any]], grid: list[torch.Tensor | None], prompts: Sequence[str], out_dir: Path,
