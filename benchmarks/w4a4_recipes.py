@@ -168,10 +168,13 @@ def run_model(model: str, args, device, dtype, rows: list[dict], write) -> None:
     from diffptq.eval.metrics import MetricOptions
     from diffptq.eval.sample import generate, image_seeds
     from diffptq.models import family_of, load_pipeline
+    from diffptq.models.schedulers import check_steps
     from diffptq.run.benchmark import GIB, SharedCalibration, denoiser_size_bytes, swapped_denoiser
     from diffptq.run.benchmark_report import load_bundled_evaluator, metric_passes, score
 
     pipe = load_pipeline(model, dtype=dtype, device=device)
+    for flag in ("calib_steps", "num_inference_steps"):  # a count the scheduler cannot sample: one line, before work
+        check_steps(pipe, getattr(args, flag), f"--{flag} {getattr(args, flag)}")
     family = family_of(pipe)
     prompts = evaluation_prompts(pipe, args.n_images, args.prompts)
     seeds = image_seeds(len(prompts), args.seed)

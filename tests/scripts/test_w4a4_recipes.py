@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffptq.errors import ConfigError
 from diffptq.quant.layers import quant_layers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +148,14 @@ def test_default_file_name_has_the_models_and_the_card(run):
     assert out.name.endswith("_cpu.md") and out.with_suffix(".csv").is_file()
     assert module.default_out(["bundled-dit", "bundled-unet"], "h200") == Path(
         "benchmarks/results/w4a4_recipes_bundled_dit_unet_h200.md")
+
+
+def test_a_step_count_the_scheduler_cannot_sample_stops_before_any_work(run, tmp_path):
+    module = run[0]
+    out = tmp_path / "table.md"
+    with pytest.raises(ConfigError, match="--calib_steps 1: the PixArt pipeline .* at least 2 steps"):
+        module.main(["--models", "tiny-dit", "--methods", "rtn", "--calib_steps", "1", "--out", str(out)])
+    assert not tmp_path.joinpath("table.csv").exists() and not out.exists()
 
 
 BAD_FLAGS = [
