@@ -33,7 +33,7 @@ from diffptq.eval.metrics import MetricOptions
 from diffptq.eval.metrics.common import as_uint8
 from diffptq.eval.sample import generate, image_seeds
 from diffptq.models import family_of, load_pipeline
-from diffptq.models.schedulers import set_scheduler
+from diffptq.models.schedulers import check_steps, set_scheduler
 from diffptq.quant.layers import quant_layers
 from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
 from diffptq.run.benchmark_peers import failure_note, is_peer, peer_variant_bits, prepare_peer
@@ -130,6 +130,8 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: Path, device: torch.device, dty
     main = accelerator is None or getattr(accelerator, "is_main_process", True)
     pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
     set_scheduler(pipe, cfg.scheduler)
+    for steps, flag in ((cfg.num_inference_steps, "--num_inference_steps"), (cfg.calib.calib_steps, "--calib_steps")):
+        check_steps(pipe, steps, f"{flag} {steps}")
     prompts = evaluation_prompts(pipe, cfg.n_images, cfg.prompts_file)
     made = list(_make_all(pipe, prompts, cfg, out_dir, device, dtype, accelerator, main))
     if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
