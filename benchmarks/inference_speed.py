@@ -492,6 +492,14 @@ def uses_cuda_graphs(compile_mode: str) -> bool:
     return compile_mode in ("reduce-overhead", "max-autotune")
 
 
+def compile_settings() -> None:
+    """torch settings of the timed runs: one static-shape compilation per batch size, room for many, cuDNN tuning."""
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
+    cfg.automatic_dynamic_shapes = False
+    torch.backends.cudnn.benchmark = True
+
+
 def process_age_s() -> float:
     """Seconds since this process started (0 when psutil is not installed)."""
     try:
@@ -553,10 +561,7 @@ def main() -> None:
         return
     # run as a script, the budget counts the imports and CUDA start-up too; called in a longer process (a test), not
     start = time.monotonic() - (process_age_s() if __name__ == "__main__" else 0.0)
-    cfg = torch._dynamo.config
-    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
-    cfg.automatic_dynamic_shapes = False  # one static-shape compile per batch size
-    torch.backends.cudnn.benchmark = True
+    compile_settings()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"meta": meta(args), "families": {}}
