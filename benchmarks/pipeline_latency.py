@@ -6,9 +6,9 @@ Models: full-size random-weight PixArt-XL-2-512 and SD 1.5 pipelines (diffptq.mo
 as well; `--components standin` keeps the one-layer stand-in text encoder and small VAE of `fullsize-pixart` /
 `fullsize-sd`, whose cost is not representative. Rows (`--variants`): BF16 eager, BF16 + compile, the W4A8 speed path
 + compile (RTN W4 per-channel weights as e4m3, FP8 per-token activations) and the W4 memory path + compile (packed
-int4, groups of 128). The denoisers are built as inference_speed.py builds them (its FamilyRun: the same RTN codes and
-conversions); any of its variants may be named too (e.g. `w4a8s_compile`, static FP8 scales, calibrated here on one
-pipeline call at batch 2).
+int4, groups of 128, 64 where 128 does not divide). The denoisers are built as inference_speed.py builds them (its
+FamilyRun: the same RTN codes and conversions); any of its variants may be named too (e.g. `w4a8s_compile`, static
+FP8 scales, calibrated here on one pipeline call at batch 2).
 
 Each row times the whole call `pipe(prompt=..., num_inference_steps=--steps, output_type="pt")` (the VAE decodes;
 the same prompts and per-image generator seeds in every row). The first call is reported apart (it compiles); then
@@ -274,8 +274,10 @@ def parse_args() -> argparse.Namespace:
         p.error(f"unknown --variants {', '.join(unknown)}; known: {', '.join(PIPELINE_VARIANTS)}")
     if not all(b.strip().isdigit() and int(b) > 0 for b in args.batches.split(",")):
         p.error(f"--batches {args.batches!r}: a comma list of positive integers")
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--steps and --repeats must be at least 1, --warmup at least 0")
+    if args.steps < 2:  # at 1 step PixArtAlphaPipeline expects a one-step (DMD) scheduler's output
+        p.error(f"--steps {args.steps}: at least 2")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be at least 1, --warmup at least 0")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here (smoke runs: --device cpu --tiny)")
     return args

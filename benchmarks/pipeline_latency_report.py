@@ -11,8 +11,8 @@ COLUMNS = ("variant", "batch", "ms / call", "ms / image", "speed-up vs BF16 + co
            "first call s")
 
 
-def _fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else format(value, spec) + unit
 
 
 def _row_cells(r: dict, fam: dict) -> dict:
@@ -23,8 +23,8 @@ def _row_cells(r: dict, fam: dict) -> dict:
         ("ms / call", "median_s"), ("ms / image", "per_image_s"), ("denoiser ms", "denoiser_s"),
         ("text encoder ms", "text_encoder_s"), ("VAE decode ms", "vae_decode_s"), ("other ms", "other_s"))}
     size = fam.get("sizes", {}).get("memory", {}).get(r["variant"])
-    return {**cells, **ms, "speed-up vs BF16 + compile": _fmt(r.get("speedup_vs_bf16_compile"), ".2f") + "×",
-            "denoiser share": _fmt(r.get("denoiser_share") and 100 * r["denoiser_share"], ".0f") + "%",
+    return {**cells, **ms, "speed-up vs BF16 + compile": _fmt(r.get("speedup_vs_bf16_compile"), ".2f", "×"),
+            "denoiser share": _fmt(r.get("denoiser_share") and 100 * r["denoiser_share"], ".0f", "%"),
             "peak VRAM GiB": _fmt(r.get("peak_vram_gib"), ".2f"), "denoiser MB": _fmt(size and size / 1e6, ".0f"),
             "first call s": _fmt(r.get("first_call_s"), ".1f")}
 

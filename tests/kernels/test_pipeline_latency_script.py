@@ -132,7 +132,8 @@ def test_failures_become_rows_and_the_run_goes_on(bench, monkeypatch, tmp_path):
     (["--families", "pixart,flux"], "--families 'pixart,flux': a comma list of pixart, sd"),
     (["--compile_mode", "fast"], "argument --compile_mode: invalid choice: 'fast'"),
     (["--components", "real"], "argument --components: invalid choice: 'real'"),
-    (["--repeats", "0"], "--steps and --repeats must be at least 1"),
+    (["--repeats", "0"], "--repeats must be at least 1, --warmup at least 0"),
+    (["--steps", "1"], "--steps 1: at least 2"),
 ])
 def test_bad_flags_are_usage_errors(bench, monkeypatch, capsys, flags, message):
     monkeypatch.setattr(sys, "argv", ["pipeline_latency.py", "--device", "cpu", *flags])
