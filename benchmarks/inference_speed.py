@@ -492,6 +492,15 @@ def uses_cuda_graphs(compile_mode: str) -> bool:
     return compile_mode in ("reduce-overhead", "max-autotune")
 
 
+def publish(text: str, *paths) -> None:
+    """Write the markdown report to each path given (None: none; folders made as needed), then print it."""
+    for path in paths:
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+    print(text, flush=True)
+
+
 def compile_settings() -> None:
     """torch settings of the timed runs: one static-shape compilation per batch size, room for many, cuDNN tuning."""
     cfg = torch._dynamo.config
@@ -554,10 +563,7 @@ def main() -> None:
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("diffptq.kernels").setLevel(logging.INFO)  # the path each conversion chose, and why
     if args.render:
-        text = render(json.loads((Path(args.render) / "results.json").read_text()))
-        if args.report:
-            Path(args.report).write_text(text)
-        print(text)
+        publish(render(json.loads((Path(args.render) / "results.json").read_text())), args.report)
         return
     # run as a script, the budget counts the imports and CUDA start-up too; called in a longer process (a test), not
     start = time.monotonic() - (process_age_s() if __name__ == "__main__" else 0.0)
@@ -580,11 +586,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="diffptq_bench_") as tmp:
         run_all(families, args, Path(tmp), res["families"], save, start)
     save()
-    text = render(res)
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(text)
-    print(text, flush=True)
+    publish(render(res), args.report)
 
 
 if __name__ == "__main__":

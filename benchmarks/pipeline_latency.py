@@ -64,6 +64,7 @@ from inference_speed import (  # noqa: E402
     inductor_settings,
     measure_variant,
     process_age_s,
+    publish,
     skip_reason,
     static_calibration,
     uses_cuda_graphs,
@@ -286,10 +287,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.render:
-        text = render(json.loads((Path(args.render) / "results.json").read_text()))
-        if args.report:
-            Path(args.report).write_text(text)
-        print(text)
+        publish(render(json.loads((Path(args.render) / "results.json").read_text())), args.report)
         return
     start = time.monotonic() - (process_age_s() if __name__ == "__main__" else 0.0)  # as inference_speed.py
     compile_settings()
@@ -321,12 +319,7 @@ def main() -> None:
                 free_memory()
     finally:
         gc.unfreeze()
-    text = render(res)
-    (out / "report.md").write_text(text)
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(text)
-    print(text, flush=True)
+    publish(render(res), out / "report.md", args.report)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,21 @@
 """benchmarks/pipeline_latency.py: a CPU smoke run on tiny-dit / tiny-unet (compiled rows run eagerly), the speed-up
 arithmetic against the JSON's medians, failures recorded as rows while the run goes on, and usage errors."""
 import datetime as dt
-import importlib.util
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pipeline_latency.py"
 VARIANTS = ["bf16", "bf16_compile", "w4a8_compile", "w4_compile"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("pipeline_latency", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pipeline_latency"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("pipeline_latency", None)
+def bench(benchmark_script):
+    return benchmark_script("pipeline_latency")
 
 
 def _run(bench, monkeypatch, tmp_path, *flags) -> tuple[dict, str]:
