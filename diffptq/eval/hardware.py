@@ -114,10 +114,11 @@ class CallTimer:
                 out = inner(*args, **kwargs)
                 self._spans.append(time.perf_counter() - start)
                 return out
+            stream = torch.cuda.current_stream(self._cuda)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
+            begin.record(stream)
             out = inner(*args, **kwargs)
-            end.record()
+            end.record(stream)
             self._spans.append((begin, end))
             return out
 
