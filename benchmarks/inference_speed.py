@@ -112,17 +112,18 @@ def denoiser_inputs(family: str, batch: int, dtype: torch.dtype, device: str, la
 class FamilyRun:
     """Builds and measures the variants of one family, recording into `self.result`."""
 
-    def __init__(self, name: str, args, tmp: Path):
+    def __init__(self, name: str, args, tmp: Path, denoiser: nn.Module | None = None):
+        """`denoiser`: measure this one (it becomes the CPU master copy) instead of a new full-size FP16 one."""
         self.name, self.args, self.tmp, self.dev = name, args, tmp, args.device
         self.family = FAMILIES[name]
-        pipe = full_size_pipeline(name, torch.float16, self.dev, num_layers=args.num_layers)
-        den = self.family.denoiser(pipe)
+        den = denoiser
+        if den is None:
+            den = self.family.denoiser(full_size_pipeline(name, torch.float16, self.dev, num_layers=args.num_layers))
         self.names = self.family.block_layer_names(den)
         t0 = time.perf_counter()  # RTN codes computed where the weights live (the GPU), kept on the CPU
         self.codes = {"w4a8": rtn_layer_codes(den, self.names, lambda _: W4),
                       "w4": rtn_layer_codes(den, self.names, group_spec)}
         self.master = den.to("cpu")
-        del pipe
         q_params = sum(self.master.get_submodule(n).weight.numel() for n in self.names)
         self.compile_est = 20.0  # seconds one compilation is expected to take (updated as they are measured)
         self.result = {"family": name, "title": TITLES[name], "rows": [], "sizes": {}, "profiles": {},
@@ -219,7 +220,10 @@ class FamilyRun:
         if v.key == "fp16":
             sizes["fp16_quantized_weights"] = sum(den.get_submodule(n).weight.numel() * 2 for n in self.names)
 
-    def measure(self, v: Variant, den: nn.Module, batch: int, profile: bool) -> dict:
+    def measure(self, v: Variant, den: nn.Module, batch: int) -> dict:
+        """One row: latency, resident and peak VRAM of `den`'s step at `batch` (profiled at the top batch when
+        `--profile` names the variant)."""
+        profile = batch == max(int(b) for b in self.args.batches.split(",")) and v.key in self.args.profile.split(",")
         inputs = denoiser_inputs(self.name, batch, v.dtype, self.dev, self.args.latent)
 
         graphs = v.compiled and uses_cuda_graphs(self.args.compile_mode)
@@ -270,13 +274,13 @@ def run_pass(run: FamilyRun, batches_of, deadline: float, save) -> None:
         v, batches = VARIANTS[key], batches_of(VARIANTS[key])
         if not batches:
             continue
-        skip = _skip_reason(v, args, deadline, run.compile_est)
+        skip = skip_reason(v, args, deadline, run.compile_est)
         if skip:
             res["rows"] += [{"variant": key, "label": v.label, "batch": b, "skipped": skip} for b in batches]
             continue
         with inductor_settings(v):  # inductor reads them when each batch compiles, at its first call
             measure_variant(run, v, batches, deadline, save)
-        _free()  # also resets dynamo: the next variant compiles afresh
+        free_memory()  # also resets dynamo: the next variant compiles afresh
 
 
 def inductor_settings(v: Variant) -> contextlib.AbstractContextManager:
@@ -286,12 +290,11 @@ def inductor_settings(v: Variant) -> contextlib.AbstractContextManager:
 
 def measure_variant(run: FamilyRun, v: Variant, batches: list[int], deadline: float, save) -> None:
     """Build one variant and record its rows at `batches` (errors and skips recorded as rows)."""
-    res, args = run.result, run.args
-    top = max(int(b) for b in args.batches.split(","))
+    res = run.result
     try:
         den = run.build(v)
     except Exception as err:  # noqa: BLE001 - any failure of one variant is recorded, the run goes on
-        res["rows"] += [{"variant": v.key, "label": v.label, "batch": b, "error": _err(err)} for b in batches]
+        res["rows"] += [{"variant": v.key, "label": v.label, "batch": b, "error": error_text(err)} for b in batches]
         save()
         return
     for batch in batches:
@@ -299,11 +302,11 @@ def measure_variant(run: FamilyRun, v: Variant, batches: list[int], deadline: fl
             res["rows"].append({"variant": v.key, "label": v.label, "batch": batch, "skipped": "time budget"})
             continue
         try:
-            row = run.measure(v, den, batch, profile=(batch == top and v.key in args.profile.split(",")))
+            row = run.measure(v, den, batch)
             if v.compiled:
                 run.compile_est = max(run.compile_est, row["first_call_s"])
         except Exception as err:  # noqa: BLE001
-            row = {"variant": v.key, "label": v.label, "batch": batch, "error": _err(err)}
+            row = {"variant": v.key, "label": v.label, "batch": batch, "error": error_text(err)}
         res["rows"].append(row)
         save()
     del den
@@ -330,12 +333,13 @@ def run_all(families: list[str], args, tmp: Path, results: dict, save, start: fl
                 run_pass(runs[name], batches_of, start + args.budget_s * part, save)
             except Exception as err:  # noqa: BLE001 - e.g. out of memory building the model: keep what exists
                 results.setdefault(name, {"family": name, "title": TITLES[name], "rows": [], "sizes": {}})
-                results[name]["error"] = _err(err)
+                results[name]["error"] = error_text(err)
             save()
-            _free()
+            free_memory()
 
 
-def _skip_reason(v: Variant, args, deadline: float, compile_est: float) -> str | None:
+def skip_reason(v: Variant, args, deadline: float, compile_est: float) -> str | None:
+    """Why `v` cannot be measured here or in the time left before `deadline`; None when it can."""
     if v.build == "torchao":
         try:
             import torchao  # noqa: F401
@@ -350,11 +354,13 @@ def _skip_reason(v: Variant, args, deadline: float, compile_est: float) -> str |
     return None
 
 
-def _err(err: Exception) -> str:
+def error_text(err: Exception) -> str:
+    """A failure as one short line for a row's `error` field."""
     return f"{type(err).__name__}: {err}"[:400]
 
 
-def _free() -> None:
+def free_memory() -> None:
+    """Release the last variant's memory and compiled code (dynamo reset: the next variant compiles afresh)."""
     gc.collect()
     torch._dynamo.reset()
     if torch.cuda.is_available():
@@ -369,16 +375,22 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def fit_static_ranges(den: nn.Module, batches: Iterable[dict]) -> None:
-    """Fit the static int8 activation ranges of `den`'s quant layers on denoiser keyword-argument batches."""
+@contextlib.contextmanager
+def static_calibration(den: nn.Module):
+    """Within the block, the activation quantizers of `den`'s quant layers record ranges; fitted on leaving it."""
     quantizers = [layer.act_quant for _, layer in quant_layers(den)]
     for aq in quantizers:
         aq.start_calibration()
-    with torch.no_grad():
-        for inputs in batches:
-            den(**inputs, return_dict=False)
+    yield
     for aq in quantizers:
         aq.finish_calibration()
+
+
+def fit_static_ranges(den: nn.Module, batches: Iterable[dict]) -> None:
+    """Fit the static int8 activation ranges of `den`'s quant layers on denoiser keyword-argument batches."""
+    with static_calibration(den), torch.no_grad():
+        for inputs in batches:
+            den(**inputs, return_dict=False)
 
 
 def quality_pipelines(pipe, fam, dev: str, calib_records: list) -> tuple[dict, dict]:
@@ -480,6 +492,23 @@ def uses_cuda_graphs(compile_mode: str) -> bool:
     return compile_mode in ("reduce-overhead", "max-autotune")
 
 
+def publish(text: str, *paths) -> None:
+    """Write the markdown report to each path given (None: none; folders made as needed), then print it."""
+    for path in paths:
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+    print(text, flush=True)
+
+
+def compile_settings() -> None:
+    """torch settings of the timed runs: one static-shape compilation per batch size, room for many, cuDNN tuning."""
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
+    cfg.automatic_dynamic_shapes = False
+    torch.backends.cudnn.benchmark = True
+
+
 def process_age_s() -> float:
     """Seconds since this process started (0 when psutil is not installed)."""
     try:
@@ -534,17 +563,11 @@ def main() -> None:
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("diffptq.kernels").setLevel(logging.INFO)  # the path each conversion chose, and why
     if args.render:
-        text = render(json.loads((Path(args.render) / "results.json").read_text()))
-        if args.report:
-            Path(args.report).write_text(text)
-        print(text)
+        publish(render(json.loads((Path(args.render) / "results.json").read_text())), args.report)
         return
     # run as a script, the budget counts the imports and CUDA start-up too; called in a longer process (a test), not
     start = time.monotonic() - (process_age_s() if __name__ == "__main__" else 0.0)
-    cfg = torch._dynamo.config
-    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
-    cfg.automatic_dynamic_shapes = False  # one static-shape compile per batch size
-    torch.backends.cudnn.benchmark = True
+    compile_settings()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"meta": meta(args), "families": {}}
@@ -557,17 +580,13 @@ def main() -> None:
         try:
             res["quality"] = quality(args)
         except Exception as err:  # noqa: BLE001
-            res["quality"] = {"error": _err(err)}
+            res["quality"] = {"error": error_text(err)}
         save()
     families = [f for f in args.families.split(",") if f]
     with tempfile.TemporaryDirectory(prefix="diffptq_bench_") as tmp:
         run_all(families, args, Path(tmp), res["families"], save, start)
     save()
-    text = render(res)
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(text)
-    print(text, flush=True)
+    publish(render(res), args.report)
 
 
 if __name__ == "__main__":

@@ -73,19 +73,24 @@ QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
                                 "as 'static per-tensor')"}
 
 
-def meta(args) -> dict:
-    """The run's settings and software versions: results.json's `meta`, read by `render`."""
+def versions(device: str) -> dict:
+    """The card (or "CPU (smoke run)"), software versions and today's date."""
     try:
         import torchao
 
         tao = torchao.__version__
     except ImportError:
         tao = "not installed"
-    cuda = torch.cuda.is_available() and torch.device(args.device).type == "cuda"
+    cuda = torch.cuda.is_available() and torch.device(device).type == "cuda"
     return {"gpu": torch.cuda.get_device_name() if cuda else "CPU (smoke run)", "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "torchao": tao, "date": dt.date.today().isoformat(),
-            "batches": [int(b) for b in args.batches.split(",")], "latent": args.latent, "act_mode": args.act_mode,
-            "others": args.others, "compile_mode": args.compile_mode, "warmup": args.warmup, "repeats": args.repeats}
+            "diffusers": diffusers.__version__, "torchao": tao, "date": dt.date.today().isoformat()}
+
+
+def meta(args) -> dict:
+    """The run's settings and software versions: results.json's `meta`, read by `render`."""
+    return {**versions(args.device), "batches": [int(b) for b in args.batches.split(",")], "latent": args.latent,
+            "act_mode": args.act_mode, "others": args.others, "compile_mode": args.compile_mode,
+            "warmup": args.warmup, "repeats": args.repeats}
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> list[str]:

@@ -1,7 +1,9 @@
 """Hardware measurements: per-image latency, peak VRAM, model size on disk and in memory; the card's short name.
 
 Latency and VRAM are measured on CUDA only; elsewhere they are None (an empty cell), never 0, and the callable is not
-run.
+run. Exceptions, for end-to-end timings that CPU smoke runs check too: `wall_seconds` (one call, wall clock, the CUDA
+device synchronized around it) and `CallTimer` (every call of one module method: CUDA events on CUDA, the wall clock
+elsewhere).
 
 Model size in memory follows one convention that quantized layers can use: a module may list names of its own
 parameters/buffers in a `_size_exclude` attribute (tuple or set of str, e.g. `_size_exclude = ("weight",)` for a float
@@ -10,9 +12,11 @@ at its stored size, numel · element_size of its dtype (so packed int4 pairs in 
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +78,74 @@ def measure_peak_vram(fn: Callable[[], object], device: str | torch.device | Non
     fn()
     torch.cuda.synchronize(dev)
     return int(torch.cuda.max_memory_allocated(dev))
+
+
+def wall_seconds(fn: Callable[[], object], device: str | torch.device | None = None) -> float:
+    """Wall-clock seconds of one call of `fn()`, with the CUDA device (when `device` is one) synchronized before and
+    after, so that the GPU work the call queued is counted. Runs on the CPU as well."""
+    dev = _cuda_device(device)
+    if dev is not None:
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    fn()
+    if dev is not None:
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - start
+
+
+class CallTimer:
+    """Times every call of `module.<method>` (e.g. a pipeline's denoiser `forward`, its VAE's `decode`) by putting a
+    timing wrapper on the instance; `remove()` (or leaving the `with` block) puts back what was there.
+
+    On a CUDA device each call is bracketed by CUDA events: the span of GPU time from the call's first queued work to
+    its last, idle gaps included, without synchronizing inside the call. Elsewhere the wall clock. A method compiled
+    as `module.<method> = torch.compile(...)` keeps the events outside the graph; `torch.compile(module)` would trace
+    the wrapper instead.
+    """
+
+    def __init__(self, module: nn.Module, method: str = "forward", device: str | torch.device | None = None):
+        self.module, self.method = module, method
+        self._saved = module.__dict__.get(method)  # an instance attribute (a compiled method) to put back
+        self._cuda = _cuda_device(device)
+        self._spans: list = []
+        inner = getattr(module, method)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            if self._cuda is None:
+                start = time.perf_counter()
+                out = inner(*args, **kwargs)
+                self._spans.append(time.perf_counter() - start)
+                return out
+            stream = torch.cuda.current_stream(self._cuda)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(stream)
+            out = inner(*args, **kwargs)
+            end.record(stream)
+            self._spans.append((begin, end))
+            return out
+
+        setattr(module, method, timed)
+
+    def seconds(self) -> list[float]:
+        """Seconds of each call since the last `seconds()` (waits for the GPU), then forgets them."""
+        spans, self._spans = self._spans, []
+        if self._cuda is None:
+            return spans
+        torch.cuda.synchronize(self._cuda)
+        return [begin.elapsed_time(end) / 1e3 for begin, end in spans]
+
+    def remove(self) -> None:
+        if self._saved is None:
+            delattr(self.module, self.method)
+        else:
+            setattr(self.module, self.method, self._saved)
+
+    def __enter__(self) -> CallTimer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:

@@ -32,6 +32,7 @@ class VAESpec:
     latent_channels: int = 4
     norm_groups: int = 4
     scaling_factor: float = 1.0
+    layers_per_block: int = 1
 
 
 @dataclass
@@ -71,17 +72,17 @@ def build_vae(spec: VAESpec) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=spec.channels, latent_channels=spec.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1, norm_num_groups=spec.norm_groups, scaling_factor=spec.scaling_factor,
+        layers_per_block=spec.layers_per_block, norm_num_groups=spec.norm_groups, scaling_factor=spec.scaling_factor,
     )
 
 
 def build_t5_encoder(tokenizer, width: int, heads: int, ff: int, layers: int,
-                     head_dim: int | None = None) -> T5EncoderModel:
+                     head_dim: int | None = None, ff_proj: str = "relu") -> T5EncoderModel:
     """A random T5EncoderModel over `tokenizer`'s ids: output width `width`, `heads` heads of `head_dim` (default
-    width // heads)."""
+    width // heads), feed-forward `ff_proj` ("relu" as T5, "gated-gelu" as T5 v1.1)."""
     return T5EncoderModel(T5Config(
         vocab_size=len(tokenizer), d_model=width, d_kv=head_dim or width // heads, d_ff=ff, num_layers=layers,
-        num_heads=heads,
+        num_heads=heads, feed_forward_proj=ff_proj,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
     ))
 

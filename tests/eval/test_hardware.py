@@ -1,9 +1,19 @@
-"""Hardware measurements: None (not 0) where CUDA is absent; checkpoint and in-memory sizes; card names."""
+"""Hardware measurements: None (not 0) where CUDA is absent; checkpoint and in-memory sizes; card names; timers."""
+import time
+
 import pytest
 import torch
 from torch import nn
 
-from diffptq.eval.hardware import card_name, checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
+from diffptq.eval.hardware import (
+    CallTimer,
+    card_name,
+    checkpoint_bytes,
+    measure_latency,
+    measure_peak_vram,
+    module_bytes,
+    wall_seconds,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -19,6 +29,48 @@ def test_latency_and_vram_are_none_on_cpu_without_running_fn():
 def test_latency_and_vram_default_to_none_without_cuda():
     assert measure_latency(lambda: None) is None
     assert measure_peak_vram(lambda: None) is None
+
+
+def test_wall_seconds_times_one_call_on_the_cpu():
+    calls = []
+    seconds = wall_seconds(lambda: (calls.append(1), time.sleep(0.02)), device="cpu")
+    assert calls == [1] and 0.02 <= seconds < 1.0
+
+
+class _Slow(nn.Module):
+    def forward(self, x, pause=0.0):
+        time.sleep(pause)
+        return x + 1
+
+
+def test_call_timer_times_each_call_and_puts_the_method_back():
+    m = _Slow()
+    with CallTimer(m, "forward", device="cpu") as timer:
+        assert m(torch.zeros(1)).item() == 1  # through nn.Module.__call__, keyword arguments passed on
+        m(torch.zeros(1), pause=0.02)
+        first = timer.seconds()
+        assert timer.seconds() == []  # read once
+    assert len(first) == 2 and first[1] >= 0.02 > first[0]
+    assert "forward" not in m.__dict__ and m(torch.zeros(1)).item() == 1
+
+
+def test_call_timer_keeps_an_instance_method_such_as_a_compiled_forward():
+    m = _Slow()
+    m.forward = lambda x: x + 2  # what `m.forward = torch.compile(m.forward)` leaves on the instance
+    timer = CallTimer(m, "forward", device="cpu")
+    assert m(torch.zeros(1)).item() == 2 and len(timer.seconds()) == 1
+    timer.remove()
+    assert m(torch.zeros(1)).item() == 2
+
+
+@needs_cuda
+def test_call_timer_on_cuda_uses_events():
+    m = nn.Linear(512, 512, device="cuda")
+    with CallTimer(m, device="cuda") as timer:
+        for _ in range(3):
+            m(torch.randn(256, 512, device="cuda"))
+        seconds = timer.seconds()
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
 
 
 @needs_cuda

@@ -1,5 +1,9 @@
-"""Quantized tiny pipelines for the inference-module tests (RTN weights, optional int8 activation quantizers)."""
+"""Quantized tiny pipelines for the inference-module tests (RTN weights, optional int8 activation quantizers), and
+the benchmark scripts as modules."""
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +56,23 @@ def tiny():
         return pipe, fam, den, inputs
 
     return make
+
+
+@pytest.fixture(scope="module")
+def benchmark_script():
+    """benchmark_script(name) -> benchmarks/<name>.py loaded as module `name`, registered in sys.modules (dataclasses
+    resolve annotations there) until the test module ends."""
+    loaded = []
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        loaded.append(name)
+        spec.loader.exec_module(mod)
+        return mod
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

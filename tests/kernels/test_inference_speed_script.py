@@ -1,22 +1,13 @@
 """benchmarks/inference_speed.py: a CPU smoke run (one PixArt block, tiny latents, eager rows) and the report."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "inference_speed.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("inference_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["inference_speed"] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("inference_speed", None)
+def bench(benchmark_script):
+    return benchmark_script("inference_speed")
 
 
 def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):

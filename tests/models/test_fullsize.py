@@ -9,7 +9,8 @@ import diffptq.models.load as load_module
 from diffptq.errors import UnknownModelError
 from diffptq.eval.sample import generate
 from diffptq.models import PIXART, PROJECT_MODELS, family_of, load_pipeline
-from diffptq.models.fullsize import _text_stack, build_fullsize_pipeline, full_size_pipeline
+from diffptq.models.build import VAESpec, build_vae
+from diffptq.models.fullsize import SD_VAE, _text_stack, build_fullsize_pipeline, full_size_pipeline
 from diffptq.models.tiny import build_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,3 +75,38 @@ def test_unknown_name_lists_the_fullsize_models():
         load_pipeline("pixart")
     with pytest.raises(ValueError, match="fullsize-pixart"):
         build_fullsize_pipeline("fullsize-dit", torch.float32, "cpu")
+
+
+def test_full_components_have_the_real_sizes():
+    """components="full": T5 v1.1 XXL's encoder, CLIP ViT-L/14's text model and the SD VAE (built on the meta device:
+    4.6B parameters would not fit a test machine)."""
+    with torch.device("meta"):
+        t5_tok, t5 = _text_stack("t5", full=True)
+        clip_tok, clip = _text_stack("clip", full=True)
+        vae = build_vae(SD_VAE)
+
+    def params(m, vocab_rows=0):
+        return sum(p.numel() for p in m.parameters()) - vocab_rows
+
+    c = t5.config
+    assert (c.num_layers, c.d_model, c.num_heads, c.d_kv, c.d_ff, c.feed_forward_proj) == (
+        24, 4096, 64, 64, 10240, "gated-gelu")
+    assert params(t5, len(t5_tok) * 4096) == 4_762_310_656 - 32128 * 4096  # the published encoder, its vocabulary off
+    assert params(clip, len(clip_tok) * 768) == 123_060_480 - 49408 * 768
+    assert params(vae) == 83_653_863 and vae.config.scaling_factor == 0.18215
+
+
+def test_full_components_leave_the_denoiser_unchanged(monkeypatch):
+    """The real-size text encoder and VAE are drawn after the denoiser (sizes shrunk here: the draw order is what
+    matters), so both component sets time the same denoiser weights."""
+    import diffptq.models.fullsize as fullsize
+
+    monkeypatch.setattr(fullsize, "SD_VAE", VAESpec(channels=(8, 16, 16, 16), norm_groups=4))
+    monkeypatch.setattr(fullsize, "_text_stack", lambda style, full=False: _text_stack(style))
+    full = full_size_pipeline("pixart", torch.float32, "cpu", num_layers=1, text_encoder=True, components="full")
+    standin = full_size_pipeline("pixart", torch.float32, "cpu", num_layers=1, text_encoder=True)
+    assert all(torch.equal(a, b) for a, b in zip(full.transformer.parameters(), standin.transformer.parameters(),
+                                                  strict=True))
+    assert full.vae.config.block_out_channels == (8, 16, 16, 16) != standin.vae.config.block_out_channels
+    with pytest.raises(ValueError, match="standin, full"):
+        full_size_pipeline("pixart", torch.float32, "cpu", num_layers=1, components="real")
