@@ -9,7 +9,8 @@ import sys
 def test_script_writes_every_row(tmp_path):
     out = tmp_path / "q.md"
     cmd = [sys.executable, "benchmarks/fp8_static_quality.py", "--n_calib", "2", "--calib_steps", "3", "--n_eval", "4",
-           "--num_inference_steps", "4", "--mlp_steps", "20", "--out", str(out)]
+           "--num_inference_steps", "4", "--mlp_steps", "20",
+           "--act_scale", "minmax", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1",
                                                                              "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr[-2000:]
