@@ -292,10 +292,14 @@ class GraphedDenoiser(nn.Module):
         """Captured graphs kept now."""
         return sum(e.graph is not None for e in self.cache.entries.values())
 
-    def stats(self) -> dict:
-        """{graphs, replays, eager_calls, eager_reasons}: what the calls so far did."""
-        return {"graphs": self.num_graphs, "replays": self.replays, "eager_calls": self.eager_calls,
-                "eager_reasons": dict(self.eager_reasons)}
+    def stats(self, clear: bool = False) -> dict:
+        """{graphs, replays, eager_calls, eager_reasons}: what the calls so far did (`clear`: then count afresh)."""
+        out = {"graphs": self.num_graphs, "replays": self.replays, "eager_calls": self.eager_calls,
+               "eager_reasons": dict(self.eager_reasons)}
+        if clear:
+            self.replays = self.eager_calls = 0
+            self.eager_reasons = {}
+        return out
 
     def reset(self) -> None:
         """Drop every captured graph and their memory pool; the next calls capture afresh."""
