@@ -24,7 +24,7 @@ buffer (an object other than tensors, None, numbers, strings and lists / tuples 
 activation quantizers or forward hooks on the denoiser (their Python state is read once, at capture: the per-step
 scales of TDQ would freeze), or a failed capture (e.g. a host synchronisation inside forward; that signature stays
 eager). What a graph cannot see: any other Python-side state read during forward is frozen at capture. Moving or
-casting the wrapper (`.to`, `.half`) or switching train / eval drops its graphs.
+casting the wrapper (`.to`, `.half`) or switching train / eval drops its graphs; copies (deepcopy, pickle) hold none.
 """
 from __future__ import annotations
 
@@ -305,6 +305,11 @@ class GraphedDenoiser(nn.Module):
         """Drop every captured graph and their memory pool; the next calls capture afresh."""
         self.cache = GraphCache(self.cache.max_entries)
         self.pool = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)  # copies and pickles hold no graph: they capture their own
+        state.update(cache=GraphCache(self.cache.max_entries), pool=None)
+        return state
 
     def _apply(self, fn, recurse=True):
         self.reset()  # moved or cast: the graphs read the old tensors

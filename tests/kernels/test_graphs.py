@@ -1,5 +1,6 @@
 """GraphedDenoiser: a transparent pass-through off CUDA (tiny pipelines give the same images), the signature and LRU
 logic, the capture / replay / fallback plumbing with a CPU stand-in for CUDAGraph, and on a GPU real replays."""
+import copy
 import logging
 
 import pytest
@@ -211,6 +212,8 @@ def test_autograd_moves_and_mode_switches(fake_cuda):
     with torch.no_grad():
         graphed(_x(2))
     assert graphed.num_graphs == 1
+    copied = copy.deepcopy(graphed)
+    assert copied.num_graphs == 0 and graphed.num_graphs == 1  # a copy captures its own
     graphed.to(torch.float64)
     assert graphed.num_graphs == 0  # cast: the graphs read the old weights
     with torch.no_grad():
@@ -224,8 +227,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 @needs_cuda
-def test_replay_equals_eager_on_tiny_dit(tiny):
-    _, _, den, inputs = tiny()
+@pytest.mark.parametrize("model", ["float", "w4"])
+def test_replay_equals_eager_on_tiny_dit(tiny, model):
+    pipe, fam, den, inputs = tiny()
+    if model == "float":
+        den = copy.deepcopy(fam.denoiser(pipe))
+    else:  # the memory path: int4 dequantized inside the graph
+        convert_for_inference(den, "w4", "cuda", InferenceConfig(fuse_qkv=False))
     den = den.cuda().eval()
     graphed = GraphedDenoiser(den)
     with torch.no_grad():
