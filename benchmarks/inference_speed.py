@@ -22,6 +22,10 @@ baseline, then the fastest W4A8 variant, then the peer), so a short budget cuts 
 On the CPU (`--device cpu`, smoke tests) the real modules run their reference kernels and "compiled" rows eagerly.
 `--compile_mode reduce-overhead` (CUDA graphs) compiles the whole model (per-block graphs would overwrite each
 other's outputs) and marks every timed call as a new graph step.
+Rows "+ CUDA graphs" (`*_graphs`) wrap the denoiser, eager or compiled under a mode that records no graphs, in
+diffptq.kernels.GraphedDenoiser: each batch's first call captures one graph of the whole denoiser (3 warm-up calls
+included in its first-call time), the timed calls replay it (output cloned, as users get it); the row records
+replays and eager calls (a failed capture runs eagerly, and the report says so).
 
   python benchmarks/inference_speed.py --out results/inference_speed \\
       --report benchmarks/results/inference_speed_pixart_sd_<card>.md     (naming: benchmarks/README.md)
@@ -52,7 +56,15 @@ from diffptq.data.calib import collect_calibration, move_inputs
 from diffptq.data.prompts import load_prompts
 from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
 from diffptq.io.checkpoint import save_quantized
-from diffptq.kernels import InferenceConfig, Int4WeightOnly, convert_for_inference, fp8_support, set_profile_scopes
+from diffptq.kernels import (
+    GraphedDenoiser,
+    InferenceConfig,
+    Int4WeightOnly,
+    convert_for_inference,
+    fp8_support,
+    graph_denoiser,
+    set_profile_scopes,
+)
 from diffptq.kernels.activations import use_sigmoid_form_gelu
 from diffptq.kernels.fp8_quant_triton import triton_available
 from diffptq.kernels.profiling import breakdown, kernel_records
@@ -177,7 +189,7 @@ class FamilyRun:
         self.record_size(v, den)
         if v.compiled and torch.device(self.dev).type == "cuda":  # CPU smoke runs measure these rows eagerly
             self.compile(den)
-        return den
+        return graph_denoiser(den) if v.graphs else den  # captured at each batch's first call (off CUDA: eager)
 
     def calibrate_static(self, den: nn.Module, dtype: torch.dtype) -> None:
         """Fit the static int8 activation ranges on one batch of 2 (what the FP8 static scales derive from)."""
@@ -247,7 +259,15 @@ class FamilyRun:
             row["peak_vram_gib"] = None if peak is None else peak / GiB
             if profile:
                 self.result["profiles"][f"{v.key}@{batch}"] = profile_step(step)
-        return row
+        return add_graph_stats(row, den)
+
+
+def add_graph_stats(row: dict, den: nn.Module) -> dict:
+    """`row` with, for a CUDA-graph row, what its calls did (graphs kept, replays, eager calls and why), counted
+    from this row's first call."""
+    if isinstance(den, GraphedDenoiser):
+        row["graphs"] = den.stats(clear=True)
+    return row
 
 
 def profile_step(step) -> dict:
@@ -349,6 +369,8 @@ def skip_reason(v: Variant, args, deadline: float, compile_est: float) -> str | 
         return f"no FP8 GEMM: {fp8_support(args.device)[1]}"
     if v.act_kernel == "triton" and not triton_available():
         return "Triton does not import"
+    if v.graphs and v.compiled and uses_cuda_graphs(args.compile_mode):
+        return f"--compile_mode {args.compile_mode} records CUDA graphs itself (run this row under another mode)"
     if deadline - time.monotonic() < (2 * compile_est if v.compiled else 15.0):
         return "time budget"
     return None

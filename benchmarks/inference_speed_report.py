@@ -29,6 +29,7 @@ class Variant:
     inductor: tuple = ()  # (name, value) torch._inductor.config settings for this variant's compilation
     headline_only: bool = False  # measured in the first pass only (the headline batch of compiled rows)
     sigmoid_gelu: bool | None = None  # tanh GELU as x·σ(2v); None: as convert_for_inference does (on real paths)
+    graphs: bool = False  # the denoiser in diffptq.kernels.GraphedDenoiser: one CUDA graph replayed per call
 
 
 VARIANTS = {v.key: v for v in (
@@ -56,14 +57,25 @@ VARIANTS = {v.key: v for v in (
             torch.bfloat16, True, "w4a8s", inductor=(("coordinate_descent_tuning", True),), headline_only=True),
     Variant("w4a8s_compile_tanh", "W4A8 speed path, static per-tensor activations + compile, stock tanh GELU",
             torch.bfloat16, True, "w4a8s", headline_only=True, sigmoid_gelu=False),
+    # CUDA graphs over the whole denoiser (GraphedDenoiser), for the launch-bound small batches: over the eager
+    # model, and over the compiled one (not with a compile mode that records graphs itself)
+    Variant("bf16_graphs", "BF16 eager + CUDA graphs", torch.bfloat16, False, "float", graphs=True),
+    Variant("w4a8_graphs", "W4A8 speed path, eager + CUDA graphs", torch.bfloat16, False, "w4a8", graphs=True),
+    Variant("w4_graphs", "W4 memory path, eager + CUDA graphs (BF16)", torch.bfloat16, False, "w4", graphs=True),
+    Variant("bf16_compile_graphs", "BF16 + compile + CUDA graphs", torch.bfloat16, True, "float", graphs=True),
+    Variant("w4a8_compile_graphs", "W4A8 speed path + compile + CUDA graphs", torch.bfloat16, True, "w4a8",
+            graphs=True),
+    Variant("w4_compile_graphs", "W4 memory path + compile + CUDA graphs (BF16)", torch.bfloat16, True, "w4",
+            graphs=True),
 )}
+GRAPH_VARIANTS = tuple(k for k, v in VARIANTS.items() if v.graphs)
 # measurement priority without --variants: the cheap eager rows, then the compilations the goals need first (the
 # baseline, the fastest W4A8 variant, the peer), so a time budget cuts the least needed rows
 ORDER = {"pixart": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8s_compile", "w4a8_compile", "torchao_compile",
                     "w4a8_compile_triton", "w4a8_compile_cdt", "w4a8s_compile_cdt", "w4a8s_compile_tanh",
-                    "bf16_compile_sgelu", "bf16_compile_cdt", "torchao_compile_cdt", "w4_compile"),
+                    "bf16_compile_sgelu", "bf16_compile_cdt", "torchao_compile_cdt", "w4_compile") + GRAPH_VARIANTS,
          "sd": ("fp16", "w4", "fake", "w4a8", "bf16_compile", "w4a8s_compile", "w4_compile", "torchao_compile",
-                "w4a8_compile")}
+                "w4a8_compile") + GRAPH_VARIANTS}
 QUALITY_LABELS = {"fp32": "FP32", "bf16": "BF16, not quantized",
                   "fake_int8_token": "fake-quant W4A8: int8 per-token activations",
                   "w4_only": "W4 weights only", "fp8_token": "W4A8 speed path: e4m3 per-token activations (timed)",
@@ -203,12 +215,20 @@ def family_section(fam: dict, batches: list[int]) -> list[str]:
                   ""] + _table(list(CATEGORIES), [shares])
         lines += ["", "Top kernels: " + "; ".join(f"`{n[:60]}` {t:.2f} ms ({c})" for n, t, c in prof["top"][:5])]
     problems = [r for r in fam["rows"] if "error" in r or "skipped" in r]
+    lines += graph_notes(fam["rows"])
     if fam.get("error"):
         problems.append({"label": "the family run", "batch": "-", "error": fam["error"]})
     if problems:
         lines += ["", "Not measured:", ""] + [f"- {r['label']}, batch {r['batch']}: {r.get('error') or r['skipped']}"
                                               for r in problems]
     return lines + [""]
+
+
+def graph_notes(rows: list[dict]) -> list[str]:
+    """Lines for the CUDA-graph rows whose calls did not all replay a graph (what ran eagerly, and why)."""
+    notes = [f"- {r['label']}, batch {r['batch']}: {g['replays']} graph replays, {g['eager_calls']} eager calls "
+             f"({'; '.join(g['eager_reasons'])})" for r in rows if (g := r.get("graphs")) and g["eager_calls"]]
+    return ["", "CUDA-graph rows that ran (partly) eagerly:", ""] + notes if notes else []
 
 
 def render(res: dict) -> str:

@@ -8,7 +8,9 @@ as well; `--components standin` keeps the one-layer stand-in text encoder and sm
 + compile (RTN W4 per-channel weights as e4m3, FP8 per-token activations) and the W4 memory path + compile (packed
 int4, groups of 128, 64 where 128 does not divide). The denoisers are built as inference_speed.py builds them (its
 FamilyRun: the same RTN codes and conversions); any of its variants may be named too (e.g. `w4a8s_compile`, static
-FP8 scales, calibrated here on one pipeline call at batch 2).
+FP8 scales, calibrated here on one pipeline call at batch 2), and the CUDA-graph rows (`bf16_graphs`, `w4a8_graphs`,
+`w4_graphs`: the eager denoiser in diffptq.kernels.GraphedDenoiser, one graph per denoiser batch, captured in the
+first call; `*_compile_graphs` need `--compile_mode default`, as reduce-overhead records graphs itself).
 
 Each row times the whole call `pipe(prompt=..., num_inference_steps=--steps, output_type="pt")` (the VAE decodes;
 the same prompts and per-image generator seeds in every row). The first call is reported apart (it compiles); then
@@ -58,6 +60,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # the modules beside this
 from inference_speed import (  # noqa: E402
     TITLES,
     FamilyRun,
+    add_graph_stats,
     compile_settings,
     error_text,
     free_memory,
@@ -187,7 +190,7 @@ class PipelineRun(FamilyRun):
             row["resident_gib"] = torch.cuda.memory_allocated(dev) / GiB if cuda else None
             peak = measure_peak_vram(call, dev)
             row["peak_vram_gib"] = None if peak is None else peak / GiB
-        return row
+        return add_graph_stats(row, den)
 
 
 def describe(pipe, den: nn.Module, components: str) -> dict:

@@ -3,6 +3,7 @@ the setting, the goal (PixArt end-to-end at batch 1 against BF16 + compile), the
 from __future__ import annotations
 
 from diffptq.eval.report import markdown_table
+from inference_speed_report import graph_notes
 
 REFERENCE = "bf16_compile"  # the speed-ups' denominator: BF16 + compile at the same batch, same process
 GOAL = ("pixart", 1, 1.1)  # family, batch, speed-up of a quantized + compiled row over the reference
@@ -57,6 +58,7 @@ def family_lines(fam: dict) -> list[str]:
     if rows:
         lines += markdown_table([_row_cells(r, fam) for r in rows], COLUMNS).splitlines()
     problems = [r for r in rows if "error" in r or "skipped" in r]
+    lines += graph_notes(rows)
     if fam.get("error"):
         problems.append({"label": "the family run", "batch": "-", "error": fam["error"]})
     if problems:

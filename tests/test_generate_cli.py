@@ -1,6 +1,9 @@
 """`python -m diffptq generate`: images from a checkpoint, bit-identical for the same seed."""
+import logging
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffptq.__main__ import main
@@ -44,3 +47,21 @@ def test_generate_refuses_an_empty_prompt(checkpoint, tmp_path):
 
     with pytest.raises(DiffptqError, match="empty"):
         main(["generate", "--checkpoint", str(checkpoint), "--prompt", "  ", "--out", str(tmp_path / "o")])
+
+
+def test_cuda_graphs_needs_a_cuda_device(checkpoint):
+    from diffptq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--cuda_graphs needs a CUDA device, got --device cpu"):
+        main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a cup", "--cuda_graphs", "--device", "cpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the pass-through off CUDA")
+def test_cuda_graphs_off_cuda_changes_no_image(checkpoint, tmp_path, caplog):
+    for name, flags in (("eager", []), ("graphs", ["--cuda_graphs"])):  # --device auto: the CPU here
+        with caplog.at_level(logging.INFO, logger="diffptq.kernels.graphs"):
+            main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a cup", "--n", "1", "--steps", "2",
+                  "--out", str(tmp_path / name), *flags])
+        assert ("GraphedDenoiser: running eagerly: CUDA is not available" in caplog.text) == bool(flags)
+    a, b = _pixels(tmp_path / "eager"), _pixels(tmp_path / "graphs")
+    assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)

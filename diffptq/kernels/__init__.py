@@ -5,11 +5,13 @@
   Fp8W4A8Linear, Int4WeightOnlyLinear, Int4WeightOnlyConv2d           the modules
   fp8 (numerics and the reference GEMM), int4 (packing), activations (the tanh GELU in sigmoid form),
   profiling (GPU time breakdown of a step)
+  graph_denoiser / GraphedDenoiser                                   CUDA graphs over each denoiser call (batch 1-4)
 """
 from diffptq.kernels.common import set_profile_scopes
 from diffptq.kernels.fp8 import fp8_scaled_mm, fp8_support, scaled_mm_reference
 from diffptq.kernels.fp8_linear import Fp8W4A8Linear
 from diffptq.kernels.fuse import fuse_attention_projections
+from diffptq.kernels.graphs import GraphedDenoiser, graph_denoiser
 from diffptq.kernels.int4_weight_only import Int4WeightOnly, Int4WeightOnlyConv2d, Int4WeightOnlyLinear
 from diffptq.kernels.loader import load_for_inference, load_int4_checkpoint
 from diffptq.kernels.select import Conversion, InferenceConfig, convert_for_inference, is_inference_module
@@ -17,6 +19,7 @@ from diffptq.kernels.select import Conversion, InferenceConfig, convert_for_infe
 __all__ = [
     "Conversion",
     "Fp8W4A8Linear",
+    "GraphedDenoiser",
     "InferenceConfig",
     "Int4WeightOnly",
     "Int4WeightOnlyConv2d",
@@ -25,6 +28,7 @@ __all__ = [
     "fp8_scaled_mm",
     "fp8_support",
     "fuse_attention_projections",
+    "graph_denoiser",
     "is_inference_module",
     "load_for_inference",
     "load_int4_checkpoint",

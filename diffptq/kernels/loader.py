@@ -19,7 +19,7 @@ from diffptq.errors import CheckpointError
 from diffptq.io.checkpoint import apply_checkpoint, check_base, read_checkpoint
 from diffptq.kernels.common import replace_module
 from diffptq.kernels.int4_weight_only import Int4WeightOnlyConv2d, Int4WeightOnlyLinear, choose_scale_dtype
-from diffptq.kernels.select import Conversion, InferenceConfig, convert_for_inference, finish_model
+from diffptq.kernels.select import Conversion, InferenceConfig, convert_for_inference, finish_model, with_graphs
 from diffptq.quant.quantizer import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ def load_for_inference(denoiser: nn.Module, checkpoint: str | Path, path: str = 
                        device: str | torch.device | None = None, config: InferenceConfig | None = None,
                        act_builder=None) -> Conversion:
     """Load `checkpoint` into `denoiser` for inference on `device`: the memory path straight from packed codes
-    ("w4", when the device supports it), else fake-quant layers converted by convert_for_inference."""
+    ("w4", when the device supports it), else fake-quant layers converted by convert_for_inference.
+    config.cuda_graphs: the result's `graphed` is the denoiser in a GraphedDenoiser, to run in its place."""
     meta, tensors = read_checkpoint(checkpoint)
     from diffptq.models.families import family_of
 
@@ -99,6 +100,6 @@ def load_for_inference(denoiser: nn.Module, checkpoint: str | Path, path: str = 
         result = Conversion("w4", "packed int4 loaded from the checkpoint",
                             {n: type(m).__name__ for n, m in loaded.items()})
         finish_model(denoiser, cfg, result)
-        return result
+        return with_graphs(denoiser, cfg, result)
     apply_checkpoint(denoiser, meta, tensors, act_builder)
     return convert_for_inference(denoiser, path, dev, cfg)

@@ -26,6 +26,7 @@ from diffptq.kernels.common import replace_module
 from diffptq.kernels.fp8 import fp8_support
 from diffptq.kernels.fp8_linear import ACT_KERNELS, Fp8W4A8Linear, fp8_unsupported_reason
 from diffptq.kernels.fuse import fuse_attention_projections
+from diffptq.kernels.graphs import GraphedDenoiser
 from diffptq.kernels.int4_weight_only import Int4WeightOnly, int4_module_from_layer, int4_unsupported_reason
 from diffptq.quant.act import DynamicActQuantizer
 from diffptq.quant.layers import QuantLayer, QuantLinear, quant_layers
@@ -50,6 +51,9 @@ class InferenceConfig:
     act_kernel (w4a8): per-token activation quantization as torch ops ("torch") or one Triton kernel ("triton", same
       values; CUDA only, torch ops elsewhere). See Fp8W4A8Linear.
     force: use the real modules even where the device does not support them (the FP8 GEMM then runs its reference).
+    cuda_graphs: also wrap the model in a GraphedDenoiser (diffptq.kernels.graphs: one CUDA graph replayed per call
+      at batches 1-4, where steps are launch-bound), returned as `Conversion.graphed`: put it where the model was
+      (`pipe.transformer = conv.graphed`), or call graph_denoiser(pipe) after converting.
     """
 
     act_mode: str = "token"
@@ -60,6 +64,7 @@ class InferenceConfig:
     sigmoid_gelu: bool = True
     force: bool = False
     act_kernel: str = "torch"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.act_mode not in ("token", "tensor", "static", "auto"):
@@ -68,11 +73,14 @@ class InferenceConfig:
             raise ValueError(f"InferenceConfig.others must be one of {OTHERS}, got {self.others!r}")
         if self.act_kernel not in ACT_KERNELS:
             raise ValueError(f"InferenceConfig.act_kernel must be one of {ACT_KERNELS}, got {self.act_kernel!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"InferenceConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
 
 
 @dataclass
 class Conversion:
-    """What convert_for_inference did: the path taken, why, and each converted layer's new module type."""
+    """What convert_for_inference did: the path taken, why, and each converted layer's new module type; `graphed`:
+    the model wrapped in a GraphedDenoiser when InferenceConfig.cuda_graphs (else None)."""
 
     path: str
     reason: str
@@ -80,6 +88,7 @@ class Conversion:
     kept: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed fake-quant
     fused_attention: int = 0
     sigmoid_gelu: int = 0  # GELU blocks switched to the sigmoid form
+    graphed: GraphedDenoiser | None = None
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.modules.values()))
@@ -161,7 +170,7 @@ def convert_for_inference(model: nn.Module, path: str = "w4a8", device: str | to
         result = Conversion("fake", why if path == "fake" else f"{path} unavailable: {why}")
         log.log(logging.INFO if path == "fake" else logging.WARNING,
                 "convert_for_inference: keeping %d fake-quant layers (%s)", len(layers), result.reason)
-        return result
+        return with_graphs(model, cfg, result)
     result = Conversion(path, why if ok else f"forced where unsupported ({why}): the FP8 GEMM runs its reference")
     for name, layer in layers:
         new, reason = _convert_layer(layer, path, cfg)
@@ -176,7 +185,7 @@ def convert_for_inference(model: nn.Module, path: str = "w4a8", device: str | to
     log.info("convert_for_inference: %s path on %s (%s): %s%s, %d attention projections fused, %d GELU blocks in "
              "sigmoid form, %d kept fake-quant", path, dev, result.reason, counts, act, result.fused_attention,
              result.sigmoid_gelu, len(result.kept))
-    return result
+    return with_graphs(model, cfg, result)
 
 
 def finish_model(model: nn.Module, cfg: InferenceConfig, result: Conversion) -> None:
@@ -185,6 +194,14 @@ def finish_model(model: nn.Module, cfg: InferenceConfig, result: Conversion) -> 
         result.fused_attention = fuse_attention_projections(model)
     if cfg.sigmoid_gelu:
         result.sigmoid_gelu = use_sigmoid_form_gelu(model)
+
+
+def with_graphs(model: nn.Module, cfg: InferenceConfig, result: Conversion) -> Conversion:
+    """`result` with `graphed` set to the model in a GraphedDenoiser when cfg.cuda_graphs."""
+    if cfg.cuda_graphs:
+        result.graphed = GraphedDenoiser(model)
+        log.info("convert_for_inference: CUDA graphs on: run Conversion.graphed in place of the model")
+    return result
 
 
 def is_inference_module(m: nn.Module) -> bool:

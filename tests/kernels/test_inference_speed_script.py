@@ -14,14 +14,17 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     out, report = tmp_path / "out", tmp_path / "r.md"
     monkeypatch.setattr(sys, "argv", [
         "inference_speed.py", "--families", "pixart", "--num_layers", "1", "--latent", "8", "--batches", "1",
-        "--device", "cpu", "--variants", "w4,fp16,w4a8s_compile,w4a8", "--quality_model", "tiny-dit",
+        "--device", "cpu", "--variants", "w4,fp16,w4a8s_compile,w4a8,w4a8_graphs", "--quality_model", "tiny-dit",
         "--quality_prompts", "2", "--quality_steps", "2", "--quality_records", "1", "--warmup", "0",
         "--repeats", "1", "--profile", "", "--out", str(out), "--report", str(report)])
     bench.main()
     res = json.loads((out / "results.json").read_text())
     rows = {r["variant"]: r for r in res["families"]["pixart"]["rows"]}
-    assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8"]  # measured in the order given (compiled: eagerly)
+    # measured in the order given (compiled: eagerly)
+    assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8", "w4a8_graphs"]
     assert all("error" not in r and r["latency_ms"] is None for r in rows.values())
+    graphs = rows["w4a8_graphs"]["graphs"]  # off CUDA the wrapped denoiser ran eagerly, and the row says so
+    assert graphs["replays"] == 0 and graphs["eager_calls"] >= 1 and "graphs" not in rows["w4a8"]
     sizes = res["families"]["pixart"]["sizes"]
     assert sizes["memory"]["w4"] < 0.7 * sizes["memory"]["fp16"] and sizes["disk"]["w4"] < sizes["disk"]["fp16"]
     assert set(sizes["checkpoint"]) == {"w4", "w4a8"}
@@ -37,6 +40,7 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     assert quality["fp8_static"]["psnr_vs_fp_db"] > 25 and quality["fake_int8_static"]["psnr_vs_fp_db"] > 25
     text = report.read_text()
     assert "Card: CPU (smoke run)" in text and "## Goals" in text and "W4A8 speed path" in text
+    assert "- W4A8 speed path, eager + CUDA graphs, batch 1: 0 graph replays" in text
 
 
 def test_unknown_variant_is_a_usage_error(bench, monkeypatch, capsys):

@@ -39,12 +39,13 @@ def test_load_for_inference_and_refusals(tiny, tmp_path):
     _, fam, den, inputs = tiny(weight=QuantSpec(4, group_size=8))
     path = _save(tmp_path, fam, den)
     fresh = fam.denoiser(load_pipeline("tiny-dit"))
-    result = load_for_inference(fresh, path, "w4", config=InferenceConfig(force=True))
-    assert result.path == "w4" and result.fused_attention == 4
+    result = load_for_inference(fresh, path, "w4", config=InferenceConfig(force=True, cuda_graphs=True))
+    assert result.path == "w4" and result.fused_attention == 4 and result.graphed.denoiser is fresh
     assert result.sigmoid_gelu == len(fresh.transformer_blocks)  # the model-level rewrites of convert_for_inference
     assert set(result.modules.values()) == {"Int4WeightOnlyLinear"}
     other = fam.denoiser(load_pipeline("tiny-dit"))
-    assert load_for_inference(other, path, "w4a8").path in ("fake", "w4a8")  # fake-quant without an FP8 GPU
+    fallback = load_for_inference(other, path, "w4a8", config=InferenceConfig(cuda_graphs=True))
+    assert fallback.path in ("fake", "w4a8") and fallback.graphed.denoiser is other  # fake-quant without an FP8 GPU
     _, fam8, den8, _ = tiny(weight=QuantSpec(8))
     path8 = _save(tmp_path / "8", fam8, den8)
     with pytest.raises(CheckpointError, match="4 bits"):

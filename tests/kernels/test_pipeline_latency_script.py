@@ -117,6 +117,17 @@ def test_failures_become_rows_and_the_run_goes_on(bench, monkeypatch, tmp_path):
     assert goal in text
 
 
+def test_cuda_graph_rows(bench, monkeypatch, tmp_path):
+    """The CUDA-graph variants run (off CUDA: eagerly, as the row and report say); compiled ones under a compile mode
+    that records graphs itself are skipped with the reason."""
+    res, text = _run(bench, monkeypatch, tmp_path, "--families", "sd", "--batches", "1",
+                     "--variants", "w4a8_graphs,bf16_compile_graphs")
+    rows = {r["variant"]: r for r in res["families"]["sd"]["rows"]}
+    assert rows["w4a8_graphs"]["median_s"] > 0 and rows["w4a8_graphs"]["graphs"]["replays"] == 0
+    assert "records CUDA graphs itself" in rows["bf16_compile_graphs"]["skipped"]
+    assert "- W4A8 speed path, eager + CUDA graphs, batch 1: 0 graph replays" in text
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--variants", "bf16,w4a16"], "unknown --variants w4a16; known: bf16, fp16, bf16_compile"),
     (["--batches", "1,x"], "--batches '1,x': a comma list of positive integers"),
