@@ -105,7 +105,8 @@ def main() -> None:
         f"# FP8 static activation scales: one range vs log-SNR TDQ ({args.model}, issue #8)", "",
         f"Machine: CPU ({torch.get_num_threads()} threads; the FP8 GEMM runs its fp32 reference); torch "
         f"{torch.__version__}; {dt.date.today().isoformat()}; {time.perf_counter() - t_start:.0f} s. W4 RTN per "
-        f"channel on every block layer (the same codes in every row); activations 8-bit asymmetric, ranges fitted by {args.act_scale}; "
+        f"channel on every block layer (the same codes in every row); activations 8-bit asymmetric, ranges fitted "
+        f"by {args.act_scale}; "
         f"calibration {args.n_calib} scene prompts × {args.calib_steps} steps of the model's sampler with CFG; "
         f"prompt_acc on {args.n_eval} evaluation prompts, image PSNR against the FP32 pipeline.", "",
         "```", "python benchmarks/fp8_static_quality.py --model " + args.model + f" --n_calib {args.n_calib} "
