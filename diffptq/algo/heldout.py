@@ -68,8 +68,7 @@ def select_damping(method: str, W: Tensor, train: Grams, held: Grams, spec: Quan
     count with their RTN weights' error."""
     errors = {}
     for g in damping.grid:
-        res = solve(method, W, train, spec, Damping("mean_diag", g, damping.max_retries, damping.factor), act_order,
-                    block_size)
+        res = solve(method, W, train, spec, damping.fixed(g), act_order, block_size)
         errors[g] = heldout_error(res.weight, W, held)
     best = min(errors, key=lambda g: (errors[g] if math.isfinite(errors[g]) else math.inf, g))
     return best, errors

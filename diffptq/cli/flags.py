@@ -61,7 +61,8 @@ def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = T
                         help="weight group size in input columns (default: per output channel)")
     parser.add_argument("--act_order", action="store_true", help="GPTQ/Qronos columns by decreasing diag(H)")
     parser.add_argument("--damp", type=damp_value, default=SEQ.damp,
-                        help="Hessian damping: a number > 0 relative to mean(diag H), 'adaptive' or 'lambda_max' "
+                        help="Hessian damping: a number > 0 relative to mean(diag H), 'adaptive' (per layer, chosen "
+                             "on held-out calibration prompts), 'spread' or 'lambda_max' "
                              f"(default: {SEQ.damp.label})")
     if outliers:
         parser.add_argument("--smooth", type=smooth_value, default=SEQ.smooth,
@@ -164,7 +165,7 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
         blocks=blocks,
         granularity=getattr(args, "granularity", SEQ.granularity),
         offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
-        rotate=None if rotate in ("none", AUTO) else rotate, rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
+        rotate=_named_rotation(args), rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
         rotate_conv=getattr(args, "rotate_conv", False), smooth=getattr(args, "smooth", SEQ.smooth),
         lowrank=getattr(args, "lowrank", SEQ.lowrank), keep=getattr(args, "keep", SEQ.keep), auto=auto)
     return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
@@ -185,6 +186,10 @@ def tdq_config(args: argparse.Namespace, condition: str | None = None) -> TdqCon
 def check_rotation_flags(args: argparse.Namespace) -> None:
     """--rotate_conv without --rotate hadamard, --keep without --rotate pca: usage errors at parse time (the check
     SequentialConfig makes; auto names no rotation: it rotates at some bits only)."""
+    check_rotation(_named_rotation(args), getattr(args, "rotate_conv", False), getattr(args, "keep", 0))
+
+
+def _named_rotation(args: argparse.Namespace) -> str | None:
+    """The rotation --rotate names: None for none and for auto (which the bits decide: SequentialConfig.with_bits)."""
     rotate = getattr(args, "rotate", "none")
-    check_rotation(None if rotate in ("none", AUTO) else rotate, getattr(args, "rotate_conv", False),
-                   getattr(args, "keep", 0))
+    return None if rotate in ("none", AUTO) else rotate

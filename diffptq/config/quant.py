@@ -95,6 +95,11 @@ class Damping:
     def label(self) -> str:
         return f"{self.setting:g}" if self.mode == "mean_diag" else self.mode
 
+    def fixed(self, value: float) -> Damping:
+        """The mean-diagonal rule at `value` with this rule's retries: what "adaptive" solves with once it has chosen
+        `value` from its grid."""
+        return Damping("mean_diag", value, self.max_retries, self.factor)
+
     @classmethod
     def parse(cls, text: str, what: str = "--damp") -> Damping:
         """--damp: a number > 0 (relative to mean diag H), 'adaptive', 'spread' or 'lambda_max'."""

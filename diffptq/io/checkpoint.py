@@ -251,10 +251,9 @@ def _build_act(entry: dict, act_builder) -> ActQuantizer | None:
         return None
     spec = QuantSpec(**entry["act_spec"])
     channel_dim = 1 if entry["kind"] == "conv2d" else -1
-    if kind == "static":
-        return keep_leading(StaticActQuantizer(spec, channel_dim), entry.get("act_keep", 0), entry["weight_shape"][1])
-    if kind == "dynamic":
-        return keep_leading(DynamicActQuantizer(spec, channel_dim), entry.get("act_keep", 0), entry["weight_shape"][1])
+    if kind in ("static", "dynamic"):
+        quantizer = (StaticActQuantizer if kind == "static" else DynamicActQuantizer)(spec, channel_dim)
+        return keep_leading(quantizer, entry.get("act_keep", 0), entry["weight_shape"][1])
     if act_builder is None:
         raise CheckpointError(f"layer {entry['name']}: activation quantizer kind {kind!r} needs a builder")
     return act_builder(entry)

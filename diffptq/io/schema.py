@@ -123,13 +123,13 @@ def check_tensors(meta: dict, tensors: dict[str, torch.Tensor], path: Path) -> N
     """Each layer's codes, scales and zero points are there; scales, zeros and activation states are finite."""
     for entry in meta["layers"]:
         name = entry["name"]
-        needed = ["codes", "scale", "zero"] + (["input_scale"] if entry.get("smooth") else []) + \
+        outlier = (["input_scale"] if entry.get("smooth") else []) + \
             (["lowrank_up", "lowrank_down"] if entry.get("lowrank") else [])
-        for key in needed:
+        for key in ("codes", "scale", "zero", *outlier):
             if f"{name}.{key}" not in tensors:
                 raise CheckpointError(f"{path}: layer {name}: tensor {name}.{key} is missing")
         state = [k for k in tensors if k.startswith(f"{name}.act.")]
-        extra = [f"{name}.{k}" for k in needed[3:]]
+        extra = [f"{name}.{k}" for k in outlier]
         if (entry.get("rotation") or {}).get("kind") == "pca":
             _check_pca_matrix(entry, tensors, path)
         for key in (f"{name}.scale", f"{name}.zero", *state, *extra):

@@ -7,7 +7,6 @@ import math
 
 from diffptq.algo.driver.config import LayerReport, SequentialConfig
 from diffptq.algo.driver.timing import PhaseTimer
-from diffptq.algo.damping import Damping
 from diffptq.algo.heldout import Grams, pooled, select_damping, solve
 from diffptq.algo.rtn import rtn_quantize_ex
 from diffptq.quant.layers import QuantLayer
@@ -30,8 +29,8 @@ def solve_layer(cfg: SequentialConfig, block: int, name: str, layer: QuantLayer,
             chosen, errors = select_damping(cfg.method, W, grams, held, cfg.weight, cfg.damp, cfg.act_order,
                                             cfg.block_size)
             heldout_err = errors[chosen]
-            damp = Damping("mean_diag", chosen, cfg.damp.max_retries, cfg.damp.factor)
-            res = solve(cfg.method, W, pooled(grams, held), cfg.weight, damp, cfg.act_order, cfg.block_size, True)
+            res = solve(cfg.method, W, pooled(grams, held), cfg.weight, cfg.damp.fixed(chosen), cfg.act_order,
+                        cfg.block_size, True)
         else:
             res = solve(cfg.method, W, grams, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size, consume)
     layer.set_quantized_weight(res.codes, res.scale, res.zero)
