@@ -12,7 +12,6 @@ and seeds; one that cannot run keeps empty metrics and its reason in `note`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -38,9 +37,10 @@ from diffptq.quant.layers import quant_layers
 from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
 from diffptq.run.benchmark_peers import failure_note, is_peer, peer_variant_bits, prepare_peer
 from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, score
+from diffptq.run.shared_calib import SharedCalibration, swapped_denoiser
 
 __all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "SharedCalibration",
-           "Variant", "denoiser_size_bytes", "rotation_of", "run_benchmark", "variants"]
+           "Variant", "denoiser_size_bytes", "rotation_of", "run_benchmark", "swapped_denoiser", "variants"]
 log = logging.getLogger("diffptq.benchmark")
 
 GIB = 2**30
@@ -221,46 +221,6 @@ def _measure(pipe, denoiser: nn.Module, variant: Variant, cfg: BenchmarkConfig, 
 
 
 # ---- one variant --------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def swapped_denoiser(pipe, denoiser: nn.Module) -> Iterator[nn.Module]:
-    """Run `pipe` with `denoiser` in place of its own; the original is put back afterwards.
-
-    A denoiser with TDQ activation quantizers (from a TDQ checkpoint) gets the per-step condition hook while in
-    place, as diffptq.io.load_quantized gives it.
-    """
-    attr = family_of(pipe).denoiser_attr
-    original = getattr(pipe, attr)
-    setattr(pipe, attr, denoiser)
-    tdq = any(getattr(layer.act_quant, "checkpoint_kind", None) == "tdq" for _, layer in quant_layers(denoiser))
-    if tdq:
-        from diffptq.tdq.inference import attach_tdq
-
-        attach_tdq(pipe)
-    try:
-        yield denoiser
-    finally:
-        if tdq:
-            from diffptq.tdq.inference import detach_tdq
-
-            detach_tdq(pipe)
-        setattr(pipe, attr, original)
-
-
-class SharedCalibration:
-    """The calibration set, collected from the float pipeline on first use and shared by all quantized variants."""
-
-    def __init__(self, pipe, calib_cfg, progress: bool) -> None:
-        self.pipe, self.cfg, self.progress, self._set = pipe, calib_cfg, progress, None
-
-    def get(self):
-        if self._set is None:
-            from diffptq.data.calib import calibration_set
-
-            self._set, seconds = calibration_set(self.pipe, self.cfg, self.progress)
-            log.info("calibration set: %d records in %.1f s", len(self._set), seconds)
-        return self._set
-
-
 def variant_config(cfg: BenchmarkConfig, variant: Variant, n_blocks: int) -> SequentialConfig:
     """The sequential driver's config of one variant: the benchmark's settings at the variant's method and bits."""
     from diffptq.run.quantize import parse_blocks

@@ -62,8 +62,8 @@ def prepare_peer(fp_cpu: nn.Module, method: str, calib, device: torch.device,
     denoiser = None
     try:
         peer.require()  # before collecting the calibration set for nothing
-        inputs = CalibInputs(calib.get(), device, dtype)
         denoiser = copy.deepcopy(fp_cpu).to(device)
+        inputs = CalibInputs(calib.get(denoiser), device, dtype)  # collected, if first, by the float copy on device
         t0 = time.perf_counter()
         info["note"] = peer.quantize(denoiser, inputs, device)
         info["calib_time_s"] = time.perf_counter() - t0
