@@ -3,8 +3,9 @@ float model's at every depth (diffptq.eval.depth), on held-out calibration recor
 
 Per model: one calibration set (--n_calib prompts × --calib_steps steps with CFG; every --holdout_every-th record held
 out), one copy of the float denoiser per method × bits, quantized block by block by the sequential driver, then
-measured on the held-out records. W4A8: static per-tensor 8-bit activations; W4A4: the recipe of the day, dynamic
-per-token 4-bit activations behind the online Hadamard rotation. With --n_images (bundled models), also the
+measured on the held-out records. Both follow the scripts' default recipe of their bits (SequentialConfig.with_bits):
+W4A8 static per-tensor 8-bit activations; W4A4 dynamic per-token 4-bit activations behind the online Hadamard
+rotation, with the rank-32 16-bit branch of each Linear. With --n_images (bundled models), also the
 final images of each variant against the float model's (same prompts and seeds): PSNR with its bootstrap 95%
 interval and prompt_acc with its Wilson 95% interval.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from diffptq.cli import ArgumentParser, check_output_dir, device_value, positive_int, run_main
 
-BITS = {"w4a8": (4, 8, "static", None), "w4a4": (4, 4, "dynamic", "hadamard")}
+BITS = {"w4a8": (4, 8), "w4a4": (4, 4)}  # (weight, activation) bits; the rest follows the default recipe of the bits
 METHODS = ("rtn", "gptq", "qronos")
 DEPTH_COLUMNS = ("model", "method", "bits", "depth", "rel_err")
 SUMMARY_COLUMNS = ("model", "method", "bits", "n_blocks", "err_first", "err_last", "out_err", "psnr", "psnr_lo",
@@ -62,11 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def variant_config(method: str, bits: str, holdout_every: int):
-    from diffptq.config import SequentialConfig
+    from diffptq.config import RECIPE_FIELDS, SequentialConfig
 
-    wbits, abits, act_kind, rotate = BITS[bits]
-    return SequentialConfig(method=method, act_kind=act_kind, rotate=rotate,
-                            holdout_every=holdout_every).with_bits(wbits, abits)
+    return SequentialConfig(method=method, holdout_every=holdout_every, auto=RECIPE_FIELDS).with_bits(*BITS[bits])
 
 
 def image_scores(images, fp_images, prompts, evaluator) -> dict:
@@ -166,7 +165,7 @@ def report(depth_rows, summary, args, device, meta: dict) -> str:
              f"torch {meta['torch']}, diffusers {meta['diffusers']}; command: `{meta['command']}`", "",
              "Relative error ‖h_q − h_fp‖ / ‖h_fp‖ of each block's output on the held-out calibration records "
              "(diffptq/eval/depth.py); W4A8 static per-tensor activations, W4A4 per-token activations + Hadamard "
-             "rotation.", ""]
+             "rotation + rank-32 16-bit branch of each Linear (the default recipes).", ""]
     for model in args.models:
         rows = [r for r in depth_rows if r["model"] == model]
         if not rows:

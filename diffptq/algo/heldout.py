@@ -55,20 +55,21 @@ def heldout_error(Q: Tensor, W: Tensor, held: Grams) -> float:
 
 
 def solve(method: str, W: Tensor, grams: Grams, spec: QuantSpec, damp: Damping, act_order: bool = False,
-          block_size: int = 128, consume: bool = False) -> QuantResult:
-    """GPTQ (from H) or Qronos (from H and G) of W with `damp`."""
+          block_size: int = 128, consume: bool = False, correction: float = 1.0) -> QuantResult:
+    """GPTQ (from H) or Qronos (from H and G, correcting the share `correction` of the upstream error) of W."""
     if method == "gptq":
         return gptq_quantize_ex(W, grams.H, spec, damp, act_order, block_size, consume)
-    return qronos_quantize_ex(W, grams.H, grams.G, spec, damp, act_order, block_size, consume)
+    return qronos_quantize_ex(W, grams.H, grams.G, spec, damp, act_order, block_size, consume, correction)
 
 
 def select_damping(method: str, W: Tensor, train: Grams, held: Grams, spec: QuantSpec, damping: Damping,
-                   act_order: bool = False, block_size: int = 128) -> tuple[float, dict[float, float]]:
+                   act_order: bool = False, block_size: int = 128,
+                   correction: float = 1.0) -> tuple[float, dict[float, float]]:
     """(the grid value with the lowest held-out error, {grid value: held-out error}). Solves that fall back to RTN
     count with their RTN weights' error."""
     errors = {}
     for g in damping.grid:
-        res = solve(method, W, train, spec, damping.fixed(g), act_order, block_size)
+        res = solve(method, W, train, spec, damping.fixed(g), act_order, block_size, correction=correction)
         errors[g] = heldout_error(res.weight, W, held)
     best = min(errors, key=lambda g: (errors[g] if math.isfinite(errors[g]) else math.inf, g))
     return best, errors

@@ -34,12 +34,21 @@ def qronos_first_column(v: Tensor, g: Tensor, h0: Tensor, delta: float, U: Tenso
     v[:, 0] = q0
 
 
+def blended_cross(H: Tensor, G: Tensor, correction: float) -> Tensor:
+    """G of a target that corrects only the share `correction` (0..1) of the upstream error: (1 − c)·H + c·G, i.e.
+    the target (1 − c)·X̃W + c·XW (docs/ALGORITHMS.md §6, "Partial correction"); G itself at c = 1, H (GPTQ) at 0."""
+    if correction == 1:
+        return G
+    return H * (1 - correction) + G * correction
+
+
 def qronos_quantize_ex(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = DEFAULT_DAMPING,
-                       act_order: bool = False, block_size: int = 128, consume: bool = False) -> QuantResult:
+                       act_order: bool = False, block_size: int = 128, consume: bool = False,
+                       correction: float = 1.0) -> QuantResult:
     """Qronos with the full record (codes, scale, zero, damping used, RTN fallback). consume: see hessian_quantize.
-    """
-    return hessian_quantize(W, H, spec, damp, act_order, block_size, G=G, first_column=qronos_first_column,
-                            method="qronos", consume=consume)
+    correction: the share of the upstream error corrected (blended_cross; 1: Qronos as published)."""
+    return hessian_quantize(W, H, spec, damp, act_order, block_size, G=blended_cross(H, G, correction),
+                            first_column=qronos_first_column, method="qronos", consume=consume)
 
 
 def qronos_quantize(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = DEFAULT_DAMPING,

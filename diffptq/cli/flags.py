@@ -14,10 +14,12 @@ from diffptq.cli.parser import (
     bits_value,
     damp_value,
     guidance_value,
+    lowrank_value,
     non_negative_int,
     positive_int,
     prompt_file,
     smooth_value,
+    unit_float,
 )
 from diffptq.config import (
     ACT_KINDS,
@@ -27,6 +29,7 @@ from diffptq.config import (
     GRANULARITIES,
     METHODS,
     RECIPE_FIELDS,
+    RECIPE_LOWRANK,
     RECIPE_MAX_ABITS,
     ROTATIONS,
     CalibConfig,
@@ -60,6 +63,9 @@ def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = T
     parser.add_argument("--group_size", type=positive_int, default=SEQ.weight.group_size,
                         help="weight group size in input columns (default: per output channel)")
     parser.add_argument("--act_order", action="store_true", help="GPTQ/Qronos columns by decreasing diag(H)")
+    parser.add_argument("--correction", type=unit_float, default=SEQ.correction,
+                        help="Qronos: the share 0..1 of the upstream quantization error each layer corrects (1: "
+                             "Qronos as published, 0: GPTQ's target; default: %(default)s)")
     parser.add_argument("--damp", type=damp_value, default=SEQ.damp,
                         help="Hessian damping: a number > 0 relative to mean(diag H), 'adaptive' (per layer, chosen "
                              "on held-out calibration prompts), 'spread' or 'lambda_max' "
@@ -68,8 +74,10 @@ def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = T
         parser.add_argument("--smooth", type=smooth_value, default=SEQ.smooth,
                             help="smooth each Linear's input channels with this alpha in (0, 1] before quantizing "
                                  "(x / s, W·s; default: off)")
-        parser.add_argument("--lowrank", type=non_negative_int, default=SEQ.lowrank,
-                            help="rank of a 16-bit branch kept out of each Linear's quantized weight (default: 0, off)")
+        parser.add_argument("--lowrank", type=lowrank_value, default=AUTO,
+                            help="rank of a 16-bit branch kept out of each Linear's quantized weight (at most a "
+                                 "quarter of its smaller dimension), 0: off (default: auto, "
+                                 f"{RECIPE_LOWRANK} at 4-bit activations or fewer, else off)")
     if execution:
         parser.add_argument("--offload_done", action="store_true",
                             help="keep finished blocks in host memory until the end of the calibration, so GPU "
@@ -158,7 +166,8 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
                       abits: int | None = None, blocks: list[int] | None = None) -> SequentialConfig:
     """The SequentialConfig of the flags (method / bits given here override theirs, for scripts with lists)."""
     act_kind, rotate = getattr(args, "act_quant", SEQ.act_kind), getattr(args, "rotate", "none")
-    auto = tuple(name for name, value in zip(RECIPE_FIELDS, (act_kind, rotate)) if value == AUTO)
+    lowrank = getattr(args, "lowrank", SEQ.lowrank)
+    auto = tuple(name for name, value in zip(RECIPE_FIELDS, (act_kind, rotate, lowrank)) if value == AUTO)
     cfg = SequentialConfig(
         method=method or args.method, weight=replace(SEQ.weight, group_size=args.group_size),
         act_kind=SEQ.act_kind if act_kind == AUTO else act_kind, damp=args.damp, act_order=args.act_order,
@@ -167,7 +176,8 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
         offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
         rotate=_named_rotation(args), rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
         rotate_conv=getattr(args, "rotate_conv", False), smooth=getattr(args, "smooth", SEQ.smooth),
-        lowrank=getattr(args, "lowrank", SEQ.lowrank), keep=getattr(args, "keep", SEQ.keep), auto=auto)
+        lowrank=SEQ.lowrank if lowrank == AUTO else lowrank, keep=getattr(args, "keep", SEQ.keep),
+        correction=getattr(args, "correction", SEQ.correction), auto=auto)
     return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
 
 

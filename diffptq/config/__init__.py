@@ -15,6 +15,7 @@ from diffptq.config.sequential import (
     GRANULARITIES,
     METHODS,
     RECIPE_FIELDS,
+    RECIPE_LOWRANK,
     RECIPE_MAX_ABITS,
     ROTATIONS,
     SequentialConfig,
@@ -25,6 +26,6 @@ from diffptq.config.sequential import (
 from diffptq.config.tdq import CONDITIONS, EXTRAPOLATIONS, TdqConfig, TdqFitConfig
 
 __all__ = ["ACT_KINDS", "AUTO", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS",
-           "RECIPE_FIELDS", "RECIPE_MAX_ABITS", "ROTATIONS", "SCALE_METHODS", "CalibConfig", "Damping", "QuantSpec",
-           "SequentialConfig", "TdqConfig", "TdqFitConfig", "as_damping", "check_calibration_fits", "check_rotation",
-           "recipe"]
+           "RECIPE_FIELDS", "RECIPE_LOWRANK", "RECIPE_MAX_ABITS", "ROTATIONS", "SCALE_METHODS", "CalibConfig",
+           "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig", "as_damping",
+           "check_calibration_fits", "check_rotation", "recipe"]

@@ -22,15 +22,18 @@ GRANULARITIES = ("unit", "block")
 ROTATIONS = ("hadamard", "pca")  # online input rotations (diffptq.quant.rotation)
 DEFAULT_ACT = QuantSpec(8, symmetric=False)  # activations: asymmetric 8-bit (the zero point follows the range)
 AUTO = "auto"  # the flag value of --act_quant / --rotate that leaves the choice to the recipe of the bits
-RECIPE_FIELDS = ("act_kind", "rotate")
+RECIPE_FIELDS = ("act_kind", "rotate", "lowrank")
 RECIPE_MAX_ABITS = 4  # at or below: the low-bit recipe
-LOW_BIT_RECIPE = {"act_kind": "dynamic", "rotate": "hadamard"}  # per-token activations behind a Hadamard rotation
-HIGH_BIT_RECIPE = {"act_kind": "static", "rotate": None}  # calibrated per-tensor activations, no rotation
+RECIPE_LOWRANK = 32  # rank of the low-bit recipe's 16-bit branch
+# per-token activations behind a Hadamard rotation, each Linear's leading rank-32 part kept in a 16-bit branch
+LOW_BIT_RECIPE = {"act_kind": "dynamic", "rotate": "hadamard", "lowrank": RECIPE_LOWRANK}
+HIGH_BIT_RECIPE = {"act_kind": "static", "rotate": None, "lowrank": 0}  # calibrated per-tensor activations, no more
 
 
 def recipe(abits: int) -> dict:
-    """The activation quantizer and rotation of the default recipe at `abits` (static per-tensor 4-bit activations
-    collapse; per-token ones behind an online Hadamard rotation keep the picture: README, W4A4)."""
+    """The activation quantizer, rotation and low-rank branch of the default recipe at `abits` (static per-tensor
+    4-bit activations collapse; per-token ones behind an online Hadamard rotation keep the picture, and the rank-32
+    branch adds 3.5-4.5 dB on bundled-dit: README, W4A4)."""
     return dict(LOW_BIT_RECIPE if abits <= RECIPE_MAX_ABITS else HIGH_BIT_RECIPE)
 
 
@@ -78,10 +81,12 @@ class SequentialConfig:
     quantized at 8 bits, the rest with `act` (clamped to the layer's width; 0: off; nothing to do without `act`).
     smooth: α of per-channel smoothing of each Linear's input (x / s, W·diag(s), one s per group of layers fed by
     the same tensor, from the calibration records' max |x|), before its activation quantizer is calibrated (None:
-    off). lowrank: rank of a high-precision branch kept out of each Linear's quantized weight (0: off).
-    diffptq.quant.outliers; Conv2d layers get neither.
+    off). lowrank: rank of a high-precision branch kept out of each Linear's quantized weight (0: off), at most a
+    quarter of the layer's smaller dimension (branch_rank). diffptq.quant.outliers; Conv2d layers get neither.
+    correction: Qronos only, the share (0..1) of the upstream error each layer corrects: its target is
+    (1 − c)·X̃W + c·XW (1: the published Qronos, 0: GPTQ's target; docs/ALGORITHMS.md §6).
     auto: the fields of RECIPE_FIELDS that with_bits sets from the activation bits (recipe(abits)); the scripts' flags
-    --act_quant and --rotate put theirs here when left at their default, "auto".
+    --act_quant, --rotate and --lowrank put theirs here when left at their default, "auto".
     """
 
     method: str = "qronos"
@@ -106,6 +111,7 @@ class SequentialConfig:
     smooth: float | None = None
     lowrank: int = 0
     keep: int = 0
+    correction: float = 1.0
     auto: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -123,6 +129,7 @@ class SequentialConfig:
         if self.smooth is not None:
             check_float(self.smooth, "--smooth", lo=0.0, hi=1.0, lo_open=True)
         check_non_negative_int(self.lowrank, "--lowrank")
+        self.correction = check_float(self.correction, "--correction", lo=0.0, hi=1.0)
         self.auto = tuple(self.auto)
         for name in self.auto:
             check_choice(name, "SequentialConfig.auto", RECIPE_FIELDS)

@@ -26,6 +26,14 @@ def smoothing_scales(x_absmax: Tensor, weights: list[Tensor], alpha: float) -> T
     return s.clamp(MIN_SCALE, MAX_SCALE)
 
 
+BRANCH_SHARE = 4  # a branch holds at most 1/4 of a layer's rank: one as wide as the layer leaves nothing quantized
+
+
+def branch_rank(rank: int, shape: tuple[int, ...]) -> int:
+    """The rank of a layer's branch for the asked `rank`: at most min(out, in) // BRANCH_SHARE (0: no branch)."""
+    return min(rank, min(shape[0], shape[1]) // BRANCH_SHARE)
+
+
 @torch.no_grad()
 def lowrank_split(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """(R, up, down): the best rank-`rank` approximation up @ down of W (out, in) (SVD in float64; up (out, r) =

@@ -91,3 +91,33 @@ def test_consume_gives_the_same_result_and_releases_h_and_g(method, act_order):
     assert H.numel() == 0 and (G.numel() == 0) == (method == "qronos")  # given up: memory released
     assert torch.equal(own.codes, ref.codes) and torch.equal(own.weight, ref.weight)
     assert own.delta == ref.delta
+
+
+def test_partial_correction_runs_from_gptq_to_qronos():
+    """correction c blends the target: c = 0 is GPTQ (its codes up to a near-tie flip), c = 1 the published Qronos
+    (bitwise), and in between the error against the float target lies between the two (mean over seeds)."""
+    spec = QuantSpec(4)
+    errs = {0.0: 0.0, 0.5: 0.0, 1.0: 0.0}
+    for seed in range(4):
+        x, xq = correlated_streams(seed, noise=0.4)
+        W = torch.randn(48, x.shape[1], generator=torch.Generator().manual_seed(50 + seed))
+        H, G = gram_from_inputs(xq, x)
+        gptq = gptq_quantize_ex(W, H, spec)
+        at = {c: qronos_quantize_ex(W, H, G, spec, correction=c) for c in errs}
+        differ = (at[0.0].codes != gptq.codes).any(dim=1)
+        assert differ.sum() <= 1 and torch.equal(at[0.0].codes[~differ], gptq.codes[~differ])
+        assert torch.equal(at[1.0].codes, qronos_quantize_ex(W, H, G, spec).codes)
+        y = x @ W.T
+        for c, res in at.items():
+            errs[c] += float((xq @ res.weight.T - y).norm() / y.norm())
+    assert errs[1.0] < errs[0.5] < errs[0.0], errs
+
+
+def test_correction_outside_zero_one_is_refused():
+    from diffptq.config import SequentialConfig
+    from diffptq.errors import ConfigError
+
+    assert SequentialConfig(correction=0.25).correction == 0.25
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="--correction"):
+            SequentialConfig(correction=bad)

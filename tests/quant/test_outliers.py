@@ -112,3 +112,26 @@ def test_driver_smooths_and_splits_and_checkpoints_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fam.denoiser(loaded)(**inputs, return_dict=False)[0], out, rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_a_branch_holds_at_most_a_quarter_of_a_layers_rank():
+    """--lowrank R asks for rank R; a layer gets min(R, min(out, in) // 4), so a branch never takes a narrow layer
+    whole (tiny-dit's 16-wide layers: rank 4 for R = 32; R = 2 stays 2), and what is left is still quantized."""
+    from diffptq.algo.driver import SequentialQuantizer
+    from diffptq.config import SequentialConfig
+    from diffptq.data.calib import collect_calibration
+    from diffptq.models import family_of, load_pipeline
+    from diffptq.quant.layers import quant_layers
+    from diffptq.quant.outliers import branch_rank
+
+    assert [branch_rank(32, s) for s in ((16, 16), (64, 16), (128, 160), (1152, 4608), (3, 8))] == [4, 4, 32, 32, 0]
+    assert branch_rank(2, (16, 16)) == 2
+    pipe = load_pipeline("tiny-dit")
+    fam = family_of(pipe)
+    den = fam.denoiser(pipe)
+    calib = collect_calibration(pipe, ["a red cat", "a dog"], 2, batch_size=2, progress=False)
+    cfg = SequentialConfig(method="rtn", act_kind="dynamic", lowrank=32, blocks=[0]).with_bits(4, 4)
+    SequentialQuantizer(den, fam, calib, cfg, "cpu", progress=False).run()
+    linear = [m for n, m in quant_layers(den) if n.startswith("transformer_blocks.0.")]
+    assert linear and all(m.lowrank_up.shape[1] == min(m.weight.shape) // 4 for m in linear)
+    assert all(m.is_quantized and (m.weight_q != m.weight).any() for m in linear)

@@ -56,6 +56,26 @@ def test_default_flags_give_the_low_bit_recipe_at_a4_only(name):
 
 
 @pytest.mark.parametrize("name", ["quantize_qronos_4blocks", "benchmark_final"])
+def test_default_lowrank_is_the_rank_32_branch_at_a4_only(name, capsys):
+    """Left at auto, --lowrank keeps a rank-32 16-bit branch out of each Linear at 4-bit activations and below (the
+    W4A4 recipes table: +3.5-4.5 dB on bundled-dit) and none above; a number given holds at every bit width."""
+    from diffptq.config import RECIPE_LOWRANK
+
+    parse = _script("qronos_diffusion", name).parse_args
+    ranks = {}
+    for argv in ([], ["--lowrank", "auto"], ["--lowrank", "0"], ["--lowrank", "8"]):
+        base = sequential_config(parse(argv), method="gptq", wbits=4, abits=8)
+        ranks[tuple(argv)] = [base.with_bits(4, a).lowrank for a in (4, 3, 8, 16)]
+    assert RECIPE_LOWRANK == 32
+    assert ranks[()] == ranks[("--lowrank", "auto")] == [32, 32, 0, 0]
+    assert ranks[("--lowrank", "0")] == [0, 0, 0, 0]
+    assert ranks[("--lowrank", "8")] == [8, 8, 8, 8]
+    with pytest.raises(SystemExit):
+        parse(["--lowrank", "-1"])
+    assert "argument --lowrank:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["quantize_qronos_4blocks", "benchmark_final"])
 def test_rotate_conv_without_a_rotation_is_refused(name, tmp_path, capsys):
     code, err = _exit(_script("qronos_diffusion", name), ["--model", "tiny-dit", "--rotate_conv",
                                                           "--out_dir", str(tmp_path / "o")], capsys)

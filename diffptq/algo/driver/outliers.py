@@ -16,7 +16,7 @@ from diffptq.algo.hessian import GramAccumulator
 from diffptq.errors import NonFiniteActivationError
 from diffptq.quant.act import keep_leading
 from diffptq.quant.layers import QuantLayer
-from diffptq.quant.outliers import lowrank_split, smoothing_scales
+from diffptq.quant.outliers import branch_rank, lowrank_split, smoothing_scales
 from diffptq.quant.rotation import PcaRotation, pca_rotation
 
 
@@ -87,5 +87,7 @@ def prepare_outliers(runner: UnitRunner, k: int, layers: dict[str, QuantLayer], 
                 linears[n].set_smoothing(s)
     if cfg.lowrank > 0:
         for layer in linears.values():
-            _, up, down = lowrank_split(layer.weight.detach().float(), cfg.lowrank)
-            layer.set_lowrank(up, down)
+            rank = branch_rank(cfg.lowrank, layer.weight.shape)
+            if rank > 0:
+                _, up, down = lowrank_split(layer.weight.detach().float(), rank)
+                layer.set_lowrank(up, down)

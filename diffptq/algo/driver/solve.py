@@ -27,12 +27,13 @@ def solve_layer(cfg: SequentialConfig, block: int, name: str, layer: QuantLayer,
             res = rtn_quantize_ex(W, cfg.weight)
         elif held is not None:
             chosen, errors = select_damping(cfg.method, W, grams, held, cfg.weight, cfg.damp, cfg.act_order,
-                                            cfg.block_size)
+                                            cfg.block_size, cfg.correction)
             heldout_err = errors[chosen]
             res = solve(cfg.method, W, pooled(grams, held), cfg.weight, cfg.damp.fixed(chosen), cfg.act_order,
-                        cfg.block_size, True)
+                        cfg.block_size, True, cfg.correction)
         else:
-            res = solve(cfg.method, W, grams, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size, consume)
+            res = solve(cfg.method, W, grams, cfg.weight, cfg.damp, cfg.act_order, cfg.block_size, consume,
+                        cfg.correction)
     layer.set_quantized_weight(res.codes, res.scale, res.zero)
     if res.fell_back:
         log.warning("layer %s: fell back to RTN (%s)", name, res.reason)

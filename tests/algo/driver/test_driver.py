@@ -265,3 +265,19 @@ def test_pinned_host_caches_give_the_codes_of_device_caches(granularity):
     assert codes["cpu"].keys() == codes["cuda"].keys()
     for n in codes["cpu"]:
         assert torch.equal(codes["cpu"][n], codes["cuda"][n]), n
+
+
+def test_qronos_with_no_correction_is_gptq_through_the_driver():
+    """SequentialConfig.correction reaches every layer's solve: Qronos correcting none of the upstream error gives
+    GPTQ's codes on tiny-dit but for near-tie flips (carried on into later layers' inputs: at most 5% of the rows),
+    where full Qronos moves ten times as many rows."""
+    _, fam, den, calib = _setup("tiny-dit", steps=2, prompts=PROMPTS[:2])
+    codes = {}
+    for label, kw in (("gptq", {"method": "gptq"}), ("q0", {"method": "qronos", "correction": 0.0}),
+                      ("q1", {"method": "qronos"})):
+        res = _quantizer(copy.deepcopy(den), fam, calib, **kw).run()
+        codes[label] = {n: layer.weight_codes.clone() for n, layer in res.quant_layers.items()}
+    rows = sum(c.shape[0] for c in codes["gptq"].values())
+    flipped = sum(int((codes["q0"][n] != c).any(dim=1).sum()) for n, c in codes["gptq"].items())
+    moved = sum(int((codes["q1"][n] != c).any(dim=1).sum()) for n, c in codes["gptq"].items())
+    assert flipped <= rows // 20 and moved > 10 * flipped, (flipped, moved, rows)
