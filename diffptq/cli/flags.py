@@ -12,6 +12,7 @@ from dataclasses import replace
 from diffptq.cli.parser import (
     blocks_value,
     bits_value,
+    correction_value,
     damp_value,
     guidance_value,
     lowrank_value,
@@ -19,7 +20,6 @@ from diffptq.cli.parser import (
     positive_int,
     prompt_file,
     smooth_value,
-    unit_float,
 )
 from diffptq.config import (
     ACT_KINDS,
@@ -28,6 +28,7 @@ from diffptq.config import (
     EXTRAPOLATIONS,
     GRANULARITIES,
     METHODS,
+    RECIPE_CORRECTION,
     RECIPE_FIELDS,
     RECIPE_LOWRANK,
     RECIPE_MAX_ABITS,
@@ -63,9 +64,10 @@ def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = T
     parser.add_argument("--group_size", type=positive_int, default=SEQ.weight.group_size,
                         help="weight group size in input columns (default: per output channel)")
     parser.add_argument("--act_order", action="store_true", help="GPTQ/Qronos columns by decreasing diag(H)")
-    parser.add_argument("--correction", type=unit_float, default=SEQ.correction,
+    parser.add_argument("--correction", type=correction_value, default=AUTO,
                         help="Qronos: the share 0..1 of the upstream quantization error each layer corrects (1: "
-                             "Qronos as published, 0: GPTQ's target; default: %(default)s)")
+                             f"Qronos as published, 0: GPTQ's target; default: auto, {RECIPE_CORRECTION} at 4-bit "
+                             "activations or fewer, else 1)")
     parser.add_argument("--damp", type=damp_value, default=SEQ.damp,
                         help="Hessian damping: a number > 0 relative to mean(diag H), 'adaptive' (per layer, chosen "
                              "on held-out calibration prompts), 'spread' or 'lambda_max' "
@@ -166,8 +168,8 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
                       abits: int | None = None, blocks: list[int] | None = None) -> SequentialConfig:
     """The SequentialConfig of the flags (method / bits given here override theirs, for scripts with lists)."""
     act_kind, rotate = getattr(args, "act_quant", SEQ.act_kind), getattr(args, "rotate", "none")
-    lowrank = getattr(args, "lowrank", SEQ.lowrank)
-    auto = tuple(name for name, value in zip(RECIPE_FIELDS, (act_kind, rotate, lowrank)) if value == AUTO)
+    lowrank, correction = getattr(args, "lowrank", SEQ.lowrank), getattr(args, "correction", SEQ.correction)
+    auto = tuple(name for name, value in zip(RECIPE_FIELDS, (act_kind, rotate, lowrank, correction)) if value == AUTO)
     cfg = SequentialConfig(
         method=method or args.method, weight=replace(SEQ.weight, group_size=args.group_size),
         act_kind=SEQ.act_kind if act_kind == AUTO else act_kind, damp=args.damp, act_order=args.act_order,
@@ -177,7 +179,7 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
         rotate=_named_rotation(args), rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
         rotate_conv=getattr(args, "rotate_conv", False), smooth=getattr(args, "smooth", SEQ.smooth),
         lowrank=SEQ.lowrank if lowrank == AUTO else lowrank, keep=getattr(args, "keep", SEQ.keep),
-        correction=getattr(args, "correction", SEQ.correction), auto=auto)
+        correction=SEQ.correction if correction == AUTO else correction, auto=auto)
     return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
 
 

@@ -47,7 +47,7 @@ guidance_value = _typed(lambda t: check_guidance(t, ""), "guidance")
 positive_float = _typed(lambda t: check_float(t, lo=0.0, lo_open=True), "positive_float")
 damp_value = _typed(lambda t: Damping.parse(t, ""), "damp")
 smooth_value = _typed(lambda t: check_float(t, lo=0.0, hi=1.0, lo_open=True), "smooth")
-unit_float = _typed(lambda t: check_float(t, lo=0.0, hi=1.0), "unit_float")
+correction_value = _typed(lambda t: "auto" if t.strip() == "auto" else check_float(t, lo=0.0, hi=1.0), "correction")
 lowrank_value = _typed(lambda t: "auto" if t.strip() == "auto" else check_non_negative_int(t), "lowrank")
 
 

@@ -14,6 +14,7 @@ from diffptq.config.sequential import (
     AUTO,
     GRANULARITIES,
     METHODS,
+    RECIPE_CORRECTION,
     RECIPE_FIELDS,
     RECIPE_LOWRANK,
     RECIPE_MAX_ABITS,
@@ -26,6 +27,6 @@ from diffptq.config.sequential import (
 from diffptq.config.tdq import CONDITIONS, EXTRAPOLATIONS, TdqConfig, TdqFitConfig
 
 __all__ = ["ACT_KINDS", "AUTO", "CONDITIONS", "DAMP_MODES", "EXTRAPOLATIONS", "GRANULARITIES", "METHODS",
-           "RECIPE_FIELDS", "RECIPE_LOWRANK", "RECIPE_MAX_ABITS", "ROTATIONS", "SCALE_METHODS", "CalibConfig",
-           "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig", "as_damping",
+           "RECIPE_CORRECTION", "RECIPE_FIELDS", "RECIPE_LOWRANK", "RECIPE_MAX_ABITS", "ROTATIONS", "SCALE_METHODS",
+           "CalibConfig", "Damping", "QuantSpec", "SequentialConfig", "TdqConfig", "TdqFitConfig", "as_damping",
            "check_calibration_fits", "check_rotation", "recipe"]

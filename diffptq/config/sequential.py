@@ -22,18 +22,23 @@ GRANULARITIES = ("unit", "block")
 ROTATIONS = ("hadamard", "pca")  # online input rotations (diffptq.quant.rotation)
 DEFAULT_ACT = QuantSpec(8, symmetric=False)  # activations: asymmetric 8-bit (the zero point follows the range)
 AUTO = "auto"  # the flag value of --act_quant / --rotate that leaves the choice to the recipe of the bits
-RECIPE_FIELDS = ("act_kind", "rotate", "lowrank")
+RECIPE_FIELDS = ("act_kind", "rotate", "lowrank", "correction")
 RECIPE_MAX_ABITS = 4  # at or below: the low-bit recipe
 RECIPE_LOWRANK = 32  # rank of the low-bit recipe's 16-bit branch
-# per-token activations behind a Hadamard rotation, each Linear's leading rank-32 part kept in a 16-bit branch
-LOW_BIT_RECIPE = {"act_kind": "dynamic", "rotate": "hadamard", "lowrank": RECIPE_LOWRANK}
-HIGH_BIT_RECIPE = {"act_kind": "static", "rotate": None, "lowrank": 0}  # calibrated per-tensor activations, no more
+RECIPE_CORRECTION = 0.25  # the share of the upstream error Qronos corrects at low-bit activations
+# per-token activations behind a Hadamard rotation, each Linear's leading rank-32 part kept in a 16-bit branch, and
+# Qronos correcting a quarter of the upstream error (docs/ALGORITHMS.md §6)
+LOW_BIT_RECIPE = {"act_kind": "dynamic", "rotate": "hadamard", "lowrank": RECIPE_LOWRANK,
+                  "correction": RECIPE_CORRECTION}
+# calibrated per-tensor activations, nothing more; Qronos as published
+HIGH_BIT_RECIPE = {"act_kind": "static", "rotate": None, "lowrank": 0, "correction": 1.0}
 
 
 def recipe(abits: int) -> dict:
-    """The activation quantizer, rotation and low-rank branch of the default recipe at `abits` (static per-tensor
-    4-bit activations collapse; per-token ones behind an online Hadamard rotation keep the picture, and the rank-32
-    branch adds 3.5-4.5 dB on bundled-dit: README, W4A4)."""
+    """The activation quantizer, rotation, low-rank branch and Qronos correction of the default recipe at `abits`
+    (static per-tensor 4-bit activations collapse; per-token ones behind an online Hadamard rotation keep the picture,
+    the rank-32 branch adds 3.5-4.5 dB on bundled-dit, and Qronos loses to GPTQ at A4 unless it corrects only part of
+    the upstream error: README, W4A4)."""
     return dict(LOW_BIT_RECIPE if abits <= RECIPE_MAX_ABITS else HIGH_BIT_RECIPE)
 
 
@@ -86,7 +91,7 @@ class SequentialConfig:
     correction: Qronos only, the share (0..1) of the upstream error each layer corrects: its target is
     (1 − c)·X̃W + c·XW (1: the published Qronos, 0: GPTQ's target; docs/ALGORITHMS.md §6).
     auto: the fields of RECIPE_FIELDS that with_bits sets from the activation bits (recipe(abits)); the scripts' flags
-    --act_quant, --rotate and --lowrank put theirs here when left at their default, "auto".
+    --act_quant, --rotate, --lowrank and --correction put theirs here when left at their default, "auto".
     """
 
     method: str = "qronos"

@@ -76,6 +76,26 @@ def test_default_lowrank_is_the_rank_32_branch_at_a4_only(name, capsys):
 
 
 @pytest.mark.parametrize("name", ["quantize_qronos_4blocks", "benchmark_final"])
+def test_default_correction_is_a_quarter_at_a4_only(name, capsys):
+    """Left at auto, --correction lets Qronos correct a quarter of the upstream error at 4-bit activations and below
+    (as published it loses to GPTQ there: docs/ALGORITHMS.md §6) and all of it above; a value given holds."""
+    from diffptq.config import RECIPE_CORRECTION
+
+    parse = _script("qronos_diffusion", name).parse_args
+    got = {}
+    for argv in ([], ["--correction", "auto"], ["--correction", "1"], ["--correction", "0.5"]):
+        base = sequential_config(parse(argv), method="qronos", wbits=4, abits=8)
+        got[tuple(argv)] = [base.with_bits(4, a).correction for a in (4, 3, 8, 16)]
+    assert RECIPE_CORRECTION == 0.25
+    assert got[()] == got[("--correction", "auto")] == [0.25, 0.25, 1.0, 1.0]
+    assert got[("--correction", "1")] == [1.0] * 4 and got[("--correction", "0.5")] == [0.5] * 4
+    for bad in ("1.5", "-0.1", "half"):
+        with pytest.raises(SystemExit):
+            parse(["--correction", bad])
+        assert "argument --correction:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["quantize_qronos_4blocks", "benchmark_final"])
 def test_rotate_conv_without_a_rotation_is_refused(name, tmp_path, capsys):
     code, err = _exit(_script("qronos_diffusion", name), ["--model", "tiny-dit", "--rotate_conv",
                                                           "--out_dir", str(tmp_path / "o")], capsys)
