@@ -11,7 +11,8 @@ all rows; then the pipeline generates the same prompts with the same per-image s
   pca+lowrank     pca + the rank-R branch
 (R: --lowrank_rank, K: --keep; docs/ALGORITHMS.md §8-§8b.) `damp`: each --damps value for GPTQ and Qronos (adaptive:
 chosen per layer on held-out calibration prompts, needs two calibration batches; §7); RTN has no damping (one row per
-recipe, damp empty).
+recipe, damp empty). `correction`: each --corrections value for Qronos (the share of the upstream error it corrects:
+1 as published, 0.25 in the default W4A4 recipe; docs/ALGORITHMS.md §6), empty for RTN and GPTQ.
 Per row, as benchmark_final computes them: prompt_acc (the bundled evaluator) with its Wilson 95% interval, PSNR (dB)
 against the FP images of the same prompts and seeds with its bootstrap interval over images, fid_bundled (against
 the FP images), calib_time_s (the sequential quantization's wall time) and model_size_gb (the denoiser as deployed);
@@ -49,6 +50,7 @@ from diffptq.cli import (
 )
 from diffptq.cli.parser import parse_methods
 from diffptq.config import Damping, SequentialConfig, check_calibration_fits
+from diffptq.config.checks import check_float
 from diffptq.errors import ConfigError
 
 
@@ -71,17 +73,19 @@ RECIPES = {"hadamard": Recipe("hadamard", text="Hadamard rotation"),
            "pca+lowrank": Recipe("pca", lowrank=True, text="PCA rotation (keep {K}) + rank-{R} branch")}
 METHODS = ("rtn", "gptq", "qronos")
 WBITS = ABITS = 4
-COLUMNS = ("model", "method", "recipe", "damp", "prompt_acc", "prompt_acc_lo", "prompt_acc_hi", "psnr", "psnr_lo",
-           "psnr_hi", "fid_bundled", "calib_time_s", "model_size_gb")
+COLUMNS = ("model", "method", "recipe", "damp", "correction", "prompt_acc", "prompt_acc_lo", "prompt_acc_hi", "psnr",
+           "psnr_lo", "psnr_hi", "fid_bundled", "calib_time_s", "model_size_gb")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One quantized row: method, recipe name and damping (None for RTN, which has none)."""
+    """One quantized row: method, recipe name, damping (None for RTN, which has none) and the share of the upstream
+    error Qronos corrects (None for the others)."""
 
     method: str
     recipe: str
     damp: Damping | None
+    correction: float | None = None
 
 
 def recipe_config(job: Job, rank: int, keep: int) -> SequentialConfig:
@@ -90,6 +94,7 @@ def recipe_config(job: Job, rank: int, keep: int) -> SequentialConfig:
     r = RECIPES[job.recipe]
     return SequentialConfig(method=job.method, damp=job.damp or Damping(), rotate=r.rotate, smooth=r.smooth,
                             lowrank=rank if r.lowrank else 0, keep=keep if r.rotate == "pca" else 0,
+                            correction=1.0 if job.correction is None else job.correction,
                             auto=("act_kind",)).with_bits(WBITS, ABITS)
 
 
@@ -108,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--damps", default="0.01,adaptive",
                    help="comma list of GPTQ/Qronos dampings: numbers > 0 (relative to mean diag H), adaptive, spread "
                         "or lambda_max (default: %(default)s)")
+    p.add_argument("--corrections", default="1",
+                   help="comma list of Qronos's correction shares in [0, 1] (1: as published, the default recipe's "
+                        "0.25 at W4A4; default: %(default)s)")
     p.add_argument("--lowrank_rank", type=positive_int, default=32, help="rank R of the low-rank branch (default: 32)")
     p.add_argument("--keep", type=non_negative_int, default=32,
                    help="PCA components K kept at 8 bits by the pca recipes (default: %(default)s)")
@@ -138,8 +146,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(err))
     if not damps and set(methods) - {"rtn"}:
         p.error("argument --damps: give at least one damping for gptq / qronos")
-    args.jobs = [Job(m, r, None) if m == "rtn" else Job(m, r, d) for m in methods for r in args.recipes
-                 for d in ([None] if m == "rtn" else damps)]
+    try:
+        corrections = list(dict.fromkeys(check_float(t, "--corrections", lo=0.0, hi=1.0)
+                                         for t in args.corrections.split(",") if t.strip()))
+    except ConfigError as err:
+        p.error(str(err))
+    if not corrections:
+        p.error("argument --corrections: give at least one value in [0, 1]")
+    args.jobs = [Job(m, r, d, c) for m in methods for r in args.recipes for d in ([None] if m == "rtn" else damps)
+                 for c in (corrections if m == "qronos" else [None])]
     if args.out is not None and not args.out.endswith(".md"):
         p.error(f"argument --out: a markdown file name ending in .md, got {args.out!r} (the CSV goes beside it)")
     calib = calib_config(args)
@@ -198,11 +213,13 @@ def run_model(model: str, args, device, dtype, rows: list[dict], write) -> None:
     add("fp", {"method": "fp"}, fp_images, denoiser_size_bytes(family.denoiser(pipe)))
     calib = SharedCalibration(pipe, calib_config(args), progress=True)
     for job in tqdm(args.jobs, desc=f"{model} rows", unit="row"):
-        label = f"{job.method} {job.recipe}" + (f" damp {job.damp.label}" if job.damp else "")
+        label = f"{job.method} {job.recipe}" + (f" damp {job.damp.label}" if job.damp else "") + (
+            f" correction {job.correction:g}" if job.correction is not None else "")
         denoiser, seconds = quantized_denoiser(pipe, fp_cpu, calib, job, model, args, device, dtype)
         with swapped_denoiser(pipe, denoiser):
             images = images_of(label)
         add(label, {"method": job.method, "recipe": job.recipe, "damp": job.damp.label if job.damp else None,
+                    "correction": job.correction,
                     "wbits": WBITS, "abits": ABITS, "calib_time_s": seconds}, images, denoiser_size_bytes(denoiser))
         del denoiser
 
@@ -232,7 +249,8 @@ def report(rows: list[dict], args, meta: dict, done: bool) -> str:
              + "; ".join(f"`{name}` {RECIPES[name].text.format(R=args.lowrank_rank, K=args.keep)}"
                          for name in args.recipes)
              + ". `damp`: GPTQ/Qronos damping relative to mean diag H, or `adaptive` (per layer on held-out prompts);"
-             " RTN has none. `psnr` (dB) vs the FP images, `psnr_lo/hi` bootstrap 95%; `prompt_acc_lo/hi` Wilson 95%;"
+             " RTN has none. `correction`: the share of the upstream error Qronos corrects (1: as published)."
+             " `psnr` (dB) vs the FP images, `psnr_lo/hi` bootstrap 95%; `prompt_acc_lo/hi` Wilson 95%;"
              " `fid_bundled` in the bundled evaluator's features vs the FP images (for comparing rows only).", ""]
     if not done:
         lines += [f"**Partial:** {len(rows)} of {n_rows} rows (the run is going on or was stopped).", ""]

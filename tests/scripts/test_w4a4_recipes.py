@@ -18,7 +18,7 @@ from diffptq.quant.layers import quant_layers
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "w4a4_recipes.py"
-COLUMNS = ["model", "method", "recipe", "damp", "prompt_acc", "prompt_acc_lo", "prompt_acc_hi", "psnr", "psnr_lo",
+COLUMNS = ["model", "method", "recipe", "damp", "correction", "prompt_acc", "prompt_acc_lo", "prompt_acc_hi", "psnr", "psnr_lo",
            "psnr_hi", "fid_bundled", "calib_time_s", "model_size_gb"]
 RECIPES = ["hadamard", "lowrank", "smooth+lowrank", "pca", "pca+lowrank"]
 RANK, KEEP = 4, 4
@@ -89,6 +89,16 @@ def test_every_requested_row_with_its_columns(run):
     assert [(r["method"], r["recipe"], r["damp"]) for r in rows] == expected
     assert {r["model"] for r in rows} == {"tiny-dit"}
     assert collected == [1]  # one calibration set, shared by all 10 quantized rows
+
+
+def test_qronos_rows_are_repeated_per_correction_and_carry_it(run):
+    module = run[0]
+    jobs = module.parse_args(["--methods", "gptq,qronos", "--recipes", "lowrank", "--damps", "0.01",
+                              "--corrections", "1,0.25,1"]).jobs
+    assert [(j.method, j.correction) for j in jobs] == [("gptq", None), ("qronos", 1.0), ("qronos", 0.25)]
+    assert [module.recipe_config(j, rank=8, keep=0).correction for j in jobs] == [1.0, 1.0, 0.25]
+    _, out, rows, _, _ = run
+    assert {r["correction"] for r in rows} == {""}  # no Qronos row in that run: the column stays empty
 
 
 def test_rows_are_method_recipe_damping_with_one_rtn_row_per_recipe(run):
@@ -163,6 +173,8 @@ BAD_FLAGS = [
     (["--methods", "gptq,awq"], "argument --methods: expected a comma list of rtn, gptq, qronos"),
     (["--damps", "0.01,0"], "--damps: must be > 0"),
     (["--lowrank_rank", "0"], "argument --lowrank_rank:"),
+    (["--corrections", "1,1.5"], "--corrections"),
+    (["--corrections", ","], "argument --corrections: give at least one value in [0, 1]"),
     (["--out", "table.csv"], "argument --out: a markdown file name ending in .md"),
     (["--n_calib", "8", "--calib_batch_size", "8"], "--damp adaptive chooses each layer's damping on held-out"),
 ]
