@@ -47,8 +47,11 @@ def qronos_quantize_ex(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: f
                        correction: float = 1.0) -> QuantResult:
     """Qronos with the full record (codes, scale, zero, damping used, RTN fallback). consume: see hessian_quantize.
     correction: the share of the upstream error corrected (blended_cross; 1: Qronos as published)."""
-    return hessian_quantize(W, H, spec, damp, act_order, block_size, G=blended_cross(H, G, correction),
-                            first_column=qronos_first_column, method="qronos", consume=consume)
+    blended = blended_cross(H, G, correction)
+    if consume and blended is not G:
+        G.set_()  # the caller gave G up: the blend is the copy worked on
+    return hessian_quantize(W, H, spec, damp, act_order, block_size, G=blended, first_column=qronos_first_column,
+                            method="qronos", consume=consume)
 
 
 def qronos_quantize(W: Tensor, H: Tensor, G: Tensor, spec: QuantSpec, damp: float | str | Damping = DEFAULT_DAMPING,

@@ -18,8 +18,8 @@ from diffptq.quant.layers import quant_layers
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "w4a4_recipes.py"
-COLUMNS = ["model", "method", "recipe", "damp", "correction", "prompt_acc", "prompt_acc_lo", "prompt_acc_hi", "psnr", "psnr_lo",
-           "psnr_hi", "fid_bundled", "calib_time_s", "model_size_gb"]
+COLUMNS = ["model", "method", "recipe", "damp", "correction", "prompt_acc", "prompt_acc_lo", "prompt_acc_hi", "psnr",
+           "psnr_lo", "psnr_hi", "fid_bundled", "calib_time_s", "model_size_gb"]
 RECIPES = ["hadamard", "lowrank", "smooth+lowrank", "pca", "pca+lowrank"]
 RANK, KEEP = 4, 4
 
