@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from diffptq.cli import ArgumentParser, check_output_file, run_main
-from diffptq.errors import DiffptqError
+from diffptq.errors import ConfigError
 
 SAME = ("model", "n_images", "num_inference_steps", "scheduler", "seed", "prompts", "guidance_scale", "dtype",
         "n_calib", "calib_steps", "calib_batch_size", "calib_prompts")
@@ -28,15 +28,11 @@ TEXT_COLUMNS = {"method", "dtype", "model", "source", "rotate", "note", "peer_ve
 FP_CHECKED = ("prompt_acc", "fid_bundled", "model_size_gb")
 
 
-class MergeError(DiffptqError):
-    """Runs that cannot share one table (different settings, disagreeing FP rows, a missing file)."""
-
-
 def read_run(folder: Path) -> tuple[dict, list[dict]]:
     """(config.json, metrics.csv rows with numbers as floats and empty cells as None) of one run's folder."""
     for name in ("config.json", "metrics.csv"):
         if not (folder / name).is_file():
-            raise MergeError(f"{folder}: no {name} (give benchmark_final output folders)")
+            raise ConfigError(f"{folder}: no {name} (give benchmark_final output folders)")
     config = json.loads((folder / "config.json").read_text())
     with (folder / "metrics.csv").open(newline="") as f:
         rows = [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -55,17 +51,17 @@ def _value(column: str, text: str):
 
 
 def merge(runs: list[tuple[Path, dict, list[dict]]], fp_tolerance: float) -> list[dict]:
-    """One FP row (the first run's) and every other row in order; MergeError if the runs are not comparable."""
+    """One FP row (the first run's) and every other row in order; ConfigError if the runs are not comparable."""
     first_path, first_cfg, _ = runs[0]
     fp_rows = []
     for path, cfg, rows in runs:
         for key in SAME:
             if cfg["args"].get(key) != first_cfg["args"].get(key):
-                raise MergeError(f"{path} ran with {key}={cfg['args'].get(key)!r}, {first_path} with "
+                raise ConfigError(f"{path} ran with {key}={cfg['args'].get(key)!r}, {first_path} with "
                                  f"{first_cfg['args'].get(key)!r}: not one table")
         fp = [row for row in rows if row["method"] == "fp"]
         if len(fp) != 1:
-            raise MergeError(f"{path}: expected one fp row, found {len(fp)} (run with --methods fp,...)")
+            raise ConfigError(f"{path}: expected one fp row, found {len(fp)} (run with --methods fp,...)")
         fp_rows.append((path, fp[0]))
     ref_path, ref = fp_rows[0]
     for path, fp in fp_rows[1:]:
@@ -74,7 +70,7 @@ def merge(runs: list[tuple[Path, dict, list[dict]]], fp_tolerance: float) -> lis
             same = a == b if column == "prompt_acc" or a is None or b is None else math.isclose(
                 a, b, rel_tol=fp_tolerance, abs_tol=fp_tolerance)
             if not same:
-                raise MergeError(f"the fp rows of {ref_path} and {path} disagree on {column} ({a} vs {b}): not the "
+                raise ConfigError(f"the fp rows of {ref_path} and {path} disagree on {column} ({a} vs {b}): not the "
                                  "same float pipeline, prompts and seeds")
     return [ref] + [row for _, _, rows in runs for row in rows if row["method"] != "fp"]
 

@@ -17,6 +17,7 @@ from diffptq.config.checks import (
     check_seed,
 )
 from diffptq.config.quant import Damping
+from diffptq.config.sequential import AUTO
 from diffptq.errors import ConfigError
 
 
@@ -47,8 +48,15 @@ guidance_value = _typed(lambda t: check_guidance(t, ""), "guidance")
 positive_float = _typed(lambda t: check_float(t, lo=0.0, lo_open=True), "positive_float")
 damp_value = _typed(lambda t: Damping.parse(t, ""), "damp")
 smooth_value = _typed(lambda t: check_float(t, lo=0.0, hi=1.0, lo_open=True), "smooth")
-correction_value = _typed(lambda t: "auto" if t.strip() == "auto" else check_float(t, lo=0.0, hi=1.0), "correction")
-lowrank_value = _typed(lambda t: "auto" if t.strip() == "auto" else check_non_negative_int(t), "lowrank")
+
+
+def _auto_or(check):
+    """A check that also takes the word "auto" (the recipe of the bits decides: SequentialConfig.with_bits)."""
+    return lambda t: AUTO if t.strip() == AUTO else check(t)
+
+
+correction_value = _typed(_auto_or(lambda t: check_float(t, lo=0.0, hi=1.0)), "correction")
+lowrank_value = _typed(_auto_or(check_non_negative_int), "lowrank")
 
 
 def prompt_file(text: str) -> str:

@@ -21,7 +21,7 @@ ACT_KINDS = ("static", "dynamic")
 GRANULARITIES = ("unit", "block")
 ROTATIONS = ("hadamard", "pca")  # online input rotations (diffptq.quant.rotation)
 DEFAULT_ACT = QuantSpec(8, symmetric=False)  # activations: asymmetric 8-bit (the zero point follows the range)
-AUTO = "auto"  # the flag value of --act_quant / --rotate that leaves the choice to the recipe of the bits
+AUTO = "auto"  # the value of --act_quant / --rotate / --lowrank / --correction that leaves it to the recipe of the bits
 RECIPE_FIELDS = ("act_kind", "rotate", "lowrank", "correction")
 RECIPE_MAX_ABITS = 4  # at or below: the low-bit recipe
 RECIPE_LOWRANK = 32  # rank of the low-bit recipe's 16-bit branch
