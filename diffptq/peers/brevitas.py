@@ -21,6 +21,11 @@ SPEED = "fake-quant: real speed needs a Brevitas export (ONNX QCDQ / QONNX) to a
 
 
 def _swap_block_layers(denoiser: nn.Module, layers: dict[str, nn.Module], wbits: int, abits: int) -> None:
+    """Swap the block layers for Brevitas' quant layers, on the device of the denoiser's weights.
+
+    Brevitas builds each quant layer's own state (scales, zero points, sentinels) on the default device: on a GPU
+    model that state would stay on the CPU, so the whole denoiser is moved back to its device (dtypes kept).
+    """
     import brevitas.nn as qnn
     from brevitas.graph.quantize import layerwise_quantize
     from brevitas.quant.scaled_int import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
@@ -30,7 +35,9 @@ def _swap_block_layers(denoiser: nn.Module, layers: dict[str, nn.Module], wbits:
         kwargs.update(input_quant=Int8ActPerTensorFloat, input_bit_width=abits)
     layer_map = {nn.Linear: (qnn.QuantLinear, kwargs), nn.Conv2d: (qnn.QuantConv2d, kwargs)}
     others = [n for n, m in denoiser.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and n not in layers]
+    device = next(denoiser.parameters()).device
     layerwise_quantize(denoiser, compute_layer_map=layer_map, name_blacklist=others)
+    denoiser.to(device)
 
 
 @torch.no_grad()

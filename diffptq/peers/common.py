@@ -15,10 +15,10 @@ def block_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
     return {name: denoiser.get_submodule(name) for name in family_of(denoiser).block_layer_names(denoiser)}
 
 
-def fitting_group(width: int, preferred: int, smallest: int = 16) -> int | None:
+def fitting_group(width: int, preferred: int, smallest: int = 16, whole_row: bool = True) -> int | None:
     """The largest power-of-two group size in [smallest, preferred] dividing `width` (a layer's input width);
-    the whole row (`width`) when it is itself at most `preferred`; None when nothing fits."""
-    if width <= preferred and width >= smallest:
+    with `whole_row`, the whole row (`width`) when it is itself at most `preferred`; None when nothing fits."""
+    if whole_row and smallest <= width <= preferred:
         return width
     group = preferred
     while group >= smallest:

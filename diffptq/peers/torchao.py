@@ -4,7 +4,8 @@ Linear layers; the UNet's Conv2d stay in float).
 - `int8da_int4w`: Int8DynamicActivationIntxWeightConfig with int4 weights, symmetric, per group (32, or the largest
   power of two down to 16 that divides the width), int8 per-token dynamic activations; runs on the CPU too.
 - `int4wo`: Int4WeightOnlyConfig, tinygemm packing (tile_packed_to_4d: the kernel in torch's CUDA build, bf16
-  weights; groups 128 down to 32). Its default plain packing needs the separate mslk kernels.
+  weights; groups 128 down to 32, powers of two only: the packing pads each row to a multiple of 1024 inputs, which
+  the group must divide). Its default plain packing needs the separate mslk kernels.
 Both scale activations at run time (or keep them in float): no calibration pass.
 """
 from __future__ import annotations
@@ -31,6 +32,13 @@ def _config(kind: str, group: int):
     return Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
 
 
+def layer_group(kind: str, width: int, preferred: int) -> int | None:
+    """The group size `kind` uses for a Linear of `width` inputs (None: none fits, the layer stays in float)."""
+    if kind == "int8da_int4w":
+        return fitting_group(width, preferred, smallest=16)
+    return fitting_group(width, preferred, smallest=32, whole_row=False)
+
+
 def quantize(peer: Peer, denoiser: nn.Module, calib_inputs: Iterable[dict], device: torch.device | str) -> str:
     """quantize_ with the peer's config on each block Linear layer (grouped by the group size that fits it); the
     calibration inputs are not used (dynamic / weight-only). Returns the row's note."""
@@ -47,7 +55,7 @@ def quantize(peer: Peer, denoiser: nn.Module, calib_inputs: Iterable[dict], devi
     unfit = 0
     for name, module in layers.items():
         if isinstance(module, nn.Linear):
-            group = fitting_group(module.in_features, preferred, smallest=16 if kind == "int8da_int4w" else 32)
+            group = layer_group(kind, module.in_features, preferred)
             if group is None:
                 unfit += 1
             else:

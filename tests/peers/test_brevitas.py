@@ -24,3 +24,16 @@ def test_gptq_and_qronos_quantize_every_block_layer(tiny_models, model, name):
     for layer in map(den.get_submodule, tiny.block_names):
         assert type(layer).__module__.startswith("brevitas.nn")
         assert layer.input_quant.is_quant_enabled and layer.input_quant.bit_width() == 8
+
+
+def test_swapped_layers_live_on_the_denoisers_device(tiny_models):
+    """Brevitas creates its quantizers' state on the default device (the CPU); after the swap every tensor of the
+    denoiser is on the device its weights were on (here "meta", standing in for a GPU)."""
+    from diffptq.peers.brevitas import _swap_block_layers
+    from diffptq.peers.common import block_layers
+
+    den = tiny_models["tiny-dit"].copy().to("meta")
+    _swap_block_layers(den, block_layers(den), 4, 8)
+    tensors = dict(den.named_parameters()) | dict(den.named_buffers())
+    assert any(".input_quant." in n for n in tensors)
+    assert {n for n, t in tensors.items() if t.device.type != "meta"} == set()

@@ -13,6 +13,18 @@ def test_fitting_group():
     assert fitting_group(16, 128) == 16 and fitting_group(96, 128) == 96  # a whole row at most `preferred` wide
     assert fitting_group(200, 128) is None and fitting_group(200, 128, smallest=8) == 8  # 200 = 8 · 25
     assert fitting_group(8, 128) is None
+    assert fitting_group(96, 128, 32, whole_row=False) == 32 and fitting_group(64, 128, whole_row=False) == 64
+
+
+def test_torchao_int4_weight_only_groups_divide_its_padded_rows():
+    """tinygemm pads every row to a multiple of 1024 inputs: a 96-wide layer in one group of 96 failed there."""
+    from diffptq.peers.torchao import layer_group
+
+    for width in (96, 320, 640, 1152, 4608, 32, 1024):
+        group = layer_group("int4wo", width, 128)
+        assert 1024 % group == 0 and width % group == 0 and 32 <= group <= 128, (width, group)
+    assert layer_group("int4wo", 48, 128) is None  # 16 would be needed: below the kernel's smallest group
+    assert layer_group("int8da_int4w", 96, 32) == 32 and layer_group("int8da_int4w", 24, 32) == 24
 
 
 def test_replay_lists_a_one_shot_iterator_and_keeps_a_reiterable():
