@@ -68,23 +68,6 @@ def variant_config(method: str, bits: str, holdout_every: int):
     return SequentialConfig(method=method, holdout_every=holdout_every, auto=RECIPE_FIELDS).with_bits(*BITS[bits])
 
 
-def image_scores(images, fp_images, prompts, evaluator) -> dict:
-    """PSNR (mean and bootstrap interval) and prompt_acc (with its Wilson interval) of images vs the FP ones."""
-    import torch
-
-    from diffptq.eval.stats import bootstrap_interval, wilson_interval
-
-    mse = ((images - fp_images) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    psnr = 10 * torch.log10(1 / mse)
-    lo, hi = bootstrap_interval(psnr)
-    out = {"psnr": float(psnr.mean()), "psnr_lo": lo, "psnr_hi": hi, "n_images": len(images)}
-    if evaluator is not None:
-        correct = evaluator.prompt_correct(images, prompts)
-        a_lo, a_hi = wilson_interval(int(correct.sum()), len(correct))
-        out.update(prompt_acc=float(correct.mean()), acc_lo=a_lo, acc_hi=a_hi)
-    return out
-
-
 def run_model(model: str, args, device, dtype) -> tuple[list[dict], list[dict]]:
     import torch
 
@@ -93,6 +76,7 @@ def run_model(model: str, args, device, dtype) -> tuple[list[dict], list[dict]]:
     from diffptq.data.calib import calibration_set
     from diffptq.data.prompts import evaluation_prompts
     from diffptq.eval.depth import depth_errors
+    from diffptq.eval.stats import image_scores
     from diffptq.eval.sample import generate
     from diffptq.models import family_of, load_pipeline
     from diffptq.models.names import is_bundled

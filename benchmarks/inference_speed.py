@@ -66,6 +66,7 @@ from diffptq.kernels import (
     set_profile_scopes,
 )
 from diffptq.kernels.activations import use_sigmoid_form_gelu
+from diffptq.kernels.fp8_attention_processor import use_fp8_attention
 from diffptq.kernels.fp8_quant_triton import triton_available
 from diffptq.kernels.profiling import breakdown, kernel_records
 from diffptq.models import BUNDLED_MODELS, family_of, load_pipeline
@@ -182,6 +183,8 @@ class FamilyRun:
                                                                      "sigmoid_gelu": conv.sigmoid_gelu}
         if v.build == "float" and v.sigmoid_gelu:
             use_sigmoid_form_gelu(den)
+        if v.fp8_attention:
+            self.result.setdefault("fp8_attention", {})[v.key] = use_fp8_attention(den)
         den.eval().requires_grad_(False)
         gc.collect()
         if torch.cuda.is_available():

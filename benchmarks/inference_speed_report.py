@@ -30,6 +30,7 @@ class Variant:
     headline_only: bool = False  # measured in the first pass only (the headline batch of compiled rows)
     sigmoid_gelu: bool | None = None  # tanh GELU as x·σ(2v); None: as convert_for_inference does (on real paths)
     graphs: bool = False  # the denoiser in diffptq.kernels.GraphedDenoiser: one CUDA graph replayed per call
+    fp8_attention: bool = False  # self-attention on FP8 operands (diffptq.kernels.fp8_attention_processor)
 
 
 VARIANTS = {v.key: v for v in (
@@ -67,6 +68,10 @@ VARIANTS = {v.key: v for v in (
             graphs=True),
     Variant("w4_compile_graphs", "W4 memory path + compile + CUDA graphs (BF16)", torch.bfloat16, True, "w4",
             graphs=True),
+    Variant("bf16_compile_graphs_fp8attn", "BF16 + FP8 self-attention + compile + CUDA graphs", torch.bfloat16, True,
+            "float", graphs=True, fp8_attention=True),
+    Variant("w4a8_compile_graphs_fp8attn", "W4A8 speed path + FP8 self-attention + compile + CUDA graphs",
+            torch.bfloat16, True, "w4a8", graphs=True, fp8_attention=True),
 )}
 GRAPH_VARIANTS = tuple(k for k, v in VARIANTS.items() if v.graphs)
 # measurement priority without --variants: the cheap eager rows, then the compilations the goals need first (the

@@ -14,17 +14,20 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     out, report = tmp_path / "out", tmp_path / "r.md"
     monkeypatch.setattr(sys, "argv", [
         "inference_speed.py", "--families", "pixart", "--num_layers", "1", "--latent", "8", "--batches", "1",
-        "--device", "cpu", "--variants", "w4,fp16,w4a8s_compile,w4a8,w4a8_graphs", "--quality_model", "tiny-dit",
+        "--device", "cpu", "--variants", "w4,fp16,w4a8s_compile,w4a8,w4a8_graphs,w4a8_compile_graphs_fp8attn",
+        "--quality_model", "tiny-dit",
         "--quality_prompts", "2", "--quality_steps", "2", "--quality_records", "1", "--warmup", "0",
         "--repeats", "1", "--profile", "", "--out", str(out), "--report", str(report)])
     bench.main()
     res = json.loads((out / "results.json").read_text())
     rows = {r["variant"]: r for r in res["families"]["pixart"]["rows"]}
     # measured in the order given (compiled: eagerly)
-    assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8", "w4a8_graphs"]
+    assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8", "w4a8_graphs", "w4a8_compile_graphs_fp8attn"]
     assert all("error" not in r and r["latency_ms"] is None for r in rows.values())
     graphs = rows["w4a8_graphs"]["graphs"]  # off CUDA the wrapped denoiser ran eagerly, and the row says so
     assert graphs["replays"] == 0 and graphs["eager_calls"] >= 1 and "graphs" not in rows["w4a8"]
+    # the one block's self-attention on FP8 operands in that row only
+    assert res["families"]["pixart"]["fp8_attention"] == {"w4a8_compile_graphs_fp8attn": 1}
     sizes = res["families"]["pixart"]["sizes"]
     assert sizes["memory"]["w4"] < 0.7 * sizes["memory"]["fp16"] and sizes["disk"]["w4"] < sizes["disk"]["fp16"]
     assert set(sizes["checkpoint"]) == {"w4", "w4a8"}
