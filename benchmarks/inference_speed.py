@@ -68,6 +68,7 @@ from diffptq.kernels import (
 from diffptq.kernels.activations import use_sigmoid_form_gelu
 from diffptq.kernels.fp8_attention_processor import use_fp8_attention
 from diffptq.kernels.fp8_quant_triton import triton_available
+from diffptq.kernels.int4_weight_only import set_int4_matmul
 from diffptq.kernels.profiling import breakdown, kernel_records
 from diffptq.models import BUNDLED_MODELS, family_of, load_pipeline
 from diffptq.models.families import FAMILIES
@@ -105,6 +106,20 @@ def torchao_quantize(den: nn.Module, names: list[str]) -> str:
     except TypeError:
         cfg = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     quantize_(den, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in wanted)
+    return torchao.__version__
+
+
+def torchao_int4_quantize(den: nn.Module, names: list[str]) -> str:
+    """torchao int4 weight-only (tinygemm packing, groups of 128, 64 where 128 does not divide) on the same Linear
+    layers (convolutions stay in the model's dtype). Returns torchao's version."""
+    import torchao
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    for group in (128, 64):
+        wanted = {n for n in names if isinstance(m := den.get_submodule(n), nn.Linear) and m.in_features % group == 0
+                  and (group == 128 or m.in_features % 128)}
+        quantize_(den, Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d"),
+                  filter_fn=lambda m, fqn, wanted=wanted: fqn in wanted)
     return torchao.__version__
 
 
@@ -160,6 +175,8 @@ class FamilyRun:
         den = copy.deepcopy(self.master).to(self.dev, v.dtype)
         if v.build == "torchao":
             self.result["torchao"] = torchao_quantize(den, self.names)
+        elif v.build == "torchao_int4":
+            self.result["torchao"] = torchao_int4_quantize(den, self.names)
         elif v.build != "float":
             kind = "w4" if v.build == "w4" else "w4a8"
             act = {"fake": A8, "w4a8s": A8_STATIC}.get(v.build)
@@ -183,6 +200,8 @@ class FamilyRun:
                                                                      "sigmoid_gelu": conv.sigmoid_gelu}
         if v.build == "float" and v.sigmoid_gelu:
             use_sigmoid_form_gelu(den)
+        if v.int4_matmul != "dequant":
+            self.result.setdefault("int4_matmul", {})[v.key] = set_int4_matmul(den, v.int4_matmul)
         if v.fp8_attention:
             self.result.setdefault("fp8_attention", {})[v.key] = use_fp8_attention(den)
         den.eval().requires_grad_(False)
@@ -363,7 +382,11 @@ def run_all(families: list[str], args, tmp: Path, results: dict, save, start: fl
 
 def skip_reason(v: Variant, args, deadline: float, compile_est: float) -> str | None:
     """Why `v` cannot be measured here or in the time left before `deadline`; None when it can."""
-    if v.build == "torchao":
+    if v.build == "torchao_int4" and torch.device(args.device).type != "cuda":
+        return "torchao's int4 weight-only kernel (tinygemm) runs on CUDA only"
+    if v.int4_matmul == "triton" and not triton_available():
+        return "Triton does not import"
+    if v.build in ("torchao", "torchao_int4"):
         try:
             import torchao  # noqa: F401
         except ImportError:

@@ -24,13 +24,14 @@ class Variant:
     label: str
     dtype: torch.dtype
     compiled: bool
-    build: str  # float | fake | w4a8 | w4a8s | w4 | torchao
+    build: str  # float | fake | w4a8 | w4a8s | w4 | torchao | torchao_int4
     act_kernel: str = "torch"  # W4A8: per-token quantization as torch ops or the Triton kernel
     inductor: tuple = ()  # (name, value) torch._inductor.config settings for this variant's compilation
     headline_only: bool = False  # measured in the first pass only (the headline batch of compiled rows)
     sigmoid_gelu: bool | None = None  # tanh GELU as x·σ(2v); None: as convert_for_inference does (on real paths)
     graphs: bool = False  # the denoiser in diffptq.kernels.GraphedDenoiser: one CUDA graph replayed per call
     fp8_attention: bool = False  # self-attention on FP8 operands (diffptq.kernels.fp8_attention_processor)
+    int4_matmul: str = "dequant"  # W4 memory path Linear layers: dequantize then GEMM, or the fused Triton kernel
 
 
 VARIANTS = {v.key: v for v in (
@@ -68,6 +69,10 @@ VARIANTS = {v.key: v for v in (
             graphs=True),
     Variant("w4_compile_graphs", "W4 memory path + compile + CUDA graphs (BF16)", torch.bfloat16, True, "w4",
             graphs=True),
+    Variant("w4_triton_compile_graphs", "W4 memory path, fused Triton int4 GEMM + compile + CUDA graphs (BF16)",
+            torch.bfloat16, True, "w4", graphs=True, int4_matmul="triton"),
+    Variant("torchao_int4wo_compile_graphs", "torchao int4 weight-only (tinygemm, group 128) + compile + CUDA graphs",
+            torch.bfloat16, True, "torchao_int4", graphs=True),
     Variant("bf16_compile_graphs_fp8attn", "BF16 + FP8 self-attention + compile + CUDA graphs", torch.bfloat16, True,
             "float", graphs=True, fp8_attention=True),
     Variant("w4a8_compile_graphs_fp8attn", "W4A8 speed path + FP8 self-attention + compile + CUDA graphs",

@@ -9,7 +9,9 @@ Scales in fp16: the fake-quant layers keep fp32 scales; fp16 rounds each scale b
 (≤ 4.9e-4), so this path computes exactly the fake-quant output of the same codes with `scale.half().float()`.
 Scales of real groups below fp16's normal range (< 2^-14) or above its maximum would lose more: `scale_dtype=None`
 picks fp16 unless that happens, then fp32 (4.25 bits at group 128, exact).
-Forward: w = dequantize (one fused kernel under torch.compile; a few small ones in eager), then F.linear / F.conv2d.
+Forward: w = dequantize (one fused kernel under torch.compile; a few small ones in eager), then F.linear / F.conv2d;
+or, for a Linear with `matmul = "triton"` (set_int4_matmul) on a CUDA input, one Triton kernel that dequantizes in
+registers (diffptq.kernels.int4_gemm_triton: the same result up to the order of accumulation).
 """
 from __future__ import annotations
 
@@ -121,7 +123,16 @@ class Int4WeightOnlyLinear(Int4WeightOnly):
                                                       signed, scale_dtype)
         return cls(packed, scale, zero, signed, layer.in_features, layer.bias)
 
+    matmul = "dequant"  # or "triton": the fused kernel on CUDA inputs (set_int4_matmul)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.matmul == "triton" and x.is_cuda:
+            from diffptq.kernels.int4_gemm_triton import int4_linear
+
+            with profile_scope("diffptq::int4_linear"):
+                y = int4_linear(x.reshape(-1, self.in_features), self.packed, self.scale, self.zero, self.signed,
+                                self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight_matrix(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -161,6 +172,20 @@ class Int4WeightOnlyConv2d(Int4WeightOnly):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, group_size={self.group_size}, scale={self.scale.dtype}")
+
+
+MATMULS = ("dequant", "triton")
+
+
+def set_int4_matmul(model: nn.Module, matmul: str) -> int:
+    """Set how every Int4WeightOnlyLinear of `model` multiplies: "dequant" (dequantize, then F.linear) or "triton"
+    (the fused kernel, on CUDA inputs; elsewhere they keep dequantizing). Returns how many layers were set."""
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
+    layers = [m for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)]
+    for layer in layers:
+        layer.matmul = matmul
+    return len(layers)
 
 
 def int4_module_from_layer(layer: QuantLayer, scale_dtype: torch.dtype | None = torch.float16) -> Int4WeightOnly:

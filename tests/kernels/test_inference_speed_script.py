@@ -14,7 +14,8 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     out, report = tmp_path / "out", tmp_path / "r.md"
     monkeypatch.setattr(sys, "argv", [
         "inference_speed.py", "--families", "pixart", "--num_layers", "1", "--latent", "8", "--batches", "1",
-        "--device", "cpu", "--variants", "w4,fp16,w4a8s_compile,w4a8,w4a8_graphs,w4a8_compile_graphs_fp8attn",
+        "--device", "cpu", "--variants", "w4,fp16,w4a8s_compile,w4a8,w4a8_graphs,w4a8_compile_graphs_fp8attn,"
+        "w4_triton_compile_graphs,torchao_int4wo_compile_graphs",
         "--quality_model", "tiny-dit",
         "--quality_prompts", "2", "--quality_steps", "2", "--quality_records", "1", "--warmup", "0",
         "--repeats", "1", "--profile", "", "--out", str(out), "--report", str(report)])
@@ -22,12 +23,17 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     rows = {r["variant"]: r for r in res["families"]["pixart"]["rows"]}
     # measured in the order given (compiled: eagerly)
-    assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8", "w4a8_graphs", "w4a8_compile_graphs_fp8attn"]
+    assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8", "w4a8_graphs", "w4a8_compile_graphs_fp8attn",
+                          "w4_triton_compile_graphs", "torchao_int4wo_compile_graphs"]
+    assert rows.pop("torchao_int4wo_compile_graphs")["skipped"] == ("torchao's int4 weight-only kernel (tinygemm) "
+                                                                    "runs on CUDA only")
     assert all("error" not in r and r["latency_ms"] is None for r in rows.values())
     graphs = rows["w4a8_graphs"]["graphs"]  # off CUDA the wrapped denoiser ran eagerly, and the row says so
     assert graphs["replays"] == 0 and graphs["eager_calls"] >= 1 and "graphs" not in rows["w4a8"]
     # the one block's self-attention on FP8 operands in that row only
     assert res["families"]["pixart"]["fp8_attention"] == {"w4a8_compile_graphs_fp8attn": 1}
+    # the fused int4 GEMM row switches every memory-path Linear (q/k/v and the cross k/v fused: 7 for 10 layers)
+    assert res["families"]["pixart"]["int4_matmul"] == {"w4_triton_compile_graphs": 7}
     sizes = res["families"]["pixart"]["sizes"]
     assert sizes["memory"]["w4"] < 0.7 * sizes["memory"]["fp16"] and sizes["disk"]["w4"] < sizes["disk"]["fp16"]
     assert set(sizes["checkpoint"]) == {"w4", "w4a8"}
