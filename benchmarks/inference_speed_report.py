@@ -34,6 +34,8 @@ class Variant:
     int4_matmul: str = "dequant"  # W4 memory path Linear layers: dequantize then GEMM, or the fused Triton kernel
 
 
+AUTOTUNE = (("max_autotune_gemm", True), ("max_autotune_gemm_backends", "ATEN,TRITON"))
+TRITON_GEMM = (("max_autotune_gemm", True), ("max_autotune_gemm_backends", "TRITON"))
 VARIANTS = {v.key: v for v in (
     Variant("fp16", "FP16 eager", torch.float16, False, "float"),
     Variant("bf16_compile", "BF16 + compile", torch.bfloat16, True, "float"),
@@ -69,6 +71,17 @@ VARIANTS = {v.key: v for v in (
             graphs=True),
     Variant("w4_compile_graphs", "W4 memory path + compile + CUDA graphs (BF16)", torch.bfloat16, True, "w4",
             graphs=True),
+    # inductor's GEMM autotuning: Triton templates only ("tgemm"), so that the pointwise work around each GEMM (the
+    # activation quantization of the next layer, GELU, the int4 dequantization of the memory path) can be fused into
+    # the template's epilogue or prologue; BF16 under the same autotuning (cuBLAS or Triton, whichever is faster)
+    Variant("bf16_compile_autotune_graphs", "BF16 + compile, GEMM autotuning + CUDA graphs", torch.bfloat16, True,
+            "float", inductor=AUTOTUNE, graphs=True),
+    Variant("w4a8s_compile_tgemm_graphs", "W4A8 static + compile, Triton GEMM templates (fused epilogues) + CUDA graphs",
+            torch.bfloat16, True, "w4a8s", inductor=TRITON_GEMM, graphs=True),
+    Variant("w4a8_compile_tgemm_graphs", "W4A8 speed path + compile, Triton GEMM templates + CUDA graphs",
+            torch.bfloat16, True, "w4a8", inductor=TRITON_GEMM, graphs=True),
+    Variant("w4_compile_tgemm_graphs", "W4 memory path + compile, Triton GEMM templates (fused dequantization) + "
+            "CUDA graphs", torch.bfloat16, True, "w4", inductor=TRITON_GEMM, graphs=True),
     Variant("w4_triton_compile_graphs", "W4 memory path, fused Triton int4 GEMM + compile + CUDA graphs (BF16)",
             torch.bfloat16, True, "w4", graphs=True, int4_matmul="triton"),
     Variant("torchao_int4wo_compile_graphs", "torchao int4 weight-only (tinygemm, group 128) + compile + CUDA graphs",
