@@ -76,7 +76,7 @@ VARIANTS = {v.key: v for v in (
     # the template's epilogue or prologue; BF16 under the same autotuning (cuBLAS or Triton, whichever is faster)
     Variant("bf16_compile_autotune_graphs", "BF16 + compile, GEMM autotuning + CUDA graphs", torch.bfloat16, True,
             "float", inductor=AUTOTUNE, graphs=True),
-    Variant("w4a8s_compile_tgemm_graphs", "W4A8 static + compile, Triton GEMM templates (fused epilogues) + CUDA graphs",
+    Variant("w4a8s_compile_tgemm_graphs", "W4A8 static + compile, Triton GEMM templates (fused epilogues) + graphs",
             torch.bfloat16, True, "w4a8s", inductor=TRITON_GEMM, graphs=True),
     Variant("w4a8_compile_tgemm_graphs", "W4A8 speed path + compile, Triton GEMM templates + CUDA graphs",
             torch.bfloat16, True, "w4a8", inductor=TRITON_GEMM, graphs=True),
