@@ -116,11 +116,13 @@ def run_kernel(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     B, H, Lq, D = q.shape
     Lk = k.shape[-2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
-    q8, k8, v8 = q8.contiguous(), k8.contiguous(), v8.contiguous()
+    # V as (B, H, D, Lk), keys contiguous: the second product's B operand K-major, as FP8 tensor cores take it
+    # (quantize_qkv made v8 as a transposed view of exactly that tensor: no copy)
+    q8, k8, vt8 = q8.contiguous(), k8.contiguous(), v8.transpose(-1, -2).contiguous()
     s_q, s_k, s_v = s_q.contiguous(), s_k.contiguous(), s_v.contiguous()
     grid = (triton.cdiv(Lq, BLOCK_M), B * H)
     _fp8_attention_kernel[grid](
-        q8, k8, v8, s_q, s_k, s_v, out, Lq, Lk, D, _LOG2E / math.sqrt(D), E4M3_MAX,
+        q8, k8, vt8, s_q, s_k, s_v, out, Lq, Lk, D, _LOG2E / math.sqrt(D), E4M3_MAX,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(32, triton.next_power_of_2(D)), EMULATE=emulate,
         num_warps=4)
     return out
@@ -162,10 +164,11 @@ if triton is not None:
         return tl.where(x >= 0.015625, normal, sub)
 
     @triton.jit
-    def _fp8_attention_kernel(q_ptr, k_ptr, v_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, Lq, Lk, D, c, p_max,
+    def _fp8_attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, Lq, Lk, D, c, p_max,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                               EMULATE: tl.constexpr):
-        """Queries [pid·BLOCK_M, +BLOCK_M) of one batch·head; contiguous (B·H, L, D) codes and (B·H, L) scales."""
+        """Queries [pid·BLOCK_M, +BLOCK_M) of one batch·head; contiguous codes q (B·H, Lq, D), k (B·H, Lk, D),
+        vᵀ (B·H, D, Lk) and scales (B·H, L), (B·H, D)."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -181,16 +184,15 @@ if triton is not None:
         for start in range(0, Lk, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             kmask = keys < Lk
-            kv_offs = bh * Lk * D + keys[:, None] * D + dcol[None, :]
             kv_mask = kmask[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+            k = tl.load(k_ptr + bh * Lk * D + keys[:, None] * D + dcol[None, :], mask=kv_mask, other=0.0)
             s_k = tl.load(sk_ptr + bh * Lk + keys, mask=kmask, other=0.0)
             t = tl.dot(q, tl.trans(k)) * row_scale[:, None] * s_k[None, :]
             t = tl.where(kmask[None, :], t, float("-inf"))
             m_new = tl.maximum(m, tl.max(t, axis=1))
             alpha = tl.math.exp2(m - m_new)
             p = tl.math.exp2(t - m_new[:, None]) * p_max
-            v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(vt_ptr + bh * D * Lk + dcol[None, :] * Lk + keys[:, None], mask=kv_mask, other=0.0)
             if EMULATE:
                 p = _round_e4m3(p)
                 pv = tl.dot(p, v)
