@@ -39,11 +39,9 @@ import copy
 import gc
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -52,8 +50,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffptq.algo.rtn import install_layer_codes, rtn_layer_codes
-from diffptq.data.calib import collect_calibration, move_inputs
-from diffptq.data.prompts import load_prompts
 from diffptq.eval.hardware import checkpoint_bytes, measure_latency, measure_peak_vram, module_bytes
 from diffptq.io.checkpoint import save_quantized
 from diffptq.kernels import (
@@ -70,21 +66,16 @@ from diffptq.kernels.fp8_attention_processor import use_fp8_attention
 from diffptq.kernels.fp8_quant_triton import triton_available
 from diffptq.kernels.int4_weight_only import set_int4_matmul
 from diffptq.kernels.profiling import breakdown, kernel_records
-from diffptq.models import BUNDLED_MODELS, family_of, load_pipeline
 from diffptq.models.families import FAMILIES
 from diffptq.models.fullsize import full_size_pipeline, random_text_embeddings
-from diffptq.quant.layers import quant_layers, set_quant_enabled
+from diffptq.quant.layers import quant_layers
 from diffptq.quant.quantizer import QuantSpec
 
 sys.path.append(str(Path(__file__).resolve().parent))  # the report module beside this file, however it is loaded
+from inference_speed_quality import A8, A8_STATIC, W4, fit_static_ranges, quality  # noqa: E402
 from inference_speed_report import ORDER, VARIANTS, Variant, meta, render  # noqa: E402
 
 GiB = 2**30
-W4 = QuantSpec(4)
-A8 = QuantSpec(8)  # fake-quant activations: int8 symmetric, dynamic per token
-# static ranges as the quantization scripts fit them (asymmetric, MSE clipping): with plain symmetric min-max
-# ranges the static FP8 path lost most of bundled-dit's prompt accuracy (inference_speed_quality_bundled_dit_cpu.md)
-A8_STATIC = QuantSpec(8, symmetric=False, scale_method="mse")
 TITLES = {"pixart": "PixArt-XL-2-512 (PixArtTransformer2DModel)", "sd": "SD 1.5 UNet (UNet2DConditionModel)"}
 
 
@@ -413,125 +404,6 @@ def free_memory() -> None:
     torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# ---- quality of the timed W4A8 numerics -----------------------------------------------------------------------------
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR (dB) of x against ref over all elements, peak = ref's range."""
-    mse = float(((x.float() - ref.float()) ** 2).mean())
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
-@contextlib.contextmanager
-def static_calibration(den: nn.Module):
-    """Within the block, the activation quantizers of `den`'s quant layers record ranges; fitted on leaving it."""
-    quantizers = [layer.act_quant for _, layer in quant_layers(den)]
-    for aq in quantizers:
-        aq.start_calibration()
-    yield
-    for aq in quantizers:
-        aq.finish_calibration()
-
-
-def fit_static_ranges(den: nn.Module, batches: Iterable[dict]) -> None:
-    """Fit the static int8 activation ranges of `den`'s quant layers on denoiser keyword-argument batches."""
-    with static_calibration(den), torch.no_grad():
-        for inputs in batches:
-            den(**inputs, return_dict=False)
-
-
-def quality_pipelines(pipe, fam, dev: str, calib_records: list) -> tuple[dict, dict]:
-    """({numerics: (pipeline, dtype)}, {act mode: GEMM used}) for the FP, BF16, fake-quant, W4-only and W4A8 rows;
-    the static rows' int8 ranges are fitted on `calib_records`."""
-    q = copy.deepcopy(pipe)
-    den = fam.denoiser(q)
-    codes = rtn_layer_codes(den, fam.block_layer_names(den), lambda _: W4)
-    install_layer_codes(den, codes, A8)
-    w4 = copy.deepcopy(q)
-    set_quant_enabled(fam.denoiser(w4), acts=False)
-    pipes = {"fp32": (pipe, torch.float32), "bf16": (copy.deepcopy(pipe).to(dtype=torch.bfloat16), torch.bfloat16),
-             "fake_int8_token": (q, torch.float32), "w4_only": (w4, torch.float32)}
-    kernels = {}
-    for mode in ("token", "tensor"):
-        speed = copy.deepcopy(q)  # convert in fp32, then cast: the fp8 codes and fp32 scales keep their dtype
-        cfg = InferenceConfig(act_mode=mode, force=True)  # off an FP8 GPU the reference GEMM computes the same
-        conv = convert_for_inference(fam.denoiser(speed), "w4a8", dev, cfg)
-        kernels[mode] = "fp32 reference" if "forced" in conv.reason else "torch._scaled_mm"
-        pipes[f"fp8_{mode}"] = (speed.to(dtype=torch.bfloat16), torch.bfloat16)
-    static = copy.deepcopy(pipe)
-    install_layer_codes(fam.denoiser(static), codes, A8_STATIC, "static")
-    fit_static_ranges(fam.denoiser(static), (move_inputs(r.inputs, dev, torch.float32) for r in calib_records))
-    pipes["fake_int8_static"] = (static, torch.float32)
-    speed = copy.deepcopy(static)
-    conv = convert_for_inference(fam.denoiser(speed), "w4a8", dev, InferenceConfig(act_mode="static", force=True))
-    kernels["static"] = "fp32 reference" if "forced" in conv.reason else "torch._scaled_mm"
-    pipes["fp8_static"] = (speed.to(dtype=torch.bfloat16), torch.bfloat16)
-    return pipes, kernels
-
-
-def quality(args) -> dict:
-    """Denoiser outputs of FP, BF16, fake-quant W4A8 (int8), W4 only and the W4A8 FP8 path vs FP and vs fake-quant,
-    on recorded calibration inputs of bundled-dit (tiny-dit when its weights are absent); with the bundled
-    evaluator also prompt_acc of each pipeline (its own sampling settings)."""
-    name = args.quality_model or ("bundled-dit" if BUNDLED_MODELS["bundled-dit"].is_dir() else "tiny-dit")
-    dev = args.device
-    pipe = load_pipeline(name, device=dev)
-    fam = family_of(pipe)
-    kwargs = {}
-    prompts = load_prompts(n=args.quality_prompts)
-    if name.startswith("bundled"):
-        from diffptq.data.prompts import calibration_prompts
-        from diffptq.models.bundled.specs import SAMPLING
-
-        kwargs = {k: v for k, v in SAMPLING[name.removeprefix("bundled-")].items() if k != "num_inference_steps"}
-        # the captions the model knows (as the quantization scripts calibrate): static ranges fitted on everyday
-        # captions made the static rows' prompt_acc fall to 0.05-0.14
-        prompts = calibration_prompts(pipe, args.quality_prompts)
-    calib = collect_calibration(pipe, prompts, args.quality_steps,
-                                batch_size=args.quality_prompts, progress=False, **kwargs)
-    records = list(calib.records)[-args.quality_records:]
-    fit = list(calib.records)  # static ranges from every recorded step (records are step-ordered: a prefix would
-    # cover only the noisy early steps, and the late ones would clip: prompt_acc fell to 0.05 that way)
-    channels = fam.denoiser(pipe).config.in_channels  # the noise prediction (PixArt also predicts a variance)
-    pipes, kernels = quality_pipelines(pipe, fam, dev, fit)
-    outs = {}
-    with torch.no_grad():
-        for key, (p, dtype) in pipes.items():
-            den = fam.denoiser(p).eval()
-            outs[key] = torch.cat([den(**move_inputs(r.inputs, dev, dtype)).sample[:, :channels].float().cpu()
-                                   for r in records])
-    ref, fake = outs["fp32"], outs["fake_int8_token"]
-    rows = [{"numerics": k, "psnr_vs_fp_db": psnr(o, ref), "psnr_vs_fake_db": psnr(o, fake),
-             "rel_err_vs_fp": float((o - ref).norm() / ref.norm())} for k, o in outs.items() if k != "fp32"]
-    latents = records[0].inputs.get("hidden_states", records[0].inputs.get("sample"))  # PixArt / UNet argument
-    result = {"model": name, "records": len(records), "batch": int(latents.shape[0]),
-              "kernel": kernels, "rows": rows}
-    if name.startswith("bundled") and args.prompt_acc:
-        result["prompt_acc"] = bundled_prompt_acc(pipes, args)
-    return result
-
-
-def bundled_prompt_acc(pipes: dict, args) -> dict:
-    """Sampled images of every pipeline with the bundled evaluator: {numerics: {prompt_acc, psnr_db, lpips}} (image
-    PSNR / LPIPS against the FP32 pipeline's images; LPIPS empty without the AlexNet weights), or {'error': ...}."""
-    from diffptq.eval.metrics.similarity import lpips_metric, lpips_score, psnr_score
-    from diffptq.models.bundled.evaluator import load_evaluator
-    from diffptq.models.bundled.sampling import eval_prompts, prompt_acc
-
-    try:
-        evaluator = load_evaluator(args.device)
-    except FileNotFoundError as err:
-        return {"error": str(err)}
-    prompts = eval_prompts(args.prompt_acc)
-    lpips = lpips_metric()
-    out, ref = {}, None
-    for key, (p, _) in pipes.items():
-        acc, images = prompt_acc(p, evaluator, prompts)
-        ref = images if ref is None else ref  # fp32 comes first
-        out[key] = {"prompt_acc": acc, "psnr_db": psnr_score(images, ref),
-                    "lpips": None if lpips is None else lpips_score(lpips, images, ref)}
-    return out
 
 
 # ---- main -----------------------------------------------------------------------------------------------------------

@@ -69,9 +69,9 @@ from inference_speed import (  # noqa: E402
     process_age_s,
     publish,
     skip_reason,
-    static_calibration,
     uses_cuda_graphs,
 )
+from inference_speed_quality import static_calibration  # noqa: E402
 from inference_speed_report import VARIANTS, Variant, versions  # noqa: E402
 from pipeline_latency_report import REFERENCE, render  # noqa: E402
 
