@@ -2,12 +2,9 @@
 attention, the Triton kernel under Triton's CPU interpreter (a subprocess) and on the GPU against the reference, the
 interpreter's e4m3 rounding against torch's cast, and the processor's plumbing in a diffusers model."""
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+from interpreter import run_interpreted
 import torch
 import torch.nn.functional as F
 
@@ -78,9 +75,8 @@ def test_output_dtype_and_shape_errors():
 
 @needs_triton
 def test_interpreter_kernel_matches_the_reference_and_rounds_like_torch():
-    code = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+    code = """
+        import torch
         import triton, triton.language as tl
         from diffptq.kernels.fp8_attention import _round_e4m3, run_kernel, fp8_attention_reference
         from test_fp8_attention import _qkv
@@ -101,10 +97,8 @@ def test_interpreter_kernel_matches_the_reference_and_rounds_like_torch():
             out, ref = run_kernel(q, k, v), fp8_attention_reference(q, k, v)
             assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), (shape, (out - ref).abs().max())
         print("ok")
-    """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    """
+    run_interpreted(code)
 
 
 @needs_fp8_gpu

@@ -8,12 +8,9 @@ codes. The interpreter's tl.fma rounds twice, so there the kernel divides with d
 GPU (reciprocal and two fma corrections) is checked here in float64 emulation, and on the GPU against torch, with
 the e4m3 cast itself (cvt.rn.satfinite, round to nearest even).
 """
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+from interpreter import run_interpreted
 import torch
 
 from diffptq.kernels import InferenceConfig
@@ -41,9 +38,8 @@ SHAPES = [(1, 48), (37, 48), (5, 1152), (3, 4608), (2, 16384), (3, 20000)]  # 16
 
 
 def test_interpreter_matches_the_torch_quantization_bit_for_bit():
-    code = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+    code = f"""
+        import torch
         from diffptq.kernels.fp8 import E4M3, act_scale, quantize_e4m3
         from diffptq.kernels.fp8_quant_triton import fp8_quant_rows, quantize_rows
         from test_fp8_quant_triton import _inputs
@@ -61,14 +57,12 @@ def test_interpreter_matches_the_torch_quantization_bit_for_bit():
         q, s = fp8_quant_rows(_inputs(torch.bfloat16, 6, 64))  # the op runs here; its cast is the interpreter's
         assert q.dtype == E4M3 and q.shape == (6, 64) and s.shape == (6, 1) and s.dtype == torch.float32
         print("ok")
-    """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    """
+    run_interpreted(code)
 
 
 def test_the_op_traces_without_graph_breaks_and_its_fake_matches():
-    code = textwrap.dedent("""
+    code = """
         import torch
         from diffptq.kernels.fp8_quant_triton import fp8_quant_rows  # registers diffptq::fp8_quant_rows
 
@@ -82,10 +76,8 @@ def test_the_op_traces_without_graph_breaks_and_its_fake_matches():
                                     test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
         assert all(v == "SUCCESS" for v in res.values()), res
         print("ok")
-    """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    """
+    run_interpreted(code)
 
 
 def test_kernel_compiles_for_an_h100_with_exact_arithmetic():

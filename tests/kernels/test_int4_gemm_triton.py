@@ -1,11 +1,7 @@
 """The fused int4 linear kernel (diffptq.kernels.int4_gemm_triton) against dequantize-then-F.linear: under Triton's
 CPU interpreter (a subprocess) and on the GPU, and its switch in the memory-path layers."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from interpreter import run_interpreted
 import torch
 import torch.nn.functional as F
 
@@ -35,10 +31,9 @@ CASES = [  # (M, N, K, group, signed, zero, bias)
 
 @needs_triton
 def test_interpreter_kernel_equals_dequantize_then_linear():
-    code = textwrap.dedent(f"""
-        import sys, torch
+    code = """
+        import torch
         import torch.nn.functional as F
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         from diffptq.kernels.int4 import dequantize_int4_rows
         from diffptq.kernels.int4_gemm_triton import int4_linear_kernel
         from test_int4_gemm_triton import CASES, _layer
@@ -50,10 +45,8 @@ def test_interpreter_kernel_equals_dequantize_then_linear():
             ref = F.linear(x, w, b)
             assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5), (M, N, K, (y - ref).abs().max())
         print("ok")
-    """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    """
+    run_interpreted(code)
 
 
 @needs_gpu
