@@ -1,5 +1,6 @@
 """Command line: `python -m diffptq generate --checkpoint PATH --prompt "..." [--n 4 --seed 0 --steps 20 --out DIR]`.
 `--cuda_graphs`: replay one CUDA graph per denoiser call (diffptq.kernels.graphs; for small batches on a GPU).
+`--fp8_attention`: self-attention on FP8 operands (diffptq.kernels.fp8_attention; the Triton kernel on CUDA sm_89+).
 
 Loads the quantized pipeline (its base model as recorded in the checkpoint, or --base_model) and writes one PNG
 per image into --out (`<index>_seed<seed>.png`) plus `prompts.txt`; each file appears under its final name only
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     g.add_argument("--cuda_graphs", action="store_true",
                    help="CUDA graphs over each denoiser call (faster small batches on a GPU; eager elsewhere)")
+    g.add_argument("--fp8_attention", action="store_true",
+                   help="self-attention on FP8 operands (the Triton kernel on CUDA sm_89+, its reference elsewhere)")
     g.add_argument("--out", default="generated", help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
@@ -70,6 +73,11 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     dtype = resolve_dtype(args.dtype, device)
     pipe = diffptq.load_quantized(args.checkpoint, device=device, dtype=dtype, base_model=args.base_model)
     set_scheduler(pipe, args.scheduler)
+    if args.fp8_attention:
+        from diffptq.kernels.fp8_attention_processor import use_fp8_attention
+        from diffptq.models import family_of
+
+        use_fp8_attention(family_of(pipe).denoiser(pipe))
     if args.cuda_graphs:
         from diffptq.kernels.graphs import graph_denoiser
 

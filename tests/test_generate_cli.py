@@ -65,3 +65,14 @@ def test_cuda_graphs_off_cuda_changes_no_image(checkpoint, tmp_path, caplog):
         assert ("GraphedDenoiser: running eagerly: CUDA is not available" in caplog.text) == bool(flags)
     a, b = _pixels(tmp_path / "eager"), _pixels(tmp_path / "graphs")
     assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_fp8_attention_changes_the_images_a_little(checkpoint, tmp_path):
+    """--fp8_attention switches the self-attention processors: the images differ from exact attention's, slightly
+    (the same seed; e4m3 operands)."""
+    for name, flags in (("exact", []), ("fp8", ["--fp8_attention"])):
+        main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a cup", "--n", "1", "--steps", "2",
+              "--out", str(tmp_path / name), *flags])
+    a, b = _pixels(tmp_path / "exact"), _pixels(tmp_path / "fp8")
+    diff = [np.abs(a[k].astype(int) - b[k].astype(int)) for k in a]
+    assert list(a) == list(b) and any(d.max() > 0 for d in diff) and all(d.mean() < 8 for d in diff)

@@ -24,10 +24,17 @@ from torch import nn
 from diffptq.kernels.activations import use_sigmoid_form_gelu
 from diffptq.kernels.common import replace_module
 from diffptq.kernels.fp8 import fp8_support
+from diffptq.kernels.fp8_attention_processor import use_fp8_attention
 from diffptq.kernels.fp8_linear import ACT_KERNELS, Fp8W4A8Linear, fp8_unsupported_reason
 from diffptq.kernels.fuse import fuse_attention_projections
 from diffptq.kernels.graphs import GraphedDenoiser
-from diffptq.kernels.int4_weight_only import Int4WeightOnly, int4_module_from_layer, int4_unsupported_reason
+from diffptq.kernels.int4_weight_only import (
+    MATMULS,
+    Int4WeightOnly,
+    int4_module_from_layer,
+    int4_unsupported_reason,
+    set_int4_matmul,
+)
 from diffptq.quant.act import DynamicActQuantizer
 from diffptq.quant.layers import QuantLayer, QuantLinear, quant_layers
 
@@ -51,6 +58,10 @@ class InferenceConfig:
     act_kernel (w4a8): per-token activation quantization as torch ops ("torch") or one Triton kernel ("triton", same
       values; CUDA only, torch ops elsewhere). See Fp8W4A8Linear.
     force: use the real modules even where the device does not support them (the FP8 GEMM then runs its reference).
+    fp8_attention: self-attention on FP8 operands (diffptq.kernels.fp8_attention: the Triton kernel on CUDA sm_89+,
+      its torch reference elsewhere); an approximation whose image cost benchmarks/fp8_attention_quality.py measures.
+    int4_matmul (w4): memory-path Linear layers multiply by "dequant" (dequantize, then GEMM) or "triton" (one
+      kernel dequantizing in registers, on CUDA inputs; diffptq.kernels.int4_gemm_triton).
     cuda_graphs: also wrap the model in a GraphedDenoiser (diffptq.kernels.graphs: one CUDA graph replayed per call
       at batches 1-4, where steps are launch-bound), returned as `Conversion.graphed`: put it where the model was
       (`pipe.transformer = conv.graphed`), or call graph_denoiser(pipe) after converting.
@@ -65,6 +76,8 @@ class InferenceConfig:
     force: bool = False
     act_kernel: str = "torch"
     cuda_graphs: bool = False
+    fp8_attention: bool = False
+    int4_matmul: str = "dequant"
 
     def __post_init__(self) -> None:
         if self.act_mode not in ("token", "tensor", "static", "auto"):
@@ -73,8 +86,11 @@ class InferenceConfig:
             raise ValueError(f"InferenceConfig.others must be one of {OTHERS}, got {self.others!r}")
         if self.act_kernel not in ACT_KERNELS:
             raise ValueError(f"InferenceConfig.act_kernel must be one of {ACT_KERNELS}, got {self.act_kernel!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"InferenceConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "fp8_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"InferenceConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.int4_matmul not in MATMULS:
+            raise ValueError(f"InferenceConfig.int4_matmul must be one of {MATMULS}, got {self.int4_matmul!r}")
 
 
 @dataclass
@@ -88,6 +104,8 @@ class Conversion:
     kept: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed fake-quant
     fused_attention: int = 0
     sigmoid_gelu: int = 0  # GELU blocks switched to the sigmoid form
+    fp8_attention: int = 0  # self-attention modules on FP8 operands
+    int4_fused: int = 0  # memory-path Linear layers on the fused int4 kernel
     graphed: GraphedDenoiser | None = None
 
     def counts(self) -> dict[str, int]:
@@ -189,11 +207,16 @@ def convert_for_inference(model: nn.Module, path: str = "w4a8", device: str | to
 
 
 def finish_model(model: nn.Module, cfg: InferenceConfig, result: Conversion) -> None:
-    """The model-level rewrites of a real path, in place: fused attention projections, sigmoid-form GELU."""
+    """The model-level rewrites of a real path, in place: fused attention projections, sigmoid-form GELU, FP8
+    self-attention, the fused int4 GEMM."""
     if cfg.fuse_qkv:
         result.fused_attention = fuse_attention_projections(model)
     if cfg.sigmoid_gelu:
         result.sigmoid_gelu = use_sigmoid_form_gelu(model)
+    if cfg.fp8_attention:
+        result.fp8_attention = use_fp8_attention(model)
+    if cfg.int4_matmul != "dequant":
+        result.int4_fused = set_int4_matmul(model, cfg.int4_matmul)
 
 
 def with_graphs(model: nn.Module, cfg: InferenceConfig, result: Conversion) -> Conversion:

@@ -147,3 +147,20 @@ def test_use_fp8_attention_switches_self_attention_only():
     assert use_fp8_attention(den, "reference") == sum(not a.is_cross_attention for a in attns) > 0
     for a in attns:
         assert isinstance(a.processor, Fp8SelfAttnProcessor) != a.is_cross_attention
+
+
+def test_inference_config_switches_fp8_attention_and_checks_its_options(tiny):
+    from diffptq.kernels import InferenceConfig, convert_for_inference
+
+    _, _, den, inputs = tiny("tiny-dit")
+    with torch.no_grad():
+        before = den(**inputs).sample
+        conv = convert_for_inference(den, "w4a8", config=InferenceConfig(force=True, fp8_attention=True))
+        after = den(**inputs).sample
+    attns = [m for m in den.modules() if type(m).__name__ == "Attention"]
+    assert conv.fp8_attention == sum(isinstance(m.processor, Fp8SelfAttnProcessor) for m in attns) > 0
+    assert (after - before).norm() / before.norm() < 0.2
+    with pytest.raises(ValueError, match="InferenceConfig.fp8_attention must be True or False"):
+        InferenceConfig(fp8_attention="yes")
+    with pytest.raises(ValueError, match="InferenceConfig.int4_matmul must be one of"):
+        InferenceConfig(int4_matmul="cutlass")
