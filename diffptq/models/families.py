@@ -119,12 +119,11 @@ FAMILIES = {f.name: f for f in (PIXART, SD)}
 
 
 def family_of(pipe_or_denoiser) -> ModelFamily:
-    """The family of a pipeline or denoiser module."""
+    """The family of a pipeline or denoiser module (also one wrapped as `.denoiser`, e.g. a GraphedDenoiser)."""
     obj = pipe_or_denoiser
-    names = {type(obj).__name__}
-    for attr in ("transformer", "unet"):
-        if getattr(obj, attr, None) is not None:
-            names.add(type(getattr(obj, attr)).__name__)
+    parts = [obj] + [getattr(obj, attr) for attr in ("transformer", "unet") if getattr(obj, attr, None) is not None]
+    parts += [m._modules["denoiser"] for m in parts if isinstance(m, nn.Module) and "denoiser" in m._modules]
+    names = {type(m).__name__ for m in parts}
     if names & {"PixArtAlphaPipeline", "PixArtTransformer2DModel"}:
         return PIXART
     if names & {"StableDiffusionPipeline", "UNet2DConditionModel"}:

@@ -145,6 +145,7 @@ def test_pipeline_images_are_the_same(name, replayed, request):
     ref = images()
     graphed = graph_denoiser(pipe)
     assert family_of(pipe).denoiser(pipe) is graphed and graph_denoiser(pipe) is graphed  # installed once
+    assert family_of(graphed) is family_of(graphed.denoiser)  # the wrapper alone is recognized through it
     assert torch.equal(images(), ref)
     if replayed:
         assert captures == [3] and graphed.replays == 2 and graphed.eager_calls == 0
