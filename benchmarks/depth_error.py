@@ -76,7 +76,7 @@ def run_model(model: str, args, device, dtype) -> tuple[list[dict], list[dict]]:
     from diffptq.data.calib import calibration_set
     from diffptq.data.prompts import evaluation_prompts
     from diffptq.eval.depth import depth_errors
-    from diffptq.eval.stats import image_scores
+    from diffptq.eval.metrics.similarity import image_scores
     from diffptq.eval.sample import generate
     from diffptq.models import family_of, load_pipeline
     from diffptq.models.names import is_bundled

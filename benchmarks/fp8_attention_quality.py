@@ -51,7 +51,7 @@ def run_model(model: str, args, device, dtype) -> list[dict]:
 
     from diffptq.data.prompts import evaluation_prompts
     from diffptq.eval.sample import generate
-    from diffptq.eval.stats import image_scores
+    from diffptq.eval.metrics.similarity import image_scores
     from diffptq.kernels.fp8_attention_processor import use_fp8_attention
     from diffptq.models import family_of, load_pipeline
     from diffptq.run.benchmark_report import load_bundled_evaluator

@@ -37,19 +37,3 @@ def bootstrap_interval(values: Sequence[float] | torch.Tensor, n_boot: int = 200
 def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """Two intervals overlap: their difference is not resolved (a tie)."""
     return a[0] <= b[1] and b[0] <= a[1]
-
-
-def image_scores(images: torch.Tensor, ref_images: torch.Tensor, prompts: Sequence[str], evaluator=None) -> dict:
-    """PSNR of images (N, 3, H, W) in [0, 1] against ref_images (same prompts and seeds): its mean over images and
-    bootstrap 95% interval (psnr, psnr_lo, psnr_hi; dB), n_images, and with a bundled evaluator (its
-    prompt_correct(images, prompts)) prompt_acc with its Wilson 95% interval (acc_lo, acc_hi)."""
-    mse = ((images.float() - ref_images.float()) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    psnr = 10 * torch.log10(1 / mse)
-    lo, hi = bootstrap_interval(psnr)
-    out = {"psnr": float(psnr.mean()), "psnr_lo": lo, "psnr_hi": hi, "n_images": len(images)}
-    if evaluator is not None:
-        correct = evaluator.prompt_correct(images, prompts)
-        a_lo, a_hi = wilson_interval(int(correct.sum()), len(correct))
-        out.update(prompt_acc=float(correct.mean()), acc_lo=a_lo, acc_hi=a_hi)
-    return out
-

@@ -2,6 +2,7 @@
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -91,3 +92,24 @@ def test_ssim_is_one_for_identical_and_lower_for_perturbed(pair):
 def test_paired_metrics_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="equal shapes"):
         psnr_score(torch.rand(2, 3, 16, 16), torch.rand(3, 3, 16, 16))
+
+
+def test_image_scores_psnr_interval_and_prompt_acc():
+    from diffptq.eval.metrics.similarity import image_scores
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(40, 3, 8, 8, generator=g)
+    noisy = (ref + 0.02 * torch.randn(ref.shape, generator=g)).clamp(0, 1)
+    per_image = -10 * torch.log10((noisy.double() - ref.double()).pow(2).flatten(1).mean(1))
+
+    class Evaluator:  # the bundled evaluator's interface: which images show their prompt
+        def prompt_correct(self, images, prompts):
+            return np.array([p == "yes" for p in prompts])
+
+    prompts = ["yes"] * 30 + ["no"] * 10
+    out = image_scores(noisy, ref, prompts, Evaluator())
+    assert out["psnr"] == pytest.approx(float(per_image.mean()), rel=1e-9) and out["n_images"] == 40
+    assert out["psnr_lo"] < out["psnr"] < out["psnr_hi"]
+    assert out["prompt_acc"] == 0.75 and out["acc_lo"] < 0.75 < out["acc_hi"]
+    same = image_scores(ref, ref)
+    assert same["psnr"] == same["psnr_lo"] == float("inf") and "prompt_acc" not in same

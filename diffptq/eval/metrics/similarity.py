@@ -16,11 +16,10 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.image import (
     LearnedPerceptualImagePatchSimilarity,
-    PeakSignalNoiseRatio,
     StructuralSimilarityIndexMeasure,
 )
 
-from diffptq.eval.stats import bootstrap_interval
+from diffptq.eval.stats import bootstrap_interval, wilson_interval
 
 from .common import as_float01, batches, log, resolve_weights, torch_hub_checkpoint, warn_missing
 
@@ -100,9 +99,9 @@ def lpips_score(
 def psnr_score(
     images: torch.Tensor, ref_images: torch.Tensor, batch_size: int = 16, device: str | torch.device = "cpu"
 ) -> float:
-    """Mean over images of per-image PSNR in dB, data range 1: 10·log10(1 / MSE); inf when all pairs are identical."""
-    metric = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device)
-    return _paired_mean(metric, images, ref_images, batch_size)
+    """Mean over images of per-image PSNR in dB, data range 1: 10·log10(1 / MSE) (psnr_per_image, float64 on the
+    CPU; `device` is accepted for the other metrics' signature); inf when a pair is identical."""
+    return float(psnr_per_image(images, ref_images, batch_size).mean())
 
 
 def psnr_per_image(images: torch.Tensor, ref_images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
@@ -134,3 +133,18 @@ def ssim_score(
     """Mean SSIM (Gaussian window 11, sigma 1.5, data range 1) over image pairs; 1 = identical."""
     metric = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     return _paired_mean(metric, images, ref_images, batch_size)
+
+
+def image_scores(images: torch.Tensor, ref_images: torch.Tensor, prompts=(), evaluator=None) -> dict:
+    """PSNR of images (N, 3, H, W) in [0, 1] against ref_images (same prompts and seeds): psnr (mean over images,
+    dB), psnr_lo / psnr_hi (bootstrap 95%), n_images; with a bundled evaluator (its prompt_correct(images, prompts))
+    also prompt_acc with its Wilson 95% interval (acc_lo, acc_hi)."""
+    per_image = psnr_per_image(images, ref_images)
+    lo, hi = psnr_interval(per_image)
+    out = {"psnr": float(per_image.mean()), "psnr_lo": lo, "psnr_hi": hi, "n_images": len(images)}
+    if evaluator is not None:
+        correct = evaluator.prompt_correct(images, prompts)
+        out["acc_lo"], out["acc_hi"] = wilson_interval(int(correct.sum()), len(correct))
+        out["prompt_acc"] = float(correct.mean())
+    return out
+

@@ -17,7 +17,7 @@ from diffptq.eval.stats import wilson_interval
 from .clip import DEFAULT_CLIP, clip_score, clip_score_metric
 from .common import as_float01, batches, log
 from .fid import custom_fid_metric, fid_feature_dim, frechet_distance, inception_fid_metric, load_image_dir
-from .similarity import lpips_metric, lpips_score, psnr_interval, psnr_per_image, psnr_score, ssim_score
+from .similarity import lpips_metric, lpips_score, psnr_interval, psnr_per_image, ssim_score
 
 ALL_METRICS = ("fid", "clip_score", "lpips", "psnr", "ssim")
 RESULT_KEYS = (
@@ -123,8 +123,9 @@ class ImageMetrics:
                 metric = self._get("lpips", lambda: lpips_metric(opts.lpips_weights))
                 out["lpips"] = None if metric is None else lpips_score(metric, images, fp_images, opts.batch_size)
             if "psnr" in want:
-                out["psnr"] = psnr_score(images, fp_images, opts.batch_size, opts.device)
-                out["psnr_lo"], out["psnr_hi"] = psnr_interval(psnr_per_image(images, fp_images, opts.batch_size))
+                per_image = psnr_per_image(images, fp_images, opts.batch_size)  # psnr_score is their mean
+                out["psnr"] = float(per_image.mean())
+                out["psnr_lo"], out["psnr_hi"] = psnr_interval(per_image)
             if "ssim" in want:
                 out["ssim"] = ssim_score(images, fp_images, opts.batch_size, opts.device)
         if opts.evaluator is not None:
