@@ -71,6 +71,8 @@ VARIANTS = {v.key: v for v in (
             graphs=True),
     Variant("w4_compile_graphs", "W4 memory path + compile + CUDA graphs (BF16)", torch.bfloat16, True, "w4",
             graphs=True),
+    Variant("w4a8s_compile_graphs", "W4A8 speed path, static per-tensor activations + compile + CUDA graphs",
+            torch.bfloat16, True, "w4a8s", graphs=True),
     # inductor's GEMM autotuning: Triton templates only ("tgemm"), so that the pointwise work around each GEMM (the
     # activation quantization of the next layer, GELU, the int4 dequantization of the memory path) can be fused into
     # the template's epilogue or prologue; BF16 under the same autotuning (cuBLAS or Triton, whichever is faster)
