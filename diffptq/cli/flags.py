@@ -80,6 +80,9 @@ def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = T
                             help="rank of a 16-bit branch kept out of each Linear's quantized weight (at most a "
                                  "quarter of its smaller dimension), 0: off (default: auto, "
                                  f"{RECIPE_LOWRANK} at 4-bit activations or fewer, else off)")
+        parser.add_argument("--lowrank_conv", action="store_true",
+                            help="give Conv2d layers the --lowrank branch too (on their weight matrix; the UNet's "
+                                 "convolutions; default: Linear layers only)")
     if execution:
         parser.add_argument("--offload_done", action="store_true",
                             help="keep finished blocks in host memory until the end of the calibration, so GPU "
@@ -178,7 +181,8 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
         offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
         rotate=_named_rotation(args), rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),
         rotate_conv=getattr(args, "rotate_conv", False), smooth=getattr(args, "smooth", SEQ.smooth),
-        lowrank=SEQ.lowrank if lowrank == AUTO else lowrank, keep=getattr(args, "keep", SEQ.keep),
+        lowrank=SEQ.lowrank if lowrank == AUTO else lowrank, lowrank_conv=getattr(args, "lowrank_conv", False),
+        keep=getattr(args, "keep", SEQ.keep),
         correction=SEQ.correction if correction == AUTO else correction, auto=auto)
     return cfg.with_bits(args.wbits if wbits is None else wbits, args.abits if abits is None else abits)
 

@@ -87,7 +87,8 @@ class SequentialConfig:
     smooth: α of per-channel smoothing of each Linear's input (x / s, W·diag(s), one s per group of layers fed by
     the same tensor, from the calibration records' max |x|), before its activation quantizer is calibrated (None:
     off). lowrank: rank of a high-precision branch kept out of each Linear's quantized weight (0: off), at most a
-    quarter of the layer's smaller dimension (branch_rank). diffptq.quant.outliers; Conv2d layers get neither.
+    quarter of the layer's smaller dimension (branch_rank). lowrank_conv: Conv2d layers get the branch too (on their
+    weight matrix (out, in·k·k); off by default). diffptq.quant.outliers; Conv2d layers are never smoothed.
     correction: Qronos only, the share (0..1) of the upstream error each layer corrects: its target is
     (1 − c)·X̃W + c·XW (1: the published Qronos, 0: GPTQ's target; docs/ALGORITHMS.md §6).
     auto: the fields of RECIPE_FIELDS that with_bits sets from the activation bits (recipe(abits)); the scripts' flags
@@ -115,6 +116,7 @@ class SequentialConfig:
     rotate_conv: bool = False
     smooth: float | None = None
     lowrank: int = 0
+    lowrank_conv: bool = False
     keep: int = 0
     correction: float = 1.0
     auto: tuple[str, ...] = ()

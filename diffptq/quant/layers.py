@@ -116,25 +116,30 @@ class QuantLayer:
 
     @torch.no_grad()
     def set_lowrank(self, up: Tensor, down: Tensor) -> None:
-        """Keep up @ down (up (out, r), down (r, in)) as a high-precision branch on the unquantized input; the float
-        weight becomes the residual W − up @ down (what gets quantized)."""
-        if not isinstance(self, nn.Linear):
-            raise ValueError("the low-rank branch is implemented for Linear layers")
+        """Keep up @ down (up (out, r), down (r, in·k·k)) as a high-precision branch on the unquantized input; the
+        float weight becomes the residual W − up @ down (what gets quantized; a Conv2d's weight as its matrix
+        (out, in·k·k), the layout of its codes)."""
         if self.lowrank_up is not None or self.is_quantized:
             raise ValueError("set_lowrank: the layer already has a branch or codes")
-        out, cols = self.weight.shape
+        out, cols = self.weight.shape[0], self.weight[0].numel()
         if up.shape[0] != out or down.shape[1] != cols or up.shape[1] != down.shape[0]:
             raise ValueError(f"low-rank factors {tuple(up.shape)} @ {tuple(down.shape)} for a ({out}, {cols}) weight")
         dev, dtype = self.weight.device, self.weight.dtype
         self.lowrank_up, self.lowrank_down = up.detach().to(dev, dtype), down.detach().to(dev, dtype)
-        R = self.weight.double() - up.double().to(dev) @ down.double().to(dev)
-        self.weight = nn.Parameter(R.to(dtype), requires_grad=self.weight.requires_grad)
+        R = self.weight.double().reshape(out, cols) - up.double().to(dev) @ down.double().to(dev)
+        self.weight = nn.Parameter(R.reshape(self.weight.shape).to(dtype), requires_grad=self.weight.requires_grad)
 
     def branch(self, x: Tensor) -> Tensor | None:
-        """The low-rank branch's output (x @ downᵀ) @ upᵀ for the layer's (transformed) input x, or None."""
+        """The low-rank branch's output for the layer's (transformed) input x, or None: (x @ downᵀ) @ upᵀ for a
+        Linear; for a Conv2d the convolution with `down` as r filters of the layer's kernel size (its stride,
+        padding and dilation), then a 1×1 convolution with `up`, i.e. the convolution with up @ down."""
         if self.lowrank_up is None:
             return None
-        return F.linear(F.linear(x, self.lowrank_down.to(x.dtype)), self.lowrank_up.to(x.dtype))
+        up, down = self.lowrank_up.to(x.dtype), self.lowrank_down.to(x.dtype)
+        if isinstance(self, nn.Conv2d):
+            h = self._conv_forward(x, down.reshape(down.shape[0], *self.weight.shape[1:]), None)
+            return F.conv2d(h, up[:, :, None, None])
+        return F.linear(F.linear(x, down), up)
 
     @property
     def is_quantized(self) -> bool:
@@ -224,7 +229,9 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quant_input(x), self.current_weight(), self.bias)
+        y = self._conv_forward(self.quant_input(x), self.current_weight(), self.bias)
+        extra = self.branch(x)
+        return y if extra is None else y + extra
 
 
 @dataclass

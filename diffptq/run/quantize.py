@@ -147,7 +147,8 @@ def quant_metadata(cfg: SequentialConfig, calib_cfg: CalibConfig, **extra) -> di
     return {"method": cfg.method, "wbits": cfg.weight.bits, "abits": cfg.act.bits if cfg.act else None,
             "act_quant": cfg.act_kind if cfg.act else None, "group_size": cfg.weight.group_size,
             "damp": cfg.damp.setting, "act_order": cfg.act_order, "rotate": rotation_label(cfg),
-            "rotate_seed": cfg.rotate_seed, "smooth": cfg.smooth, "lowrank": cfg.lowrank, "keep": cfg.keep,
+            "rotate_seed": cfg.rotate_seed, "smooth": cfg.smooth, "lowrank": cfg.lowrank,
+            "lowrank_conv": cfg.lowrank_conv, "keep": cfg.keep,
             "correction": cfg.correction,
             "blocks": cfg.blocks, "n_calib": calib_cfg.n_calib, "calib_steps": calib_cfg.calib_steps,
             "seed": calib_cfg.seed, **extra}

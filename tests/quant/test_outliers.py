@@ -135,3 +135,45 @@ def test_a_branch_holds_at_most_a_quarter_of_a_layers_rank():
     linear = [m for n, m in quant_layers(den) if n.startswith("transformer_blocks.0.")]
     assert linear and all(m.lowrank_up.shape[1] == min(m.weight.shape) // 4 for m in linear)
     assert all(m.is_quantized and (m.weight_q != m.weight).any() for m in linear)
+
+
+def test_conv_branch_keeps_the_float_output_and_round_trips(tmp_path):
+    """--lowrank_conv: a Conv2d's branch is the convolution with up @ down (its weight matrix (out, in·k·k)), so
+    branch + residual conv = the float conv; the driver gives the UNet's convolutions a branch, quantizes the
+    residual, and a checkpoint reloads it to the same outputs."""
+    import diffptq
+    from diffptq.algo.driver import SequentialQuantizer
+    from diffptq.config import SequentialConfig
+    from diffptq.data.calib import collect_calibration
+    from diffptq.io.checkpoint import save_quantized
+    from diffptq.models import family_of, load_pipeline
+    from diffptq.quant.layers import QuantConv2d, quant_layers
+    from diffptq.quant.outliers import lowrank_split
+
+    torch.manual_seed(0)
+    conv = QuantConv2d(torch.nn.Conv2d(6, 8, 3, stride=2, padding=1))
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        ref = conv(x)
+        _, up, down = lowrank_split(conv.weight.detach().reshape(8, -1), 3)
+        conv.set_lowrank(up, down)
+        assert conv.weight.shape == (8, 6, 3, 3) and conv.lowrank_down.shape == (3, 54)
+        torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+
+    pipe = load_pipeline("tiny-unet")
+    fam = family_of(pipe)
+    den = fam.denoiser(pipe)
+    calib = collect_calibration(pipe, ["a red cat", "a dog"], 2, batch_size=2, progress=False)
+    inputs = next(calib.batches())
+    cfg = SequentialConfig(method="gptq", lowrank=4, lowrank_conv=True).with_bits(4, 4)
+    SequentialQuantizer(den, fam, calib, cfg, "cpu", progress=False).run()
+    convs = [m for _, m in quant_layers(den) if isinstance(m, QuantConv2d)]
+    assert convs and all(m.lowrank_up is not None and m.is_quantized for m in convs)
+    with torch.no_grad():
+        out = den(**inputs, return_dict=False)[0]
+    path = tmp_path / "unet.safetensors"
+    save_quantized(path, den, {"source": "tiny-unet", "family": "sd", "pipeline_class": type(pipe).__name__},
+                   {"method": "gptq"})
+    with torch.no_grad():
+        again = fam.denoiser(diffptq.load_quantized(path))(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-5)

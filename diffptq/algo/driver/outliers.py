@@ -68,7 +68,8 @@ def prepare_outliers(runner: UnitRunner, k: int, layers: dict[str, QuantLayer], 
                      records: list[int], cfg: SequentialConfig) -> None:
     """Give unit k's Linear layers what `cfg` asks for, in this order: the PCA rotation (rotate "pca", keep),
     smoothing (smooth: one s per group of layers fed by the same tensor, from max |x| over the quantized stream of
-    `records`, the unit's weights float, after the rotation) and the rank-`lowrank` branch."""
+    `records`, the unit's weights float, after the rotation) and the rank-`lowrank` branch (Conv2d layers too with
+    `lowrank_conv`)."""
     if cfg.rotate == "pca":
         rotate_pca(runner, k, layers, plan, records, cfg.keep, cfg.rotate_seed)
     linears = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
@@ -86,8 +87,9 @@ def prepare_outliers(runner: UnitRunner, k: int, layers: dict[str, QuantLayer], 
             for n in names:
                 linears[n].set_smoothing(s)
     if cfg.lowrank > 0:
-        for layer in linears.values():
-            rank = branch_rank(cfg.lowrank, layer.weight.shape)
+        for layer in (layers if cfg.lowrank_conv else linears).values():
+            W = layer.weight.detach().float().reshape(layer.weight.shape[0], -1)  # a conv's as (out, in·k·k)
+            rank = branch_rank(cfg.lowrank, tuple(W.shape))
             if rank > 0:
-                _, up, down = lowrank_split(layer.weight.detach().float(), rank)
+                _, up, down = lowrank_split(W, rank)
                 layer.set_lowrank(up, down)
