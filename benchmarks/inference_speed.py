@@ -182,7 +182,7 @@ class FamilyRun:
                 self.record_checkpoint(den, kind)
                 mode = "static" if v.build == "w4a8s" else self.args.act_mode
                 cfg = InferenceConfig(act_mode=mode, others=self.args.others, act_kernel=v.act_kernel,
-                                      sigmoid_gelu=v.sigmoid_gelu is not False,
+                                      sigmoid_gelu=v.sigmoid_gelu is not False, conv1x1=v.conv1x1,
                                       force=(torch.device(self.dev).type == "cpu"))
                 conv = convert_for_inference(den, "w4" if v.build == "w4" else "w4a8", self.dev, cfg)
                 self.result.setdefault("conversion", {})[v.build] = {"path": conv.path, "reason": conv.reason,

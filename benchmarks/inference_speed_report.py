@@ -32,6 +32,7 @@ class Variant:
     graphs: bool = False  # the denoiser in diffptq.kernels.GraphedDenoiser: one CUDA graph replayed per call
     fp8_attention: bool = False  # self-attention on FP8 operands (diffptq.kernels.fp8_attention_processor)
     int4_matmul: str = "dequant"  # W4 memory path Linear layers: dequantize then GEMM, or the fused Triton kernel
+    conv1x1: bool = False  # W4A8: the UNet's 1×1 convolutions on the FP8 GEMM too (InferenceConfig.conv1x1)
 
 
 AUTOTUNE = (("max_autotune_gemm", True), ("max_autotune_gemm_backends", "ATEN,TRITON"))
@@ -71,6 +72,8 @@ VARIANTS = {v.key: v for v in (
             graphs=True),
     Variant("w4_compile_graphs", "W4 memory path + compile + CUDA graphs (BF16)", torch.bfloat16, True, "w4",
             graphs=True),
+    Variant("w4a8_c1x1_compile_graphs", "W4A8 speed path with FP8 1x1 convolutions + compile + CUDA graphs",
+            torch.bfloat16, True, "w4a8", graphs=True, conv1x1=True),
     Variant("w4a8s_compile_graphs", "W4A8 speed path, static per-tensor activations + compile + CUDA graphs",
             torch.bfloat16, True, "w4a8s", graphs=True),
     # inductor's GEMM autotuning: Triton templates only ("tgemm"), so that the pointwise work around each GEMM (the

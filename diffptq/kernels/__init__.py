@@ -9,7 +9,7 @@
 """
 from diffptq.kernels.common import set_profile_scopes
 from diffptq.kernels.fp8 import fp8_scaled_mm, fp8_support, scaled_mm_reference
-from diffptq.kernels.fp8_linear import Fp8W4A8Linear
+from diffptq.kernels.fp8_linear import Fp8W4A8Conv1x1, Fp8W4A8Linear
 from diffptq.kernels.fuse import fuse_attention_projections
 from diffptq.kernels.graphs import GraphedDenoiser, graph_denoiser
 from diffptq.kernels.int4_weight_only import Int4WeightOnly, Int4WeightOnlyConv2d, Int4WeightOnlyLinear
@@ -18,6 +18,7 @@ from diffptq.kernels.select import Conversion, InferenceConfig, convert_for_infe
 
 __all__ = [
     "Conversion",
+    "Fp8W4A8Conv1x1",
     "Fp8W4A8Linear",
     "GraphedDenoiser",
     "InferenceConfig",

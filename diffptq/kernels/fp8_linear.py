@@ -20,7 +20,7 @@ from diffptq.kernels.common import KeepDtypeBuffers, frozen_parameter, profile_s
 from diffptq.kernels.fp8 import ACT_MODES, E4M3_MAX, act_scale, codes_to_e4m3, fp8_scaled_mm, quantize_e4m3
 from diffptq.kernels.fp8_quant_triton import fp8_quant_rows, triton_available
 from diffptq.quant.act import ActQuantizer, DynamicActQuantizer
-from diffptq.quant.layers import QuantLinear
+from diffptq.quant.layers import QuantConv2d, QuantLinear
 
 GEMM_ALIGN = 16  # torch._scaled_mm needs K and N divisible by 16
 ACT_KERNELS = ("torch", "triton")
@@ -126,3 +126,45 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"act_mode={self.act_mode}, fast_accum={self.use_fast_accum}, backend={self.backend}, "
                 f"act_kernel={self.act_kernel}")
+
+
+def fp8_conv1x1_unsupported_reason(layer: nn.Module) -> str | None:
+    """Why `layer` cannot become an Fp8W4A8Conv1x1 (None when it can): a quantized 1×1 QuantConv2d with stride 1, no
+    padding, that the FP8 GEMM takes as a Linear over channels."""
+    if not isinstance(layer, QuantConv2d):
+        return f"{type(layer).__name__} is not a QuantConv2d"
+    if tuple(layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1) or tuple(layer.padding) != (0, 0):
+        return (f"kernel {tuple(layer.kernel_size)}, stride {tuple(layer.stride)}, padding {layer.padding}: not a "
+                "1x1 conv")
+    if not layer.is_quantized:
+        return "not quantized"
+    if layer.weight_scale.shape[1] != 1:
+        return f"{layer.weight_scale.shape[1]} weight groups per row (the FP8 GEMM takes one scale per channel)"
+    if layer.in_channels % GEMM_ALIGN or layer.out_channels % GEMM_ALIGN:
+        return f"shape {layer.out_channels}x{layer.in_channels} is not divisible by {GEMM_ALIGN}"
+    return None
+
+
+class Fp8W4A8Conv1x1(Fp8W4A8Linear):
+    """A 1×1 convolution (stride 1, no padding) on the W4A8 speed path: the FP8 GEMM over channels at every position.
+    x (N, C, H, W) -> (N, out, H, W) in x's dtype; per-token activation scales are per position (as QuantConv2d's
+    per-token quantizer has them), static ones per tensor. The output keeps the GEMM's layout (channels last
+    in memory, an (N, out, H, W) view)."""
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant_conv(cls, layer: QuantConv2d, act_mode: str = "token", use_fast_accum: bool = True,
+                        backend: str = "auto", act_kernel: str = "torch") -> Fp8W4A8Conv1x1:
+        """Convert a quantized 1×1 QuantConv2d with one scale per output channel (its codes (out, in))."""
+        reason = fp8_conv1x1_unsupported_reason(layer)
+        if reason is not None:
+            raise ValueError(f"cannot build an Fp8W4A8Conv1x1: {reason}")
+        if act_mode == "static" and (layer.act_quant is None or isinstance(layer.act_quant, DynamicActQuantizer)):
+            act_mode = "token"  # no calibrated range: per position, as the dynamic quantizer had it
+        w8 = codes_to_e4m3(layer.weight_codes, layer.weight_zero)
+        return cls(w8, layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend,
+                   act_kernel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+

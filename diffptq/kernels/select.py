@@ -25,7 +25,13 @@ from diffptq.kernels.activations import use_sigmoid_form_gelu
 from diffptq.kernels.common import replace_module
 from diffptq.kernels.fp8 import fp8_support
 from diffptq.kernels.fp8_attention_processor import use_fp8_attention
-from diffptq.kernels.fp8_linear import ACT_KERNELS, Fp8W4A8Linear, fp8_unsupported_reason
+from diffptq.kernels.fp8_linear import (
+    ACT_KERNELS,
+    Fp8W4A8Conv1x1,
+    Fp8W4A8Linear,
+    fp8_conv1x1_unsupported_reason,
+    fp8_unsupported_reason,
+)
 from diffptq.kernels.fuse import fuse_attention_projections
 from diffptq.kernels.graphs import GraphedDenoiser
 from diffptq.kernels.int4_weight_only import (
@@ -60,6 +66,8 @@ class InferenceConfig:
     force: use the real modules even where the device does not support them (the FP8 GEMM then runs its reference).
     fp8_attention: self-attention on FP8 operands (diffptq.kernels.fp8_attention: the Triton kernel on CUDA sm_89+,
       its torch reference elsewhere); an approximation whose image cost benchmarks/fp8_attention_quality.py measures.
+    conv1x1 (w4a8): quantized 1×1 convolutions (stride 1, no padding: the UNet's proj_in / proj_out and shortcuts)
+      take the FP8 GEMM too, over channels (Fp8W4A8Conv1x1); off: they follow `others`.
     int4_matmul (w4): memory-path Linear layers multiply by "dequant" (dequantize, then GEMM) or "triton" (one
       kernel dequantizing in registers, on CUDA inputs; diffptq.kernels.int4_gemm_triton).
     cuda_graphs: also wrap the model in a GraphedDenoiser (diffptq.kernels.graphs: one CUDA graph replayed per call
@@ -78,6 +86,7 @@ class InferenceConfig:
     cuda_graphs: bool = False
     fp8_attention: bool = False
     int4_matmul: str = "dequant"
+    conv1x1: bool = False
 
     def __post_init__(self) -> None:
         if self.act_mode not in ("token", "tensor", "static", "auto"):
@@ -86,7 +95,7 @@ class InferenceConfig:
             raise ValueError(f"InferenceConfig.others must be one of {OTHERS}, got {self.others!r}")
         if self.act_kernel not in ACT_KERNELS:
             raise ValueError(f"InferenceConfig.act_kernel must be one of {ACT_KERNELS}, got {self.act_kernel!r}")
-        for name in ("cuda_graphs", "fp8_attention"):
+        for name in ("cuda_graphs", "fp8_attention", "conv1x1"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"InferenceConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.int4_matmul not in MATMULS:
@@ -160,6 +169,9 @@ def _convert_layer(layer: QuantLayer, path: str, cfg: InferenceConfig) -> tuple[
         if reason is None:
             mode = _fp8_act_mode(layer, cfg.act_mode)
             return Fp8W4A8Linear.from_quant_linear(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""
+        if cfg.conv1x1 and fp8_conv1x1_unsupported_reason(layer) is None:
+            mode = _fp8_act_mode(layer, cfg.act_mode)
+            return Fp8W4A8Conv1x1.from_quant_conv(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""
         if cfg.others == "dequant":
             return _dense(layer), ""
         if cfg.others == "fake":
@@ -229,4 +241,4 @@ def with_graphs(model: nn.Module, cfg: InferenceConfig, result: Conversion) -> C
 
 def is_inference_module(m: nn.Module) -> bool:
     """True for the real-kernel modules of this package."""
-    return isinstance(m, (Fp8W4A8Linear, Int4WeightOnly))
+    return isinstance(m, (Fp8W4A8Linear, Int4WeightOnly))  # Fp8W4A8Conv1x1 is an Fp8W4A8Linear

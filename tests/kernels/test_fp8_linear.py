@@ -221,3 +221,43 @@ def test_static_qkv_with_equal_scales_fuse_into_one_gemm():
     other = _static_quantizer([b * 3 for b in batches])  # another range: its layer cannot share the quantization
     layers[2] = Fp8W4A8Linear.from_quant_linear(_quant_linear(n_in=64, n_out=16, act=other), act_mode="static")
     assert concat_layers(layers) is None
+
+
+def test_conv1x1_is_the_fp8_gemm_over_channels_at_every_position():
+    """A 1×1 QuantConv2d on the speed path: on inputs whose per-position e4m3 quantization is lossless it gives the
+    W4 conv's output (up to the fp32 sum order); other convs are refused with the reason."""
+    from diffptq.kernels.fp8_linear import Fp8W4A8Conv1x1, fp8_conv1x1_unsupported_reason
+    from diffptq.quant.layers import QuantConv2d
+
+    torch.manual_seed(0)
+    conv = QuantConv2d(nn.Conv2d(64, 32, 1), None, W4)
+    res = rtn_quantize_ex(conv.weight.detach().reshape(32, -1), W4)
+    conv.set_quantized_weight(res.codes, res.scale, res.zero)
+    fp8 = Fp8W4A8Conv1x1.from_quant_conv(conv)
+    fp8.out_dtype = torch.float32
+    x = _e4m3_exact_input(rows=2 * 5 * 3).reshape(2, 5, 3, 64).permute(0, 3, 1, 2)  # (N, C, H, W), rows = positions
+    with torch.no_grad():
+        want = F.conv2d(x.double(), conv.weight_q.double(), conv.bias.double())
+        out = fp8(x)
+    assert out.shape == (2, 32, 5, 3)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    three = QuantConv2d(nn.Conv2d(64, 32, 3, padding=1), None, W4)
+    assert "not a 1x1 conv" in fp8_conv1x1_unsupported_reason(three)
+    assert fp8_conv1x1_unsupported_reason(_quant_linear()) == "QuantLinear is not a QuantConv2d"
+
+
+def test_convert_takes_the_unet_1x1_convs_when_asked(tiny):
+    from diffptq.kernels import InferenceConfig, convert_for_inference
+
+    from diffptq.kernels.fp8_linear import fp8_conv1x1_unsupported_reason
+    from diffptq.quant.layers import quant_layers
+
+    _, _, den, inputs = tiny("tiny-unet")
+    expected = {n for n, m in quant_layers(den) if fp8_conv1x1_unsupported_reason(m) is None}
+    with torch.no_grad():
+        ref = den(**inputs).sample
+        conv = convert_for_inference(den, "w4a8", config=InferenceConfig(force=True, conv1x1=True))
+        out = den(**inputs).sample
+    assert expected and {n for n, t in conv.modules.items() if t == "Fp8W4A8Conv1x1"} == expected
+    assert conv.counts()["Conv2d"] > 0  # the 3×3 convolutions follow `others` (dequantized)
+    assert (out - ref).norm() / ref.norm() < 0.1
