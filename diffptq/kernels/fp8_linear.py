@@ -90,6 +90,12 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
         reason = fp8_unsupported_reason(layer)
         if reason is not None:
             raise ValueError(f"cannot build an Fp8W4A8Linear: {reason}")
+        return cls._from_codes(layer, act_mode, use_fast_accum, backend, act_kernel)
+
+    @classmethod
+    def _from_codes(cls, layer: QuantLinear | QuantConv2d, act_mode: str, use_fast_accum: bool, backend: str,
+                    act_kernel: str):
+        """The module of a checked layer's codes (out, cols): q − z as e4m3, the per-channel scales, its bias."""
         w8 = codes_to_e4m3(layer.weight_codes, layer.weight_zero)
         return cls(w8, layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend,
                    act_kernel)
@@ -161,9 +167,7 @@ class Fp8W4A8Conv1x1(Fp8W4A8Linear):
             raise ValueError(f"cannot build an Fp8W4A8Conv1x1: {reason}")
         if act_mode == "static" and (layer.act_quant is None or isinstance(layer.act_quant, DynamicActQuantizer)):
             act_mode = "token"  # no calibrated range: per position, as the dynamic quantizer had it
-        w8 = codes_to_e4m3(layer.weight_codes, layer.weight_zero)
-        return cls(w8, layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend,
-                   act_kernel)
+        return cls._from_codes(layer, act_mode, use_fast_accum, backend, act_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
