@@ -19,6 +19,7 @@ from diffptq.cli.parser import (
     non_negative_int,
     positive_int,
     prompt_file,
+    skip_value,
     smooth_value,
 )
 from diffptq.config import (
@@ -64,6 +65,10 @@ def add_weight_args(parser, method_flag: str | None = "--method", bits: bool = T
     parser.add_argument("--group_size", type=positive_int, default=SEQ.weight.group_size,
                         help="weight group size in input columns (default: per output channel)")
     parser.add_argument("--act_order", action="store_true", help="GPTQ/Qronos columns by decreasing diag(H)")
+    parser.add_argument("--skip", type=skip_value, default=SEQ.skip,
+                        help="block layers to leave in float: comma-separated name patterns, glob or re:REGEX (e.g. "
+                             "--skip 're:conv|proj_in|proj_out' keeps every convolution of the SD UNet in 16-bit, as "
+                             "group-wise peer formats do; default: none)")
     parser.add_argument("--correction", type=correction_value, default=AUTO,
                         help="Qronos: the share 0..1 of the upstream quantization error each layer corrects (1: "
                              f"Qronos as published, 0: GPTQ's target; default: auto, {RECIPE_CORRECTION} at 4-bit "
@@ -176,7 +181,7 @@ def sequential_config(args: argparse.Namespace, method: str | None = None, wbits
     cfg = SequentialConfig(
         method=method or args.method, weight=replace(SEQ.weight, group_size=args.group_size),
         act_kind=SEQ.act_kind if act_kind == AUTO else act_kind, damp=args.damp, act_order=args.act_order,
-        blocks=blocks,
+        blocks=blocks, skip=tuple(getattr(args, "skip", SEQ.skip)),
         granularity=getattr(args, "granularity", SEQ.granularity),
         offload_done=getattr(args, "offload_done", False), offload_pending=getattr(args, "offload_pending", False),
         rotate=_named_rotation(args), rotate_seed=getattr(args, "rotate_seed", SEQ.rotate_seed),

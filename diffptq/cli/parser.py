@@ -55,6 +55,23 @@ def _auto_or(check):
     return lambda t: AUTO if t.strip() == AUTO else check(t)
 
 
+def _layer_patterns(text: str) -> tuple[str, ...]:
+    """Comma-separated layer-name patterns: globs (fnmatch) or "re:REGEX" (re.search); each regex must compile."""
+    import re
+
+    patterns = tuple(p.strip() for p in text.split(","))
+    if not text.strip() or any(not p or p == "re:" for p in patterns):
+        raise ConfigError(f"expected comma-separated layer-name patterns (glob or re:REGEX), got {text!r}")
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as err:
+                raise ConfigError(f"{p!r} is not a valid regular expression ({err})") from None
+    return patterns
+
+
+skip_value = _typed(_layer_patterns, "skip")
 correction_value = _typed(_auto_or(lambda t: check_float(t, lo=0.0, hi=1.0)), "correction")
 lowrank_value = _typed(_auto_or(check_non_negative_int), "lowrank")
 

@@ -149,7 +149,7 @@ def quant_metadata(cfg: SequentialConfig, calib_cfg: CalibConfig, **extra) -> di
             "damp": cfg.damp.setting, "act_order": cfg.act_order, "rotate": rotation_label(cfg),
             "rotate_seed": cfg.rotate_seed, "smooth": cfg.smooth, "lowrank": cfg.lowrank,
             "lowrank_conv": cfg.lowrank_conv, "keep": cfg.keep,
-            "correction": cfg.correction,
+            "correction": cfg.correction, "skip": list(cfg.skip),
             "blocks": cfg.blocks, "n_calib": calib_cfg.n_calib, "calib_steps": calib_cfg.calib_steps,
             "seed": calib_cfg.seed, **extra}
 
