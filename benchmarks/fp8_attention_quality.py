@@ -14,9 +14,6 @@ Writes --out (markdown with the date, machine, versions, commit and command) and
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import shlex
-import sys
 
 from diffptq.cli import ArgumentParser, check_output_file, device_value, positive_int, run_main
 
@@ -90,22 +87,16 @@ def report(rows: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch
 
-    from diffptq.cli import package_versions, resolve_device, resolve_dtype
-    from diffptq.cli.common import git_commit
+    from diffptq.cli import resolve_device, resolve_dtype
+    from diffptq.cli.common import report_meta
     from diffptq.eval.report import write_csv
     from diffptq.io.files import write_text_atomic
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     out = check_output_file(args.out, "--out")
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    meta = {"date": dt.date.today().isoformat(), "card": f"{card}, {str(dtype).removeprefix('torch.')}",
-            "versions": ", ".join(f"{k} {v}" for k, v in package_versions(("torch", "diffusers")).items()),
-            "commit": git_commit() or "unknown",
-            "command": "python benchmarks/fp8_attention_quality.py " + shlex.join(sys.argv[1:] if argv is None
-                                                                                  else argv)}
+    meta = report_meta("benchmarks/fp8_attention_quality.py", argv, device, dtype, ("torch", "diffusers"))
     rows: list[dict] = []
     for model in args.models:
         rows += run_model(model, args, device, dtype)

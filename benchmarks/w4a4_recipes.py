@@ -29,10 +29,7 @@ and the CSV beside it (same stem), both rewritten after every row (the markdown 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,8 +262,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from diffptq.cli import package_versions, resolve_device, resolve_dtype
-    from diffptq.cli.common import git_commit
+    from diffptq.cli import resolve_device, resolve_dtype
+    from diffptq.cli.common import report_meta
     from diffptq.eval.hardware import card_name
     from diffptq.eval.report import write_csv
     from diffptq.io.files import write_text_atomic
@@ -276,12 +273,7 @@ def main(argv=None) -> None:
     dtype = resolve_dtype(args.dtype, device)
     out = check_output_file(args.out or default_out(args.models, card_name(device)), "--out")
     torch.manual_seed(args.seed)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    versions = package_versions(("torch", "diffusers", "transformers"))
-    meta = {"date": dt.date.today().isoformat(), "card": f"{card}, {str(dtype).removeprefix('torch.')}",
-            "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-            "commit": git_commit() or "unknown",
-            "command": "python benchmarks/w4a4_recipes.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
+    meta = report_meta("benchmarks/w4a4_recipes.py", argv, device, dtype, ("torch", "diffusers", "transformers"))
     rows: list[dict] = []
 
     def write(done: bool = False) -> None:

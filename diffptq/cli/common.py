@@ -202,6 +202,20 @@ def run_config(run: Run) -> dict:
     }
 
 
+def report_meta(script: str, argv: list[str] | None, device, dtype, packages: tuple[str, ...]) -> dict:
+    """The header facts of a results markdown: date, card (with the dtype), versions of `packages`, git commit and
+    the command (`python <script> <argv>`; argv None: this process's own arguments)."""
+    import shlex
+
+    import torch
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {"date": _dt.date.today().isoformat(), "card": f"{card}, {str(dtype).removeprefix('torch.')}",
+            "versions": ", ".join(f"{k} {v}" for k, v in package_versions(packages).items()),
+            "commit": git_commit() or "unknown",
+            "command": f"python {script} " + shlex.join(sys.argv[1:] if argv is None else argv)}
+
+
 def package_versions(names=VERSIONED_PACKAGES) -> dict:
     out = {}
     for name in names:
