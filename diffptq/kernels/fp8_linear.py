@@ -30,12 +30,17 @@ def fp8_unsupported_reason(layer: nn.Module) -> str | None:
     """Why `layer` cannot become an Fp8W4A8Linear (None when it can)."""
     if not isinstance(layer, QuantLinear):
         return f"{type(layer).__name__} is not a QuantLinear"
+    return _codes_reason(layer, layer.out_features, layer.in_features)
+
+
+def _codes_reason(layer: QuantLinear | QuantConv2d, out: int, cols: int) -> str | None:
+    """Why a quant layer's codes (out, cols) cannot feed the FP8 GEMM (None when they can)."""
     if not layer.is_quantized:
         return "not quantized"
     if layer.weight_scale.shape[1] != 1:
         return f"{layer.weight_scale.shape[1]} weight groups per row (the FP8 GEMM takes one scale per channel)"
-    if layer.in_features % GEMM_ALIGN or layer.out_features % GEMM_ALIGN:
-        return f"shape {layer.out_features}x{layer.in_features} is not divisible by {GEMM_ALIGN}"
+    if cols % GEMM_ALIGN or out % GEMM_ALIGN:
+        return f"shape {out}x{cols} is not divisible by {GEMM_ALIGN}"
     span = (layer.weight_codes.float() - layer.weight_zero.float()).abs().max()
     if float(span) > 16:
         return f"codes minus zero reach {int(span)} (more than 4 bits: not exact in e4m3)"
@@ -142,13 +147,7 @@ def fp8_conv1x1_unsupported_reason(layer: nn.Module) -> str | None:
     if tuple(layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1) or tuple(layer.padding) != (0, 0):
         return (f"kernel {tuple(layer.kernel_size)}, stride {tuple(layer.stride)}, padding {layer.padding}: not a "
                 "1x1 conv")
-    if not layer.is_quantized:
-        return "not quantized"
-    if layer.weight_scale.shape[1] != 1:
-        return f"{layer.weight_scale.shape[1]} weight groups per row (the FP8 GEMM takes one scale per channel)"
-    if layer.in_channels % GEMM_ALIGN or layer.out_channels % GEMM_ALIGN:
-        return f"shape {layer.out_channels}x{layer.in_channels} is not divisible by {GEMM_ALIGN}"
-    return None
+    return _codes_reason(layer, layer.out_channels, layer.in_channels)
 
 
 class Fp8W4A8Conv1x1(Fp8W4A8Linear):
@@ -165,8 +164,6 @@ class Fp8W4A8Conv1x1(Fp8W4A8Linear):
         reason = fp8_conv1x1_unsupported_reason(layer)
         if reason is not None:
             raise ValueError(f"cannot build an Fp8W4A8Conv1x1: {reason}")
-        if act_mode == "static" and (layer.act_quant is None or isinstance(layer.act_quant, DynamicActQuantizer)):
-            act_mode = "token"  # no calibrated range: per position, as the dynamic quantizer had it
         return cls._from_codes(layer, act_mode, use_fast_accum, backend, act_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
