@@ -25,6 +25,7 @@ values. Registered as the torch op diffptq::fp8_attention with a fake implementa
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -99,7 +100,13 @@ def kernel_unsupported_reason(q: Tensor) -> str | None:
         return "Triton does not import here"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return None
-    ok, reason = fp8_support(q.device) if q.is_cuda else (False, "the tensors are not on a CUDA device")
+    return _device_reason(q.device) if q.is_cuda else "the tensors are not on a CUDA device"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(device: torch.device) -> str | None:
+    """fp8_support's verdict for a CUDA device, asked once per device (fp8_attention dispatches on every call)."""
+    ok, reason = fp8_support(device)
     return None if ok else reason
 
 
