@@ -67,6 +67,7 @@ from diffptq.kernels.fp8_quant_triton import triton_available
 from diffptq.kernels.int4_weight_only import set_int4_matmul
 from diffptq.kernels.profiling import breakdown, kernel_records
 from diffptq.models.families import FAMILIES
+from diffptq.peers import PEERS
 from diffptq.models.fullsize import full_size_pipeline, random_text_embeddings
 from diffptq.quant.layers import quant_layers
 from diffptq.quant.quantizer import QuantSpec
@@ -76,6 +77,7 @@ from inference_speed_quality import A8, A8_STATIC, W4, fit_static_ranges, qualit
 from inference_speed_report import ORDER, VARIANTS, Variant, meta, render  # noqa: E402
 
 GiB = 2**30
+TORCHAO_INT4 = PEERS["torchao:int4wo"]  # torchao's int4 weight-only kernel, tried before a kernel of our own
 TITLES = {"pixart": "PixArt-XL-2-512 (PixArtTransformer2DModel)", "sd": "SD 1.5 UNet (UNet2DConditionModel)"}
 
 
@@ -97,20 +99,6 @@ def torchao_quantize(den: nn.Module, names: list[str]) -> str:
     except TypeError:
         cfg = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     quantize_(den, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in wanted)
-    return torchao.__version__
-
-
-def torchao_int4_quantize(den: nn.Module, names: list[str]) -> str:
-    """torchao int4 weight-only (tinygemm packing, groups of 128, 64 where 128 does not divide) on the same Linear
-    layers (convolutions stay in the model's dtype). Returns torchao's version."""
-    import torchao
-    from torchao.quantization import Int4WeightOnlyConfig, quantize_
-
-    for group in (128, 64):
-        wanted = {n for n in names if isinstance(m := den.get_submodule(n), nn.Linear) and m.in_features % group == 0
-                  and (group == 128 or m.in_features % 128)}
-        quantize_(den, Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d"),
-                  filter_fn=lambda m, fqn, wanted=wanted: fqn in wanted)
     return torchao.__version__
 
 
@@ -166,8 +154,9 @@ class FamilyRun:
         den = copy.deepcopy(self.master).to(self.dev, v.dtype)
         if v.build == "torchao":
             self.result["torchao"] = torchao_quantize(den, self.names)
-        elif v.build == "torchao_int4":
-            self.result["torchao"] = torchao_int4_quantize(den, self.names)
+        elif v.build == "torchao_int4":  # the peer row of benchmark_final: the same layers and groups
+            self.result["torchao"] = TORCHAO_INT4.version()
+            self.result.setdefault("notes", {})[v.key] = TORCHAO_INT4.quantize(den, [], self.dev)
         elif v.build != "float":
             kind = "w4" if v.build == "w4" else "w4a8"
             act = {"fake": A8, "w4a8s": A8_STATIC}.get(v.build)
@@ -374,7 +363,7 @@ def run_all(families: list[str], args, tmp: Path, results: dict, save, start: fl
 def skip_reason(v: Variant, args, deadline: float, compile_est: float) -> str | None:
     """Why `v` cannot be measured here or in the time left before `deadline`; None when it can."""
     if v.build == "torchao_int4" and torch.device(args.device).type != "cuda":
-        return "torchao's int4 weight-only kernel (tinygemm) runs on CUDA only"
+        return TORCHAO_INT4.cuda_only
     if v.int4_matmul == "triton" and not triton_available():
         return "Triton does not import"
     if v.build in ("torchao", "torchao_int4"):

@@ -25,8 +25,8 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     # measured in the order given (compiled: eagerly)
     assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8", "w4a8_graphs", "w4a8_compile_graphs_fp8attn",
                           "w4_triton_compile_graphs", "torchao_int4wo_compile_graphs"]
-    assert rows.pop("torchao_int4wo_compile_graphs")["skipped"] == ("torchao's int4 weight-only kernel (tinygemm) "
-                                                                    "runs on CUDA only")
+    assert rows.pop("torchao_int4wo_compile_graphs")["skipped"] == ("torchao's int4 weight-only kernel (tinygemm, "
+                                                                    "torch._weight_int4pack_mm) runs on CUDA only")
     assert all("error" not in r and r["latency_ms"] is None for r in rows.values())
     graphs = rows["w4a8_graphs"]["graphs"]  # off CUDA the wrapped denoiser ran eagerly, and the row says so
     assert graphs["replays"] == 0 and graphs["eager_calls"] >= 1 and "graphs" not in rows["w4a8"]
