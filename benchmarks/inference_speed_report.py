@@ -89,7 +89,7 @@ VARIANTS = {v.key: v for v in (
             "CUDA graphs", torch.bfloat16, True, "w4", inductor=TRITON_GEMM, graphs=True),
     Variant("w4_triton_compile_graphs", "W4 memory path, fused Triton int4 GEMM + compile + CUDA graphs (BF16)",
             torch.bfloat16, True, "w4", graphs=True, int4_matmul="triton"),
-    Variant("torchao_int4wo_compile_graphs", "torchao int4 weight-only (tinygemm, groups 128-32) + compile + CUDA graphs",
+    Variant("torchao_int4wo_compile_graphs", "torchao int4 weight-only (tinygemm, groups 128-32) + compile + graphs",
             torch.bfloat16, True, "torchao_int4", graphs=True),
     Variant("bf16_compile_graphs_fp8attn", "BF16 + FP8 self-attention + compile + CUDA graphs", torch.bfloat16, True,
             "float", graphs=True, fp8_attention=True),
