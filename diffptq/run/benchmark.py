@@ -36,7 +36,7 @@ from diffptq.models.schedulers import check_steps, set_scheduler
 from diffptq.quant.layers import quant_layers
 from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
 from diffptq.run.benchmark_peers import failure_note, is_peer, peer_variant_bits, prepare_peer
-from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, score
+from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, recipe_note, score
 from diffptq.run.shared_calib import SharedCalibration, swapped_denoiser
 
 __all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "SharedCalibration",
@@ -194,10 +194,19 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
             family.denoiser(pipe).to(device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if variant.method != "fp" and not is_peer(variant.method):
+            info.setdefault("note", recipe_note(_recipe_settings(cfg.quant)))
         fields = {"method": variant.method, "label": variant.label, "dtype": DTYPE_NAMES[dtype],
                   "wbits": variant.wbits, "abits": variant.abits, "model": cfg.model, "calib_time_s": None,
                   "num_processes": world, **measured, **info}
         yield variant, None if images is None else as_uint8(images) if main else images[:0], fields
+
+
+def _recipe_settings(quant: SequentialConfig) -> dict[str, Any]:
+    """The recipe settings recipe_note reads, from the run's SequentialConfig (under benchmark_final's flag names)."""
+    return {"skip": quant.skip, "lowrank_conv": quant.lowrank_conv, "rotate_conv": quant.rotate_conv,
+            "smooth": quant.smooth, "keep": quant.keep, "act_order": quant.act_order,
+            "group_size": quant.weight.group_size}
 
 
 def _measure(pipe, denoiser: nn.Module, variant: Variant, cfg: BenchmarkConfig, prompts: list[str],

@@ -34,6 +34,25 @@ PLOT_COLUMNS = ("fid", "fid_bundled", "clip_score", "lpips", "psnr", "ssim", "pr
                 "model_size_gb")
 
 
+# recipe settings a row of ours states in its `note` when they differ from the default (the flag names of
+# benchmark_final.py, whose config.json records them under these names): (name, default)
+RECIPE_NOTE_FIELDS = (("skip", ()), ("lowrank_conv", False), ("rotate_conv", False), ("smooth", None), ("keep", 0),
+                      ("act_order", False), ("group_size", None))
+
+
+def recipe_note(settings: dict[str, Any]) -> str:
+    """The non-default recipe settings of one of our rows, e.g. "skip re:conv|proj_in|proj_out; lowrank_conv" ("" when
+    all are defaults). settings: flag name -> value (missing names count as defaults)."""
+    parts = []
+    for name, default in RECIPE_NOTE_FIELDS:
+        value = settings.get(name, default)
+        if value in (default, None, [], ()) or value is False:
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        parts.append(name if value is True else f"{name} {shown}")
+    return "; ".join(parts)
+
+
 def metric_passes(options: MetricOptions) -> list[tuple[str, ImageMetrics]]:
     """One ImageMetrics per metric (and one for the bundled evaluator), so that each pass ticks a progress bar.
 

@@ -90,3 +90,52 @@ def test_runs_that_are_not_one_table_are_refused_in_one_line(tmp_path, capsys, c
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and message in lines[0], err
     assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+def _base_table(tmp_path) -> Path:
+    """A table merge_runs.py wrote: ours and a peer run whose brevitas row failed."""
+    ours = _run(tmp_path / "ours", [FP, _row("qronos", 4, 8, 0.906, 0.878, 0.929)], "cmd-ours")
+    peers = _run(tmp_path / "peers", [FP, _row("brevitas:qronos", 4, 8, "", "", "", note="quantize failed: X"),
+                                      _row("quanto:w4a8", 4, 8, 0.70, 0.66, 0.74)], "cmd-peers")
+    table = tmp_path / "table.md"
+    _script().main([str(ours), str(peers), "--out", str(table)])
+    return table
+
+
+def test_base_table_gets_the_failed_row_replaced_and_new_rows_appended_with_its_commands_kept(tmp_path):
+    table = _base_table(tmp_path)
+    later = _run(tmp_path / "later", [FP, _row("brevitas:qronos", 4, 8, 0.85, 0.82, 0.88, peer_version="0.13.4"),
+                                      _row("torchao:int4wo", 4, 16, 0.9, 0.87, 0.92)], "cmd-later")
+    out = tmp_path / "table2.md"
+    _script().main([str(later), "--base", str(table.with_suffix(".csv")), "--out", str(out)])
+    with out.with_suffix(".csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["fp", "qronos", "brevitas:qronos", "quanto:w4a8", "torchao:int4wo"]
+    assert rows[2]["prompt_acc"] == "0.85" and rows[2]["note"] == "" and rows[2]["peer_version"] == "0.13.4"
+    assert "```\ncmd-ours\ncmd-peers\ncmd-later\n```" in out.read_text()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"fp_acc": 0.92}, "disagree on prompt_acc (0.93 vs 0.92)"),
+    ({"n_images": 256}, "ran with n_images=256"),
+])
+def test_a_run_that_does_not_fit_the_base_table_is_refused(tmp_path, capsys, change, message):
+    table = _base_table(tmp_path)
+    fp = _row("fp", "", "", change.get("fp_acc", 0.93), 0.89, 0.95)
+    settings = {"n_images": change["n_images"]} if "n_images" in change else {}
+    later = _run(tmp_path / "later", [fp, _row("torchao:int4wo", 4, 16, 0.9, 0.87, 0.92)], "cmd-later", **settings)
+    out = tmp_path / "table2.md"
+    code, err = _main(_script(), [str(later), "--base", str(table.with_suffix(".csv")), "--out", str(out)], capsys)
+    assert code != 0 and message in err.strip().splitlines()[-1] and not out.exists(), err
+
+
+def test_our_rows_with_other_recipe_flags_are_added_beside_the_default_ones_with_the_flags_in_their_note(tmp_path):
+    table = _base_table(tmp_path)
+    ours_default = _row("qronos", 4, 8, 0.9, 0.87, 0.92, source="quantized")
+    later = _run(tmp_path / "later", [FP, ours_default], "cmd-later", skip=["re:conv"], lowrank_conv=True)
+    out = tmp_path / "table2.md"
+    _script().main([str(later), "--base", str(table.with_suffix(".csv")), "--out", str(out)])
+    with out.with_suffix(".csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["fp", "qronos", "brevitas:qronos", "quanto:w4a8", "qronos"]
+    assert rows[1]["note"] == "" and rows[4]["note"] == "skip re:conv; lowrank_conv"

@@ -53,3 +53,18 @@ def test_skipped_layers_stay_float_in_the_unet():
     assert any(isinstance(m, QuantLinear) and m.is_quantized for m in layers.values())
     for name, weight in convs.items():
         assert type(den.get_submodule(name)) is nn.Conv2d and torch.equal(den.get_submodule(name).weight, weight)
+
+
+def test_our_rows_state_non_default_recipe_flags_in_their_note_alike_from_the_config_and_the_flags():
+    """benchmark_final's rows of ours carry recipe_note of their SequentialConfig; merge_runs derives the same note
+    from an older run's recorded flags: both must read the same for the same command line."""
+    from diffptq.run.benchmark import _recipe_settings
+    from diffptq.run.benchmark_report import recipe_note
+
+    parse = _parse("benchmark_final")
+    flags = ["--skip", "re:conv", "--lowrank_conv", "--group_size", "64"]
+    cfg = sequential_config(parse(flags), method="gptq", wbits=4, abits=8)
+    assert recipe_note(_recipe_settings(cfg)) == "skip re:conv; lowrank_conv; group_size 64"
+    assert recipe_note(vars(parse(flags))) == "skip re:conv; lowrank_conv; group_size 64"
+    assert recipe_note(_recipe_settings(sequential_config(parse([]), method="gptq", wbits=4, abits=8))) == ""
+    assert recipe_note(vars(parse([]))) == ""
