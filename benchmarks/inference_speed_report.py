@@ -128,9 +128,15 @@ def versions(device: str) -> dict:
 
 def meta(args) -> dict:
     """The run's settings and software versions: results.json's `meta`, read by `render`."""
+    import shlex
+    import sys
+
+    from diffptq.cli.common import git_commit
+
     return {**versions(args.device), "batches": [int(b) for b in args.batches.split(",")], "latent": args.latent,
             "act_mode": args.act_mode, "others": args.others, "compile_mode": args.compile_mode,
-            "warmup": args.warmup, "repeats": args.repeats}
+            "warmup": args.warmup, "repeats": args.repeats, "commit": git_commit() or "unknown",
+            "command": "python " + shlex.join(sys.argv)}
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
@@ -259,6 +265,13 @@ def graph_notes(rows: list[dict]) -> list[str]:
     return ["", "CUDA-graph rows that ran (partly) eagerly:", ""] + notes if notes else []
 
 
+def _command_lines(m: dict) -> list[str]:
+    """The command and git commit of the run, where its results.json has them (older runs' do not)."""
+    if "command" not in m:
+        return []
+    return [f"Code at git {m.get('commit', 'unknown')}. Command:", "", f"    {m['command']}", ""]
+
+
 def render(res: dict) -> str:
     """The markdown report of a results.json (`res`)."""
     m = res["meta"]
@@ -272,7 +285,7 @@ def render(res: dict) -> str:
              f"{m['others']}. Memory path: packed int4, fp16 group scales, dequantized per call. torch.compile mode "
              f"{m['compile_mode']}, static shapes per batch. Latency: median of {m['repeats']} CUDA-event-timed "
              f"steps after {m['warmup']} warm-up steps. Wall time of this run: {m.get('wall_s', 0):.0f} s.", "",
-             "## Goals", ""] + goals(res) + [""]
+             *_command_lines(m), "## Goals", ""] + goals(res) + [""]
     for fam in res["families"].values():
         lines += family_section(fam, batches)
     q = res.get("quality")

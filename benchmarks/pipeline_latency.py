@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffptq.cli.common import git_commit
 from diffptq.data.prompts import load_prompts
 from diffptq.eval.hardware import CallTimer, measure_peak_vram, wall_seconds
 from diffptq.models import load_pipeline
@@ -73,7 +74,7 @@ from inference_speed import (  # noqa: E402
 )
 from inference_speed_quality import static_calibration  # noqa: E402
 from inference_speed_report import VARIANTS, Variant, versions  # noqa: E402
-from pipeline_latency_report import REFERENCE, render  # noqa: E402
+from pipeline_latency_report import GRAPHS_REFERENCE, REFERENCE, render  # noqa: E402
 
 GiB = 2**30
 PIPELINE_VARIANTS = {"bf16": Variant("bf16", "BF16 eager", torch.bfloat16, False, "float"), **VARIANTS}
@@ -217,11 +218,19 @@ def summarize(calls: list[dict], batch: int) -> dict:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_bf16_compile of every measured row: the reference's median at the same batch over the row's."""
-    ref = {r["batch"]: r["median_s"] for r in rows if r["variant"] == REFERENCE and r.get("median_s")}
+    """speedup_vs_bf16_compile of every measured row: the reference's median at the same batch over the row's, and
+    denoiser_speedup: the same for the denoiser's time alone. The reference of a CUDA-graph row (`*_graphs`) is
+    BF16 + compile + CUDA graphs where the run has it (like for like), else BF16 + compile; `speedup_ref` names it."""
+    measured = {(r["variant"], r["batch"]): r for r in rows if r.get("median_s")}
     for r in rows:
-        if r.get("median_s"):
-            r["speedup_vs_bf16_compile"] = ref[r["batch"]] / r["median_s"] if r["batch"] in ref else None
+        if not r.get("median_s"):
+            continue
+        names = [GRAPHS_REFERENCE, REFERENCE] if r["variant"].endswith("_graphs") else [REFERENCE]
+        ref = next((measured[(n, r["batch"])] for n in names if (n, r["batch"]) in measured), None)
+        r["speedup_ref"] = ref and ref["variant"]
+        r["speedup_vs_bf16_compile"] = ref and ref["median_s"] / r["median_s"]
+        r["denoiser_speedup"] = ref and ref.get("denoiser_s") and r.get("denoiser_s") and \
+            ref["denoiser_s"] / r["denoiser_s"]
 
 
 def run_family(name: str, args, tmp: Path, results: dict, save, deadline: float) -> None:
@@ -247,7 +256,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--families", default="pixart,sd", help="comma list of pixart, sd")
     p.add_argument("--batches", default="1,4", help="prompts per pipeline call, measured in this order")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help=f"comma list, measured in this order ({REFERENCE} is the reference of the speed-ups); "
+                   help=f"comma list, measured in this order ({REFERENCE} is the reference of the speed-ups, "
+                   f"{GRAPHS_REFERENCE} that of the *_graphs rows where measured); "
                         "known: " + ", ".join(PIPELINE_VARIANTS))
     p.add_argument("--steps", type=int, default=20, help="denoiser steps per image (CFG 4.5: each at twice the batch)")
     p.add_argument("--components", default="full", choices=COMPONENTS,
@@ -300,7 +310,7 @@ def main() -> None:
                                               "num_layers", "device", "compile_mode", "compile_all", "act_mode",
                                               "others", "warmup", "repeats", "seed", "budget_s")}
     res = {"meta": {**versions(args.device), **settings, "guidance_scale": FULLSIZE_SAMPLING["guidance_scale"],
-                    "command": "python " + shlex.join(sys.argv)}, "families": {}}
+                    "command": "python " + shlex.join(sys.argv), "commit": git_commit() or "unknown"}, "families": {}}
 
     def save():
         res["meta"]["wall_s"] = time.monotonic() - start

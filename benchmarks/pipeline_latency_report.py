@@ -6,8 +6,10 @@ from diffptq.eval.report import markdown_table
 from inference_speed_report import graph_notes
 
 REFERENCE = "bf16_compile"  # the speed-ups' denominator: BF16 + compile at the same batch, same process
+GRAPHS_REFERENCE = "bf16_compile_graphs"  # that of the CUDA-graph rows (`*_graphs`) where the run measured it
 GOAL = ("pixart", 1, 1.1)  # family, batch, speed-up of a quantized + compiled row over the reference
-COLUMNS = ("variant", "batch", "ms / call", "ms / image", "speed-up vs BF16 + compile", "denoiser share",
+COLUMNS = ("variant", "batch", "ms / call", "ms / image", "speed-up vs BF16 + compile", "denoiser speed-up",
+           "denoiser share",
            "denoiser ms", "text encoder ms", "VAE decode ms", "other ms", "peak VRAM GiB", "denoiser MB",
            "first call s")
 
@@ -25,6 +27,7 @@ def _row_cells(r: dict, fam: dict) -> dict:
         ("text encoder ms", "text_encoder_s"), ("VAE decode ms", "vae_decode_s"), ("other ms", "other_s"))}
     size = fam.get("sizes", {}).get("memory", {}).get(r["variant"])
     return {**cells, **ms, "speed-up vs BF16 + compile": _fmt(r.get("speedup_vs_bf16_compile"), ".2f", "×"),
+            "denoiser speed-up": _fmt(r.get("denoiser_speedup"), ".2f", "×"),
             "denoiser share": _fmt(r.get("denoiser_share") and 100 * r["denoiser_share"], ".0f", "%"),
             "peak VRAM GiB": _fmt(r.get("peak_vram_gib"), ".2f"), "denoiser MB": _fmt(size and size / 1e6, ".0f"),
             "first call s": _fmt(r.get("first_call_s"), ".1f")}
@@ -79,7 +82,9 @@ def render(res: dict) -> str:
                    "(their cost is not representative)"}[m["components"]]
     lines = ["# End-to-end pipeline latency: quantized denoisers vs BF16 + compile", "",
              f"Card: {m['gpu']}; torch {m['torch']}; diffusers {m['diffusers']}; torchao {m['torchao']}; {m['date']}. "
-             f"Wall time of this run: {m.get('wall_s', 0):.0f} s. Command:", "", f"    {m['command']}", "",
+             f"Wall time of this run: {m.get('wall_s', 0):.0f} s. Code at git {m.get('commit', 'unknown')}. "
+             "Command:", "",
+             f"    {m['command']}", "",
              f"Models: {models}. One call = `pipe(prompt=..., output_type=\"pt\")`: text encoder (prompt and "
              f"negative), {m['steps']} denoiser steps with CFG {m['guidance_scale']} (each at twice the batch), VAE "
              f"decode; the same prompts and per-image seeds in every row. Batch = prompts per call. Compiled: "
@@ -88,8 +93,9 @@ def render(res: dict) -> str:
              f"of {m['repeats']} calls timed by the wall clock (GPU synchronized around each). Denoiser / text "
              "encoder / VAE decode: CUDA-event time of their calls within the timed calls; other: the rest "
              "(scheduler, guidance, pre/post-processing, launch gaps between them). Peak VRAM: one more call, every "
-             "component resident. Speed-up: BF16 + compile's median at the same batch over the row's (>1: faster); "
-             f"all rows of one process. W4A8 activations: {m['act_mode']}; layers the FP8 GEMM cannot take: "
+             "component resident. Speed-up: BF16 + compile's median at the same batch over the row's (>1: faster; a "
+             "CUDA-graph row's reference is BF16 + compile + CUDA graphs where the run has it); denoiser speed-up: "
+             f"the same ratio of the denoiser's time alone; all rows of one process. W4A8 activations: {m['act_mode']}; layers the FP8 GEMM cannot take: "
              f"{m['others']}.", ""]
     if cpu:
         lines += ["**CPU smoke run**: compiled rows ran eagerly, the parts were timed by the wall clock; the times say "

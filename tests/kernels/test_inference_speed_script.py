@@ -50,6 +50,8 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     text = report.read_text()
     assert "Card: CPU (smoke run)" in text and "## Goals" in text and "W4A8 speed path" in text
     assert "- W4A8 speed path, eager + CUDA graphs, batch 1: 0 graph replays" in text
+    assert "\n    python inference_speed.py --families pixart --num_layers 1 " in text  # the exact command
+    assert f"Code at git {res['meta']['commit']}. Command:" in text
 
 
 def test_unknown_variant_is_a_usage_error(bench, monkeypatch, capsys):

@@ -152,3 +152,20 @@ def test_cuda_without_a_gpu_is_a_usage_error(bench, monkeypatch, capsys):
         bench.main()
     assert err.value.code == 2 and "CUDA is not available here (smoke runs: --device cpu --tiny)" in \
         capsys.readouterr().err
+
+
+def test_speedups_of_cuda_graph_rows_are_against_bf16_compile_with_graphs_where_measured(bench):
+    def row(variant, batch, total, denoiser):
+        return {"variant": variant, "batch": batch, "median_s": total, "denoiser_s": denoiser}
+
+    rows = [row("bf16_compile", 1, 0.30, 0.20), row("bf16_compile_graphs", 1, 0.24, 0.15),
+            row("w4a8_compile_graphs", 1, 0.20, 0.12), row("w4a8_compile", 1, 0.25, 0.16),
+            row("bf16_compile", 4, 1.0, 0.8), row("w4a8_compile_graphs", 4, 0.8, 0.5), {"variant": "w4", "batch": 1}]
+    bench.add_speedups(rows)
+    graphs1, plain1, graphs4 = rows[2], rows[3], rows[5]
+    assert graphs1["speedup_ref"] == "bf16_compile_graphs"  # like for like
+    assert graphs1["speedup_vs_bf16_compile"] == pytest.approx(0.24 / 0.20)
+    assert graphs1["denoiser_speedup"] == pytest.approx(0.15 / 0.12)
+    assert plain1["speedup_ref"] == "bf16_compile" and plain1["speedup_vs_bf16_compile"] == pytest.approx(0.30 / 0.25)
+    assert graphs4["speedup_ref"] == "bf16_compile"  # no graph reference at batch 4: the plain one
+    assert graphs4["speedup_vs_bf16_compile"] == pytest.approx(1.25) and "speedup_ref" not in rows[6]
