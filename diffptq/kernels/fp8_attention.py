@@ -129,7 +129,7 @@ def run_kernel(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     s_q, s_k, s_v = s_q.contiguous(), s_k.contiguous(), s_v.contiguous()
     grid = (triton.cdiv(Lq, BLOCK_M), B * H)
     _fp8_attention_kernel[grid](
-        q8, k8, vt8, s_q, s_k, s_v, out, Lq, Lk, D, _LOG2E / math.sqrt(D), E4M3_MAX,
+        q8, k8, vt8, s_q, s_k, s_v, out, Lq, D, _LOG2E / math.sqrt(D), E4M3_MAX, Lk=Lk,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(32, triton.next_power_of_2(D)), EMULATE=emulate,
         num_warps=4)
     return out
@@ -171,11 +171,12 @@ if triton is not None:
         return tl.where(x >= 0.015625, normal, sub)
 
     @triton.jit
-    def _fp8_attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, Lq, Lk, D, c, p_max,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _fp8_attention_kernel(q_ptr, k_ptr, vt_ptr, sq_ptr, sk_ptr, sv_ptr, o_ptr, Lq, D, c, p_max,
+                              Lk: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                               EMULATE: tl.constexpr):
         """Queries [pid·BLOCK_M, +BLOCK_M) of one batch·head; contiguous codes q (B·H, Lq, D), k (B·H, Lk, D),
-        vᵀ (B·H, D, Lk) and scales (B·H, L), (B·H, D)."""
+        vᵀ (B·H, D, Lk) and scales (B·H, L), (B·H, D). Lk is compile-time (one kernel per key count: the loop
+        over key blocks has a fixed trip count)."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

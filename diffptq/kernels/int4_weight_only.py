@@ -179,10 +179,14 @@ MATMULS = ("dequant", "triton")
 
 def set_int4_matmul(model: nn.Module, matmul: str) -> int:
     """Set how every Int4WeightOnlyLinear of `model` multiplies: "dequant" (dequantize, then F.linear) or "triton"
-    (the fused kernel, on CUDA inputs; elsewhere they keep dequantizing). Returns how many layers were set."""
+    (the fused kernel, on CUDA inputs; elsewhere they keep dequantizing; layers whose group size the kernel cannot
+    chunk, int4_gemm_triton.block_k, keep dequantizing too). Returns how many layers were set."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
-    layers = [m for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)]
+    from diffptq.kernels.int4_gemm_triton import block_k
+
+    layers = [m for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)
+              and (matmul != "triton" or block_k(m.group_size) is not None)]
     for layer in layers:
         layer.matmul = matmul
     return len(layers)

@@ -24,9 +24,9 @@ def _layer(N, K, group, signed, zero, bias, scale_dtype=torch.float16, seed=0):
     return pack_int4_rows(codes), scale, z, b
 
 
-CASES = [  # (M, N, K, group, signed, zero, bias)
+CASES = [  # (M, N, K, group, signed, zero, bias): K chunks of 128, 64, 64, 32 and 128 (per-channel, K = 384)
     (5, 48, 128, 128, True, False, True), (70, 130, 256, 64, True, False, False),
-    (64, 64, 320, 64, False, True, True), (3, 20, 96, 96, False, True, False)]
+    (64, 64, 320, 64, False, True, True), (3, 20, 96, 96, False, True, False), (130, 140, 384, 384, True, True, True)]
 
 
 @needs_triton
@@ -74,3 +74,18 @@ def test_set_int4_matmul_switches_linear_layers_and_keeps_the_cpu_path():
     assert torch.equal(before, F.relu(F.linear(x, dequantize_int4_rows(packed, scale, z, True, torch.float32), b)))
     with pytest.raises(ValueError, match="matmul must be one of"):
         set_int4_matmul(model, "cutlass")
+
+
+def test_group_sizes_the_kernel_cannot_chunk_keep_dequantizing():
+    """The K chunk is the largest power of two ≤ 128 dividing the group (one scale per row and chunk), at least 16."""
+    from diffptq.kernels.int4_gemm_triton import block_k, int4_linear_kernel
+
+    assert [block_k(g) for g in (128, 256, 64, 96, 1152, 48, 24, 40)] == [128, 128, 64, 32, 128, 16, None, None]
+    odd = Int4WeightOnlyLinear(*_layer(16, 48, 24, True, False, False)[:3], True, 48)
+    fine = Int4WeightOnlyLinear(*_layer(16, 64, 64, True, False, False)[:3], True, 64)
+    model = torch.nn.Sequential(odd, fine)
+    assert set_int4_matmul(model, "triton") == 1 and odd.matmul == "dequant" and fine.matmul == "triton"
+    assert set_int4_matmul(model, "dequant") == 2 and fine.matmul == "dequant"
+    if triton is not None:
+        with pytest.raises(ValueError, match="group size 24 has no power-of-two divisor"):
+            int4_linear_kernel(torch.randn(2, 48), odd.packed, odd.scale, None, True, None)

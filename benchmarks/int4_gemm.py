@@ -1,0 +1,152 @@
+"""Int4 weight-only GEMMs on full-size layer shapes (GPU): which kernel the W4 memory path should call.
+
+Per shape (tokens M × output N × input K, groups of `--group` input columns, random signed codes and fp16 scales as
+the memory path stores them) and per row, the median time of one y = x Wᵀ in bf16 (triton.testing.do_bench, L2
+flushed between runs) and its ratio to the bf16 GEMM of the same shape measured in the same process (>1: faster):
+
+- `bf16`: F.linear with a bf16 weight (cuBLAS): the reference, what BF16 + compile runs;
+- `dequant`: the memory path today: dequantize_int4_rows to a bf16 weight, then F.linear (eager: several kernels);
+- `triton (default MxN)`: the fused kernel of diffptq.kernels.int4_gemm_triton with its default tiles (tile_config),
+  and `triton MxN` for each other tile of `--tiles`;
+- `tinygemm`: torch's int4 weight-only kernel (aten._weight_int4pack_mm, what torchao's int4 weight-only calls) on the
+  same codes converted by diffptq.kernels.int4_tinygemm.
+
+Every row's output is checked against F.linear(x, the dequantized weight): `rel_err` (relative Frobenius error).
+Default shapes: PixArt-XL-2's block layers (fused q/k/v 3456×1152, attention out and cross-attention q 1152×1152,
+feed-forward 4608×1152 and 1152×4608) at 1024, 4096 and 16384 tokens (batch 1, 4 and 16 of 512 px images).
+
+  python benchmarks/int4_gemm.py --out benchmarks/results/int4_gemm_pixart_shapes_h200.md
+Writes --out (markdown: card, versions, commit, command, the table) and the CSV beside it.
+"""
+from __future__ import annotations
+
+import argparse
+
+from diffptq.cli import ArgumentParser, check_output_file, positive_int, run_main
+from diffptq.errors import ConfigError
+
+PIXART_SHAPES = "3456x1152,1152x1152,4608x1152,1152x4608"  # N x K
+COLUMNS = ("M", "N", "K", "row", "us", "vs_bf16", "rel_err")
+
+
+def _pairs(text: str, flag: str) -> list[tuple[int, int]]:
+    """'AxB,CxD' -> [(A, B), (C, D)] of positive integers."""
+    out = []
+    for item in (t for t in text.split(",") if t):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{flag}: {item!r} is not AxB with positive integers")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="1024,4096,16384", help="comma list of M (rows of x)")
+    p.add_argument("--shapes", type=lambda t: _pairs(t, "--shapes"), default=PIXART_SHAPES,
+                   help="comma list of NxK weight shapes")
+    p.add_argument("--group", type=positive_int, default=128, help="input columns per scale")
+    p.add_argument("--tiles", type=lambda t: _pairs(t, "--tiles"), default="64x64,128x64,64x128,128x128,128x256",
+                   help="extra BLOCK_MxBLOCK_N tiles of the Triton kernel ('' for none)")
+    p.add_argument("--out", default="results/int4_gemm.md", help="markdown file; the CSV goes beside it")
+    args = p.parse_args(argv)
+    try:
+        args.tokens = [int(t) for t in args.tokens.split(",") if t]
+    except ValueError:
+        p.error(f"argument --tokens: a comma list of integers, got {args.tokens!r}")
+    for n, k in args.shapes:
+        if k % args.group:
+            p.error(f"argument --shapes: K = {k} is not a multiple of --group {args.group}")
+    return args
+
+
+def _time_us(fn) -> float:
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def measure_shape(M: int, N: int, K: int, group: int, tiles: list[tuple[int, int]]) -> list[dict]:
+    """Every row at one shape (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffptq.kernels.int4 import dequantize_int4_rows, pack_int4_rows
+    from diffptq.kernels.int4_gemm_triton import int4_linear_kernel, tile_config
+    from diffptq.kernels.int4_tinygemm import (pack_for_cuda, tinygemm_codes, tinygemm_linear,
+                                               tinygemm_scales_and_zeros, tinygemm_unsupported_reason)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    codes = torch.randint(-8, 8, (N, K), generator=g, device="cuda", dtype=torch.int8)
+    packed = pack_int4_rows(codes)
+    scale = (torch.rand(N, K // group, generator=g, device="cuda") * 0.02 + 1e-3).half()
+    x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
+    w = dequantize_int4_rows(packed, scale, None, True, torch.bfloat16)
+    ref = F.linear(x.float(), w.float())
+    rows = {"bf16": lambda: F.linear(x, w),
+            "dequant": lambda: F.linear(x, dequantize_int4_rows(packed, scale, None, True, torch.bfloat16))}
+    default = tile_config(M, N)
+    rows[f"triton (default {default['BLOCK_M']}x{default['BLOCK_N']})"] = \
+        lambda: int4_linear_kernel(x, packed, scale, None, True, None)
+    for bm, bn in tiles:
+        if (bm, bn) != (default["BLOCK_M"], default["BLOCK_N"]):
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8 if bm * bn >= 128 * 128 else 4}
+            rows[f"triton {bm}x{bn}"] = lambda cfg=cfg: int4_linear_kernel(x, packed, scale, None, True, None, cfg)
+    reason = tinygemm_unsupported_reason(N, K, group)
+    if reason is None:
+        weight, sz = pack_for_cuda(tinygemm_codes(packed, True)), tinygemm_scales_and_zeros(scale, None, True)
+        rows["tinygemm"] = lambda: tinygemm_linear(x, weight, group, sz)
+    out = []
+    bf16_us = None
+    for name, fn in rows.items():
+        row = {"M": M, "N": N, "K": K, "row": name}
+        try:
+            y = fn().float()
+            row["rel_err"] = float((y - ref).norm() / ref.norm())
+            row["us"] = _time_us(fn)
+        except Exception as err:  # a tile the card cannot take (shared memory): the row says so
+            row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        if name == "bf16":
+            bf16_us = row.get("us")
+        row["vs_bf16"] = bf16_us / row["us"] if bf16_us and row.get("us") else None
+        out.append(row)
+    if reason is not None:
+        out.append({"M": M, "N": N, "K": K, "row": "tinygemm", "note": reason})
+    return out
+
+
+def report(rows: list[dict], meta: dict) -> str:
+    from diffptq.eval.report import markdown_table
+
+    return "\n".join([
+        f"# Int4 weight-only GEMM kernels on full-size layer shapes ({meta['date']}, {meta['card']})", "",
+        f"{meta['versions']}; git {meta['commit']}.", "", f"Command: `{meta['command']}`", "",
+        "Median µs of one y = x Wᵀ in bf16 (triton.testing.do_bench, L2 flushed); `vs_bf16`: the bf16 GEMM's time "
+        "at the same shape over the row's (>1: faster), same process; `rel_err`: relative Frobenius error against "
+        "F.linear with the dequantized weight in fp32. Rows: see benchmarks/int4_gemm.py.", "",
+        markdown_table(rows, [*COLUMNS, "note"]), ""])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("int4_gemm.py times CUDA kernels (Triton, tinygemm): no CUDA device here")
+    from diffptq.cli.common import report_meta
+    from diffptq.eval.report import write_csv
+    from diffptq.io.files import write_text_atomic
+
+    out = check_output_file(args.out, "--out")
+    meta = report_meta("benchmarks/int4_gemm.py", argv, torch.device("cuda"), torch.bfloat16, ("torch", "triton"))
+    rows: list[dict] = []
+    for M in args.tokens:
+        for N, K in args.shapes:
+            rows += measure_shape(M, N, K, args.group, args.tiles)
+            write_csv(rows, out.with_suffix(".csv"), [*COLUMNS, "note"])
+            write_text_atomic(out, report(rows, meta))
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    run_main(main)
