@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.tokens = [int(t) for t in args.tokens.split(",") if t]
     except ValueError:
         p.error(f"argument --tokens: a comma list of integers, got {args.tokens!r}")
-    for n, k in args.shapes:
+    for _, k in args.shapes:
         if k % args.group:
             p.error(f"argument --shapes: K = {k} is not a multiple of --group {args.group}")
     return args

@@ -95,8 +95,8 @@ def render(res: dict) -> str:
              "(scheduler, guidance, pre/post-processing, launch gaps between them). Peak VRAM: one more call, every "
              "component resident. Speed-up: BF16 + compile's median at the same batch over the row's (>1: faster; a "
              "CUDA-graph row's reference is BF16 + compile + CUDA graphs where the run has it); denoiser speed-up: "
-             f"the same ratio of the denoiser's time alone; all rows of one process. W4A8 activations: {m['act_mode']}; layers the FP8 GEMM cannot take: "
-             f"{m['others']}.", ""]
+             f"the same ratio of the denoiser's time alone; all rows of one process. W4A8 activations: "
+             f"{m['act_mode']}; layers the FP8 GEMM cannot take: {m['others']}.", ""]
     if cpu:
         lines += ["**CPU smoke run**: compiled rows ran eagerly, the parts were timed by the wall clock; the times say "
                   "nothing about GPU speed.", ""]

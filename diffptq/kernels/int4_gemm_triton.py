@@ -6,11 +6,11 @@ diffptq.kernels.int4 (two per byte along each row, column 2j in the low nibble),
 zero points (N, G) uint8 or none (signed codes). Each program computes one (BLOCK_M, BLOCK_N) tile of y, walking K in
 chunks of BLOCK_K, a power of two dividing the group size (so a chunk has one scale per weight row): it loads the
 chunk of x and the chunk's bytes of BLOCK_N weight rows as one contiguous tile (half a byte per weight), splits each
-byte into its two codes, loads one scale (and zero) per row, forms w = s · (q − z) in fp32, rounds it to x's dtype (the value dequantize_int4_rows gives:
-bit for bit the fake-quant weight in that dtype) and multiplies on the tensor cores with fp32 accumulation; the bias
-is added in fp32 before the one rounding of y to x's dtype. So the result is F.linear(x, dequantized W, b) up to the
-order of accumulation. The separate path it replaces writes and re-reads the whole bf16 weight on every call
-(2 + 2 bytes per weight of traffic against half a byte here).
+byte into its two codes, loads one scale (and zero) per row, forms w = s · (q − z) in fp32, rounds it to x's dtype
+(the value dequantize_int4_rows gives: bit for bit the fake-quant weight in that dtype) and multiplies on the tensor
+cores with fp32 accumulation; the bias is added in fp32 before the one rounding of y to x's dtype. So the result is
+F.linear(x, dequantized W, b) up to the order of accumulation. The separate path it replaces writes and re-reads the
+whole bf16 weight on every call (2 + 2 bytes per weight of traffic against half a byte here).
 Registered as the torch op diffptq::int4_linear with a fake implementation, so torch.compile traces through it.
 """
 from __future__ import annotations
