@@ -61,3 +61,40 @@ def test_modelopt_config_names_only_block_layers_and_fits_groups():
                    "algorithm": "max"}
     config, left = block_config(per_channel, layers)
     assert len(config["quant_cfg"]) == 1 + len(layers) and sum(left.values()) == 0  # Conv2d too
+
+
+@pytest.mark.parametrize("model", ["tiny-dit", "tiny-unet"])
+def test_merged_records_give_the_denoiser_the_same_samples_in_fewer_calls(model):
+    """Joined records (the UNet's 0-d timestep repeated over its batch, PixArt's dict of Nones kept) are the same
+    samples: the denoiser's output on a joined record is its outputs on the records, concatenated."""
+    import torch
+
+    from diffptq.data.calib import collect_calibration
+    from diffptq.peers.common import merge_records
+
+    pipe = load_pipeline(model)
+    den = family_of(pipe).denoiser(pipe)
+    calib = collect_calibration(pipe, ["a red cat", "a dog", "a tree", "a car"], 3, batch_size=2, progress=False)
+    records = list(calib.batches())  # 6 records of 4 samples (CFG doubles the 2 prompts)
+    merged = merge_records(records, 10)
+    assert [m[next(iter(m))].shape[0] for m in merged] == [8, 8, 8]  # two records each: a third would make 12
+    assert len(merge_records(records, 3)) == 6 and merge_records(records, 3)[0] is records[0]  # too large: alone
+    with torch.no_grad():
+        joined = den(**merged[1]).sample
+        apart = torch.cat([den(**r).sample for r in records[2:4]])
+    torch.testing.assert_close(joined, apart, rtol=1e-4, atol=1e-5)
+
+
+def test_records_of_other_shapes_are_not_joined():
+    import torch
+
+    from diffptq.peers.common import merge_records
+
+    a = {"x": torch.zeros(2, 3), "t": torch.tensor(5)}
+    b = {"x": torch.zeros(2, 4), "t": torch.tensor(5)}  # another width
+    c = {"x": torch.zeros(1, 4), "t": torch.tensor(7)}
+    merged = merge_records([a, b, c], 8)
+    assert len(merged) == 2 and merged[0] is a
+    assert merged[1]["x"].shape == (3, 4) and merged[1]["t"].tolist() == [5, 5, 7]
+    with pytest.raises(PeerFailed, match="no batched tensor"):
+        merge_records([{"t": torch.tensor(1)}], 8)
