@@ -5,13 +5,16 @@ the memory path stores them) and per row, the median time of one y = x Wᵀ in b
 flushed between runs) and its ratio to the bf16 GEMM of the same shape measured in the same process (>1: faster):
 
 - `bf16`: F.linear with a bf16 weight (cuBLAS): the reference, what BF16 + compile runs;
-- `dequant`: the memory path today: dequantize_int4_rows to a bf16 weight, then F.linear (eager: several kernels);
+- `dequant`: dequantize_int4_rows to a bf16 weight, then F.linear, eager (several kernels); `dequant compiled`: the
+  same under torch.compile (one dequantization kernel, then cuBLAS: what the compiled memory path runs), and
+  `dequant compiled, weight only`: that dequantization kernel alone (its `vs_bf16` compares it with the GEMM);
 - `triton (default MxN)`: the fused kernel of diffptq.kernels.int4_gemm_triton with its default tiles (tile_config),
   and `triton MxN` for each other tile of `--tiles`;
 - `tinygemm`: torch's int4 weight-only kernel (aten._weight_int4pack_mm, what torchao's int4 weight-only calls) on the
   same codes converted by diffptq.kernels.int4_tinygemm.
 
-Every row's output is checked against F.linear(x, the dequantized weight): `rel_err` (relative Frobenius error).
+Every row's output is checked against F.linear(x, the dequantized weight) (the weight-only row against the weight):
+`rel_err` (relative Frobenius error).
 Default shapes: PixArt-XL-2's block layers (fused q/k/v 3456×1152, attention out and cross-attention q 1152×1152,
 feed-forward 4608×1152 and 1152×4608) at 1024, 4096 and 16384 tokens (batch 1, 4 and 16 of 512 px images).
 
@@ -27,6 +30,7 @@ from diffptq.errors import ConfigError
 
 PIXART_SHAPES = "3456x1152,1152x1152,4608x1152,1152x4608"  # N x K
 COLUMNS = ("M", "N", "K", "row", "us", "vs_bf16", "rel_err")
+WEIGHT_ONLY = "dequant compiled, weight only"  # the dequantization kernel alone: its output is the weight
 
 
 def _pairs(text: str, flag: str) -> list[tuple[int, int]]:
@@ -66,6 +70,20 @@ def _time_us(fn) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _dequant_only(packed, scale):
+    import torch
+
+    from diffptq.kernels.int4 import dequantize_int4_rows
+
+    return dequantize_int4_rows(packed, scale, None, True, torch.bfloat16)
+
+
+def _dequant_linear(x, packed, scale):
+    import torch.nn.functional as F
+
+    return F.linear(x, _dequant_only(packed, scale))
+
+
 def measure_shape(M: int, N: int, K: int, group: int, tiles: list[tuple[int, int]]) -> list[dict]:
     """Every row at one shape (see the module docstring)."""
     import torch
@@ -83,8 +101,13 @@ def measure_shape(M: int, N: int, K: int, group: int, tiles: list[tuple[int, int
     x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
     w = dequantize_int4_rows(packed, scale, None, True, torch.bfloat16)
     ref = F.linear(x.float(), w.float())
+    torch.compiler.reset()  # a fresh compilation per shape (dynamo's per-function cache would fill up otherwise)
+    compiled_linear = torch.compile(_dequant_linear, dynamic=False)
+    compiled_dequant = torch.compile(_dequant_only, dynamic=False)
     rows = {"bf16": lambda: F.linear(x, w),
-            "dequant": lambda: F.linear(x, dequantize_int4_rows(packed, scale, None, True, torch.bfloat16))}
+            "dequant": lambda: _dequant_linear(x, packed, scale),
+            "dequant compiled": lambda: compiled_linear(x, packed, scale),
+            WEIGHT_ONLY: lambda: compiled_dequant(packed, scale)}
     default = tile_config(M, N)
     rows[f"triton (default {default['BLOCK_M']}x{default['BLOCK_N']})"] = \
         lambda: int4_linear_kernel(x, packed, scale, None, True, None)
@@ -101,8 +124,8 @@ def measure_shape(M: int, N: int, K: int, group: int, tiles: list[tuple[int, int
     for name, fn in rows.items():
         row = {"M": M, "N": N, "K": K, "row": name}
         try:
-            y = fn().float()
-            row["rel_err"] = float((y - ref).norm() / ref.norm())
+            y, expected = fn().float(), w.float() if name == WEIGHT_ONLY else ref
+            row["rel_err"] = float((y - expected).norm() / expected.norm())
             row["us"] = _time_us(fn)
         except Exception as err:  # a tile the card cannot take (shared memory): the row says so
             row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"

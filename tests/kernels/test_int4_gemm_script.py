@@ -34,7 +34,8 @@ def test_without_cuda_it_says_so_in_one_line(bench, tmp_path, capsys):
 def test_gpu_rows_match_the_dequantized_layer(bench):
     rows = bench.measure_shape(256, 384, 256, 128, [(64, 64)])
     by_name = {r["row"]: r for r in rows}
-    assert {"bf16", "dequant", "triton (default 128x128)", "tinygemm"} <= set(by_name)
+    assert {"bf16", "dequant", "dequant compiled", "dequant compiled, weight only", "triton (default 128x128)",
+            "tinygemm"} <= set(by_name)
     for r in rows:
         assert "note" not in r and r["us"] > 0 and r["rel_err"] < 1e-2, r
     assert by_name["bf16"]["vs_bf16"] == 1.0
