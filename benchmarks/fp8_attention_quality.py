@@ -74,9 +74,10 @@ def run_model(model: str, args, device, dtype) -> list[dict]:
 def report(rows: list[dict], meta: dict) -> str:
     from diffptq.eval.report import markdown_table
 
+    from diffptq.cli.common import report_header
+
     return "\n".join([
-        f"# FP8 self-attention: image quality on the bundled models ({meta['date']}, {meta['card']})", "",
-        f"{meta['versions']}; git {meta['commit']}.", "", f"Command: `{meta['command']}`", "",
+        *report_header("FP8 self-attention: image quality on the bundled models", meta),
         "Rows: `exact` (scaled_dot_product_attention: the reference images) and `fp8 self-attention` (Q, K per "
         "token and V per channel in e4m3, probabilities in e4m3, fp32 accumulation; cross-attention unchanged; "
         "`switched` self-attention modules). `psnr` (dB) of the FP8 images against the exact ones with its "

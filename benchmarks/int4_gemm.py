@@ -141,9 +141,10 @@ def measure_shape(M: int, N: int, K: int, group: int, tiles: list[tuple[int, int
 def report(rows: list[dict], meta: dict) -> str:
     from diffptq.eval.report import markdown_table
 
+    from diffptq.cli.common import report_header
+
     return "\n".join([
-        f"# Int4 weight-only GEMM kernels on full-size layer shapes ({meta['date']}, {meta['card']})", "",
-        f"{meta['versions']}; git {meta['commit']}.", "", f"Command: `{meta['command']}`", "",
+        *report_header("Int4 weight-only GEMM kernels on full-size layer shapes", meta),
         "Median µs of one y = x Wᵀ in bf16 (triton.testing.do_bench, L2 flushed); `vs_bf16`: the bf16 GEMM's time "
         "at the same shape over the row's (>1: faster), same process; `rel_err`: relative Frobenius error against "
         "F.linear with the dequantized weight in fp32. Rows: see benchmarks/int4_gemm.py.", "",

@@ -237,8 +237,9 @@ def report(rows: list[dict], args, meta: dict, done: bool) -> str:
     from diffptq.run.benchmark_report import marked_table
 
     n_rows = len(args.models) * (1 + len(args.jobs))
-    lines = [f"# W4A4 outlier recipes ({meta['date']}, {meta['card']})", "",
-             f"{meta['versions']}; git {meta['commit']}.", "", f"Command: `{meta['command']}`", "",
+    from diffptq.cli.common import report_header
+
+    lines = [*report_header("W4A4 outlier recipes", meta),
              f"W4A4: weights 4-bit symmetric per output channel, activations 4-bit asymmetric per token (dynamic); all "
              f"blocks; {args.n_calib} calibration prompts × {args.calib_steps} steps with CFG in batches of "
              f"{args.calib_batch_size} (one set per model, shared by all rows); {args.n_images} images per row, "

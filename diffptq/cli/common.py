@@ -216,6 +216,13 @@ def report_meta(script: str, argv: list[str] | None, device, dtype, packages: tu
             "command": f"python {script} " + shlex.join(sys.argv[1:] if argv is None else argv)}
 
 
+def report_header(title: str, meta: dict) -> list[str]:
+    """The opening lines of a results markdown from report_meta's facts: '# title (date, card)', versions and
+    commit, the command."""
+    return [f"# {title} ({meta['date']}, {meta['card']})", "", f"{meta['versions']}; git {meta['commit']}.", "",
+            f"Command: `{meta['command']}`", ""]
+
+
 def package_versions(names=VERSIONED_PACKAGES) -> dict:
     out = {}
     for name in names:
