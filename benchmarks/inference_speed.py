@@ -313,6 +313,8 @@ def inductor_settings(v: Variant) -> contextlib.AbstractContextManager:
 def measure_variant(run: FamilyRun, v: Variant, batches: list[int], deadline: float, save) -> None:
     """Build one variant and record its rows at `batches` (errors and skips recorded as rows)."""
     res = run.result
+    if torch.cuda.is_available():  # what earlier rows left allocated (it is in this row's allocated and peak VRAM)
+        res["sizes"].setdefault("before_build", {})[v.key] = torch.cuda.memory_allocated()
     try:
         den = run.build(v)
     except Exception as err:  # noqa: BLE001 - any failure of one variant is recorded, the run goes on

@@ -144,6 +144,11 @@ def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
     return markdown_table([dict(zip(columns, r)) for r in rows], columns).splitlines()
 
 
+def _mb(n_bytes: int | None) -> str:
+    """A size cell in MB ('' when not measured)."""
+    return "" if n_bytes is None else f"{n_bytes / MB:.0f}"
+
+
 def _cell(row: dict | None, key: str, fmt: str) -> str:
     if row is None:
         return ""
@@ -230,18 +235,19 @@ def family_section(fam: dict, batches: list[int]) -> list[str]:
     lines += ["", "Peak VRAM during one step (GiB, weights and inputs included):", ""] + _table(head, peak)
     sz = fam["sizes"]  # by hand: its empty cells are "| |", not markdown_table's "|  |"
     lines += ["", "Model size (MB): parameters and buffers at their stored size; GPU memory allocated after building "
-              "(before any step; torchao's tensor subclasses count correctly only there); on disk as safetensors.",
-              "", "| variant | in memory | GPU allocated | on disk |", "| --- | --- | --- | --- |"]
+              "(before any step; torchao's tensor subclasses count correctly only there) and, before building, what "
+              "earlier rows left allocated (counted in the row's allocated and peak VRAM too); on disk as "
+              "safetensors.", "", "| variant | in memory | GPU allocated | allocated before building | on disk |",
+              "| --- | --- | --- | --- | --- |"]
     for k, b in sz.get("memory", {}).items():
-        alloc, disk = sz.get("allocated", {}).get(k), sz.get("disk", {}).get(k)
-        lines.append(f"| {VARIANTS[k].label} | {b / MB:.0f} | {'' if alloc is None else f'{alloc / MB:.0f}'} | "
-                     f"{'' if disk is None else f'{disk / MB:.0f}'} |")
+        alloc, before, disk = (sz.get(kind, {}).get(k) for kind in ("allocated", "before_build", "disk"))
+        lines.append(f"| {VARIANTS[k].label} | {b / MB:.0f} | {_mb(alloc)} | {_mb(before)} | {_mb(disk)} |")
     if "w4_bits_per_weight" in sz:
         lines.append(f"| memory-path layers alone: packed codes + scales (+ zeros) | "
-                     f"{sz['w4_bits_per_weight']:.3f} bits/weight | | |")
+                     f"{sz['w4_bits_per_weight']:.3f} bits/weight | | | |")
     for kind, b in sz.get("checkpoint", {}).items():
         lines.append(f"| diffptq checkpoint of the {kind} codes (quantized layers only; packed int4, fp32 scale and "
-                     f"zero) | | | {b / MB:.0f} ({8 * b / fam['quantized_params']:.2f} bits/weight) |")
+                     f"zero) | | | | {b / MB:.0f} ({8 * b / fam['quantized_params']:.2f} bits/weight) |")
     for key, prof in fam.get("profiles", {}).items():
         v, b = key.split("@")
         shares = [f"{prof['ms'][c]:.1f} ms ({100 * prof['share'][c]:.0f}%)" for c in CATEGORIES]
