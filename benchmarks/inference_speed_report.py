@@ -87,6 +87,10 @@ VARIANTS = {v.key: v for v in (
             torch.bfloat16, True, "w4a8", inductor=TRITON_GEMM, graphs=True),
     Variant("w4_compile_tgemm_graphs", "W4 memory path + compile, Triton GEMM templates (fused dequantization) + "
             "CUDA graphs", torch.bfloat16, True, "w4", inductor=TRITON_GEMM, graphs=True),
+    # inductor's combo kernels: independent pointwise kernels of one compiled graph in one launch (a PixArt block's
+    # ten int4 dequantizations, which depend on the weights alone), for the memory path at small batches
+    Variant("w4_compile_combo_graphs", "W4 memory path + compile, combo kernels (dequantizations launched together) + "
+            "CUDA graphs", torch.bfloat16, True, "w4", inductor=(("combo_kernels", True),), graphs=True),
     Variant("w4_triton_compile_graphs", "W4 memory path, fused Triton int4 GEMM + compile + CUDA graphs (BF16)",
             torch.bfloat16, True, "w4", graphs=True, int4_matmul="triton"),
     Variant("torchao_int4wo_compile_graphs", "torchao int4 weight-only (tinygemm, groups 128-32) + compile + graphs",
