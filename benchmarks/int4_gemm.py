@@ -24,50 +24,37 @@ Writes --out (markdown: card, versions, commit, command, the table) and the CSV 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from diffptq.cli import ArgumentParser, check_output_file, positive_int, run_main
-from diffptq.errors import ConfigError
+from diffptq.cli import ArgumentParser, positive_int, run_main
+
+sys.path.append(str(Path(__file__).resolve().parent))  # kernel_bench beside this file, however it is loaded
+from kernel_bench import int_list, run_jobs, sizes, timed_rows  # noqa: E402
 
 PIXART_SHAPES = "3456x1152,1152x1152,4608x1152,1152x4608"  # N x K
 COLUMNS = ("M", "N", "K", "row", "us", "vs_bf16", "rel_err")
 WEIGHT_ONLY = "dequant compiled, weight only"  # the dequantization kernel alone: its output is the weight
-
-
-def _pairs(text: str, flag: str) -> list[tuple[int, int]]:
-    """'AxB,CxD' -> [(A, B), (C, D)] of positive integers."""
-    out = []
-    for item in (t for t in text.split(",") if t):
-        parts = item.lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise argparse.ArgumentTypeError(f"{flag}: {item!r} is not AxB with positive integers")
-        out.append((int(parts[0]), int(parts[1])))
-    return out
+EXPLANATION = ("Median µs of one y = x Wᵀ in bf16 (triton.testing.do_bench, L2 flushed); `vs_bf16`: the bf16 GEMM's "
+               "time at the same shape over the row's (>1: faster), same process; `rel_err`: relative Frobenius error "
+               "against F.linear with the dequantized weight in fp32. Rows: see benchmarks/int4_gemm.py.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="1024,4096,16384", help="comma list of M (rows of x)")
-    p.add_argument("--shapes", type=lambda t: _pairs(t, "--shapes"), default=PIXART_SHAPES,
+    p.add_argument("--shapes", type=lambda t: sizes(t, "--shapes", 2), default=PIXART_SHAPES,
                    help="comma list of NxK weight shapes")
     p.add_argument("--group", type=positive_int, default=128, help="input columns per scale")
-    p.add_argument("--tiles", type=lambda t: _pairs(t, "--tiles"), default="64x64,128x64,64x128,128x128,128x256",
+    p.add_argument("--tiles", type=lambda t: sizes(t, "--tiles", 2), default="64x64,128x64,64x128,128x128,128x256",
                    help="extra BLOCK_MxBLOCK_N tiles of the Triton kernel ('' for none)")
     p.add_argument("--out", default="results/int4_gemm.md", help="markdown file; the CSV goes beside it")
     args = p.parse_args(argv)
-    try:
-        args.tokens = [int(t) for t in args.tokens.split(",") if t]
-    except ValueError:
-        p.error(f"argument --tokens: a comma list of integers, got {args.tokens!r}")
+    args.tokens = int_list(p, args.tokens, "--tokens")
     for _, k in args.shapes:
         if k % args.group:
             p.error(f"argument --shapes: K = {k} is not a multiple of --group {args.group}")
     return args
-
-
-def _time_us(fn) -> float:
-    import triton.testing
-
-    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _dequant_only(packed, scale):
@@ -119,57 +106,22 @@ def measure_shape(M: int, N: int, K: int, group: int, tiles: list[tuple[int, int
     if reason is None:
         weight, sz = pack_for_cuda(tinygemm_codes(packed, True)), tinygemm_scales_and_zeros(scale, None, True)
         rows["tinygemm"] = lambda: tinygemm_linear(x, weight, group, sz)
-    out = []
-    bf16_us = None
-    for name, fn in rows.items():
-        row = {"M": M, "N": N, "K": K, "row": name}
-        try:
-            y, expected = fn().float(), w.float() if name == WEIGHT_ONLY else ref
-            row["rel_err"] = float((y - expected).norm() / expected.norm())
-            row["us"] = _time_us(fn)
-        except Exception as err:  # a tile the card cannot take (shared memory): the row says so
-            row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        if name == "bf16":
-            bf16_us = row.get("us")
-        row["vs_bf16"] = bf16_us / row["us"] if bf16_us and row.get("us") else None
-        out.append(row)
+
+    def check(name: str, y) -> dict:
+        expected = w.float() if name == WEIGHT_ONLY else ref
+        return {"rel_err": float((y.float() - expected).norm() / expected.norm())}
+
+    out = timed_rows(rows, {"M": M, "N": N, "K": K}, "bf16", check, "vs_bf16")
     if reason is not None:
         out.append({"M": M, "N": N, "K": K, "row": "tinygemm", "note": reason})
     return out
 
 
-def report(rows: list[dict], meta: dict) -> str:
-    from diffptq.eval.report import markdown_table
-
-    from diffptq.cli.common import report_header
-
-    return "\n".join([
-        *report_header("Int4 weight-only GEMM kernels on full-size layer shapes", meta),
-        "Median µs of one y = x Wᵀ in bf16 (triton.testing.do_bench, L2 flushed); `vs_bf16`: the bf16 GEMM's time "
-        "at the same shape over the row's (>1: faster), same process; `rel_err`: relative Frobenius error against "
-        "F.linear with the dequantized weight in fp32. Rows: see benchmarks/int4_gemm.py.", "",
-        markdown_table(rows, [*COLUMNS, "note"]), ""])
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("int4_gemm.py times CUDA kernels (Triton, tinygemm): no CUDA device here")
-    from diffptq.cli.common import report_meta
-    from diffptq.eval.report import write_csv
-    from diffptq.io.files import write_text_atomic
-
-    out = check_output_file(args.out, "--out")
-    meta = report_meta("benchmarks/int4_gemm.py", argv, torch.device("cuda"), torch.bfloat16, ("torch", "triton"))
-    rows: list[dict] = []
-    for M in args.tokens:
-        for N, K in args.shapes:
-            rows += measure_shape(M, N, K, args.group, args.tiles)
-            write_csv(rows, out.with_suffix(".csv"), [*COLUMNS, "note"])
-            write_text_atomic(out, report(rows, meta))
-    print(out.read_text())
+    jobs = [lambda M=M, s=s: measure_shape(M, *s, args.group, args.tiles) for M in args.tokens for s in args.shapes]
+    run_jobs("benchmarks/int4_gemm.py", "Int4 weight-only GEMM kernels on full-size layer shapes", EXPLANATION,
+             COLUMNS, args.out, jobs, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ keys streamed, both products on FP8 tensor cores. Head dimensions that are not a
 40 / 80 / 160) are zero-padded to the next one inside the kernel. Under Triton's CPU interpreter, whose float8
 conversions are not round-to-nearest-even, the kernel takes the codes as fp32 and rounds p with `_round_e4m3`
 (exact round-to-nearest-even in fp32 arithmetic); on the GPU p is cast by the hardware (cvt.rn.satfinite), the same
-values. Registered as the torch op diffptq::fp8_attention with a fake implementation, so torch.compile traces it.
+values. The kernel is the torch op diffptq::fp8_attention_codes (with a fake implementation, so torch.compile
+traces around it); the quantization of Q, K and V before it is plain torch code that torch.compile fuses.
 """
 from __future__ import annotations
 
@@ -110,39 +111,50 @@ def _device_reason(device: torch.device) -> str | None:
     return None if ok else reason
 
 
-def run_kernel(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Launch the Triton kernel on (B, H, L, D) tensors; out (B, H, Lq, D) in q's dtype."""
+KERNEL_TILES = {"block_m": BLOCK_M, "num_warps": 4, "num_stages": 3}  # the launch; a benchmark may try others
+
+
+def run_kernel(q: Tensor, k: Tensor, v: Tensor, **tiles) -> Tensor:
+    """The Triton kernel on (B, H, L, D) tensors; out (B, H, Lq, D) in q's dtype. The quantization of q, k, v is
+    plain torch code (traced by torch.compile, which fuses it with the projections around it); only the kernel is
+    an opaque op. tiles: block_m, num_warps, num_stages (default KERNEL_TILES)."""
     _check(q, k, v)
     reason = kernel_unsupported_reason(q)
     if reason is not None:
         raise RuntimeError(f"the FP8 attention kernel cannot run: {reason}")
     q8, k8, v8, s_q, s_k, s_v = quantize_qkv(q, k, v)
-    emulate = os.environ.get("TRITON_INTERPRET") == "1"
-    if emulate:  # the interpreter's float8 conversions are not the hardware's: hand it the codes as fp32
-        q8, k8, v8 = q8.float(), k8.float(), v8.float()
-    B, H, Lq, D = q.shape
-    Lk = k.shape[-2]
-    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    cfg = {**KERNEL_TILES, **tiles}
     # V as (B, H, D, Lk), keys contiguous: the second product's B operand K-major, as FP8 tensor cores take it
     # (quantize_qkv made v8 as a transposed view of exactly that tensor: no copy)
-    q8, k8, vt8 = q8.contiguous(), k8.contiguous(), v8.transpose(-1, -2).contiguous()
+    return _fp8_attention_codes(q8, k8, v8.transpose(-1, -2), s_q, s_k, s_v, q.dtype, cfg["block_m"],
+                                cfg["num_warps"], cfg["num_stages"])
+
+
+@torch.library.custom_op("diffptq::fp8_attention_codes", mutates_args=())
+def _fp8_attention_codes(q8: Tensor, k8: Tensor, vt8: Tensor, s_q: Tensor, s_k: Tensor, s_v: Tensor,
+                         out_dtype: torch.dtype, block_m: int, num_warps: int, num_stages: int) -> Tensor:
+    """The kernel on e4m3 codes q8 (B, H, Lq, D), k8 (B, H, Lk, D), vᵀ codes (B, H, D, Lk) and fp32 scales s_q
+    (B, H, Lq), s_k (B, H, Lk), s_v (B, H, D) -> (B, H, Lq, D) in out_dtype."""
+    emulate = os.environ.get("TRITON_INTERPRET") == "1"
+    if emulate:  # the interpreter's float8 conversions are not the hardware's: hand it the codes as fp32
+        q8, k8, vt8 = q8.float(), k8.float(), vt8.float()
+    B, H, Lq, D = q8.shape
+    Lk = k8.shape[-2]
+    out = torch.empty((B, H, Lq, D), dtype=out_dtype, device=q8.device)
+    q8, k8, vt8 = q8.contiguous(), k8.contiguous(), vt8.contiguous()
     s_q, s_k, s_v = s_q.contiguous(), s_k.contiguous(), s_v.contiguous()
-    grid = (triton.cdiv(Lq, BLOCK_M), B * H)
+    grid = (triton.cdiv(Lq, block_m), B * H)
     _fp8_attention_kernel[grid](
         q8, k8, vt8, s_q, s_k, s_v, out, Lq, D, _LOG2E / math.sqrt(D), E4M3_MAX, Lk=Lk,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(32, triton.next_power_of_2(D)), EMULATE=emulate,
-        num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=max(32, triton.next_power_of_2(D)), EMULATE=emulate,
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
-@torch.library.custom_op("diffptq::fp8_attention", mutates_args=())
-def _fp8_attention_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return run_kernel(q, k, v)
-
-
-@_fp8_attention_op.register_fake
-def _fp8_attention_fake(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return q.new_empty(q.shape)
+@_fp8_attention_codes.register_fake
+def _fp8_attention_codes_fake(q8: Tensor, k8: Tensor, vt8: Tensor, s_q: Tensor, s_k: Tensor, s_v: Tensor,
+                              out_dtype: torch.dtype, block_m: int, num_warps: int, num_stages: int) -> Tensor:
+    return q8.new_empty(q8.shape, dtype=out_dtype)
 
 
 def fp8_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
@@ -155,7 +167,7 @@ def fp8_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Ten
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference" or (backend == "auto" and kernel_unsupported_reason(q) is not None):
         return fp8_attention_reference(q, k, v)
-    return _fp8_attention_op(q, k, v)
+    return run_kernel(q, k, v)
 
 
 if triton is not None:

@@ -111,8 +111,25 @@ def test_gpu_kernel_matches_the_reference(shape, dtype):
     out = fp8_attention(q, k, v, backend="kernel").float()
     ref = fp8_attention_reference(q, k, v).float()
     assert (out - ref).norm() / ref.norm() < 5e-3
+    # compiled, the quantization of q, k, v is inductor's (its division may round differently at a code boundary)
     compiled = torch.compile(lambda a, b, c: fp8_attention(a, b, c, backend="kernel"))
-    torch.testing.assert_close(compiled(q, k, v), out.to(dtype))
+    assert (compiled(q, k, v).float() - ref).norm() / ref.norm() < 5e-3
+
+
+def test_kernel_op_has_a_fake_implementation_for_tracing():
+    """torch.compile traces the quantization and sees the kernel as the op diffptq::fp8_attention_codes: its fake
+    implementation gives the output's shape and dtype without running anything."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffptq.kernels.fp8_attention import _fp8_attention_codes
+
+    with FakeTensorMode():
+        q8 = torch.empty(2, 3, 130, 72, dtype=torch.float8_e4m3fn)
+        k8 = torch.empty(2, 3, 100, 72, dtype=torch.float8_e4m3fn)
+        vt8 = torch.empty(2, 3, 72, 100, dtype=torch.float8_e4m3fn)
+        out = _fp8_attention_codes(q8, k8, vt8, torch.empty(2, 3, 130), torch.empty(2, 3, 100), torch.empty(2, 3, 72),
+                                   torch.bfloat16, 64, 4, 3)
+    assert out.shape == (2, 3, 130, 72) and out.dtype == torch.bfloat16
 
 
 def _self_attention_model():
