@@ -390,10 +390,13 @@ def error_text(err: Exception) -> str:
 
 
 def free_memory() -> None:
-    """Release the last variant's memory and compiled code (dynamo reset: the next variant compiles afresh)."""
+    """Release the last variant's memory and compiled code (dynamo reset: the next variant compiles afresh), and
+    cuBLAS's per-stream workspaces, which the allocator counts and which would otherwise add up in later rows."""
     gc.collect()
     torch._dynamo.reset()
     if torch.cuda.is_available():
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
 
 

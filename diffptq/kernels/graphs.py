@@ -134,10 +134,22 @@ class CapturedCall:
     reason: str = ""
 
 
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def warmup_stream() -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up calls: a stream of its own per capture would also get
+    cuBLAS a workspace of its own per stream, kept until the process ends."""
+    device = torch.cuda.current_device()
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
 def capture_graph(fn, args: tuple, kwargs: dict, warmup: int, pool) -> tuple[torch.cuda.CUDAGraph, Any]:
     """(graph, static outputs) of `fn(*args, **kwargs)` on static inputs: `warmup` calls on a side stream, then one
     captured call drawing memory from `pool`. The graph has not run yet."""
-    side = torch.cuda.Stream()
+    side = warmup_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
