@@ -220,8 +220,15 @@ def summarize(calls: list[dict], batch: int) -> dict:
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs_bf16_compile of every measured row: the reference's median at the same batch over the row's, and
     denoiser_speedup: the same for the denoiser's time alone. The reference of a CUDA-graph row (`*_graphs`) is
-    BF16 + compile + CUDA graphs where the run has it (like for like), else BF16 + compile; `speedup_ref` names it."""
+    BF16 + compile + CUDA graphs where the run has it (like for like), else BF16 + compile; `speedup_ref` names it.
+    pooled_speedup: the whole call with the parts every row shares (the same text encoder, VAE and scheduler) taken
+    at their median over the batch's rows, so that their run-to-run spread does not pass for a denoiser's effect."""
     measured = {(r["variant"], r["batch"]): r for r in rows if r.get("median_s")}
+    shared = {}
+    for batch in {b for _, b in measured}:
+        parts = [r["median_s"] - r["denoiser_s"] for (_, b), r in measured.items()
+                 if b == batch and r.get("denoiser_s") is not None]
+        shared[batch] = statistics.median(parts) if parts else None
     for r in rows:
         if not r.get("median_s"):
             continue
@@ -229,8 +236,10 @@ def add_speedups(rows: list[dict]) -> None:
         ref = next((measured[(n, r["batch"])] for n in names if (n, r["batch"]) in measured), None)
         r["speedup_ref"] = ref and ref["variant"]
         r["speedup_vs_bf16_compile"] = ref and ref["median_s"] / r["median_s"]
-        r["denoiser_speedup"] = ref and ref.get("denoiser_s") and r.get("denoiser_s") and \
-            ref["denoiser_s"] / r["denoiser_s"]
+        den, ref_den = r.get("denoiser_s"), ref and ref.get("denoiser_s")
+        r["denoiser_speedup"] = ref_den and den and ref_den / den
+        pooled = shared[r["batch"]]
+        r["pooled_speedup"] = (ref_den + pooled) / (den + pooled) if ref_den and den and pooled is not None else None
 
 
 def run_family(name: str, args, tmp: Path, results: dict, save, deadline: float) -> None:

@@ -9,7 +9,7 @@ REFERENCE = "bf16_compile"  # the speed-ups' denominator: BF16 + compile at the 
 GRAPHS_REFERENCE = "bf16_compile_graphs"  # that of the CUDA-graph rows (`*_graphs`) where the run measured it
 GOAL = ("pixart", 1, 1.1)  # family, batch, speed-up of a quantized + compiled row over the reference
 COLUMNS = ("variant", "batch", "ms / call", "ms / image", "speed-up vs BF16 + compile", "denoiser speed-up",
-           "denoiser share",
+           "speed-up, shared parts pooled", "denoiser share",
            "denoiser ms", "text encoder ms", "VAE decode ms", "other ms", "peak VRAM GiB", "denoiser MB",
            "first call s")
 
@@ -28,6 +28,7 @@ def _row_cells(r: dict, fam: dict) -> dict:
     size = fam.get("sizes", {}).get("memory", {}).get(r["variant"])
     return {**cells, **ms, "speed-up vs BF16 + compile": _fmt(r.get("speedup_vs_bf16_compile"), ".2f", "×"),
             "denoiser speed-up": _fmt(r.get("denoiser_speedup"), ".2f", "×"),
+            "speed-up, shared parts pooled": _fmt(r.get("pooled_speedup"), ".2f", "×"),
             "denoiser share": _fmt(r.get("denoiser_share") and 100 * r["denoiser_share"], ".0f", "%"),
             "peak VRAM GiB": _fmt(r.get("peak_vram_gib"), ".2f"), "denoiser MB": _fmt(size and size / 1e6, ".0f"),
             "first call s": _fmt(r.get("first_call_s"), ".1f")}
@@ -41,10 +42,11 @@ def goal_lines(res: dict) -> list[str]:
     for r in fam["rows"]:
         if r["batch"] != batch or r["variant"].startswith(("fp16", "bf16")):  # float rows: not quantized
             continue
-        ratio = r.get("speedup_vs_bf16_compile")
+        ratio, pooled = r.get("speedup_vs_bf16_compile"), r.get("pooled_speedup")
+        shown = "n/a" if ratio is None else f"{ratio:.2f}×" + ("" if pooled is None else f" ({pooled:.2f}× pooled)")
+        met = "n/a" if ratio is None else "yes" if min(ratio, pooled or ratio) >= target else "no"
         rows.append({"goal": f"PixArt end-to-end, batch {batch}: {r['label']} vs BF16 + compile (speed-up)",
-                     "measured": "n/a" if ratio is None else f"{ratio:.2f}×", "target": f"≥ {target}×",
-                     "met": "n/a" if ratio is None else "yes" if ratio >= target else "no"})
+                     "measured": shown, "target": f"≥ {target}×", "met": met})
     if not rows:
         return ["No quantized PixArt row at batch 1 in this run.", ""]
     return markdown_table(rows, ["goal", "measured", "target", "met"]).splitlines() + [""]
@@ -95,7 +97,10 @@ def render(res: dict) -> str:
              "(scheduler, guidance, pre/post-processing, launch gaps between them). Peak VRAM: one more call, every "
              "component resident. Speed-up: BF16 + compile's median at the same batch over the row's (>1: faster; a "
              "CUDA-graph row's reference is BF16 + compile + CUDA graphs where the run has it); denoiser speed-up: "
-             f"the same ratio of the denoiser's time alone; all rows of one process. W4A8 activations: "
+             "the same ratio of the denoiser's time alone; shared parts pooled: the same ratio with what every row "
+             "shares (text encoder, VAE, the rest) at its median over the batch's rows, so that its spread between "
+             "rows does not count as a speed-up (the goal is met only when both this and the measured ratio reach "
+             f"it); all rows of one process. W4A8 activations: "
              f"{m['act_mode']}; layers the FP8 GEMM cannot take: {m['others']}.", ""]
     if cpu:
         lines += ["**CPU smoke run**: compiled rows ran eagerly, the parts were timed by the wall clock; the times say "
