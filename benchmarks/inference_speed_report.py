@@ -219,7 +219,41 @@ def goals(res: dict) -> list[str]:
         for b in (16, 1):
             add(f"UNet {VARIANTS[key].label} vs {VARIANTS[ref].label}, batch {b} (speed-up)",
                 _value(s, ref, b, lat), _value(s, key, b, lat), 1.0)
+    if all(row[1] == "n/a" for row in rows):  # a run of other rows (e.g. CUDA graphs only): no empty table
+        return ["None of these goals' rows was measured in this run."]
     return _table(["goal", "measured", "target", "met"], rows)
+
+
+# faster than BF16 at every batch: every row a CUDA graph over the compiled denoiser, against BF16 + compile + graphs
+GRAPH_REFERENCE = "bf16_compile_graphs"
+GRAPH_TARGETS = {"pixart": {1: 1.15, 4: 1.25, 16: 1.5}, "sd": {1: 1.0, 4: 1.0, 16: 1.1}}  # W4A8 speed-up
+W4_TARGET, W4_VRAM_TARGET = 0.95, 0.35  # memory path: speed-up at every batch, peak VRAM at batch 1
+
+
+def graph_goals(res: dict) -> list[str]:
+    """The goals of the CUDA-graph rows (W4A8 and W4 speed-ups at each batch, the W4 peak VRAM at batch 1) for every
+    quantized graph row this run has beside its BF16 + compile + CUDA graphs reference; [] when there is none."""
+    rows = []
+    for name, fam in res["families"].items():
+        label = {"pixart": "PixArt", "sd": "UNet"}.get(name, name)
+        keys = [k for k in ORDER.get(name, ()) if VARIANTS[k].graphs and VARIANTS[k].compiled
+                and VARIANTS[k].build != "float" and any(r["variant"] == k for r in fam.get("rows", []))]
+        for key in keys:
+            w4 = VARIANTS[key].build in ("w4", "torchao_int4")
+            for batch, target in GRAPH_TARGETS.get(name, {}).items():
+                ref, ours = _value(fam, GRAPH_REFERENCE, batch, "latency_ms"), _value(fam, key, batch, "latency_ms")
+                if _lookup(fam, key, batch) is None or ref is None:
+                    continue
+                goal = W4_TARGET if w4 else target
+                ratio = ref / ours if ours else None
+                rows.append([f"{label} {VARIANTS[key].label}, batch {batch} (speed-up)",
+                             "n/a" if ratio is None else f"{ratio:.2f}×", f"≥ {goal}×",
+                             "n/a" if ratio is None else "yes" if ratio >= goal else "no"])
+            ref, ours = _value(fam, GRAPH_REFERENCE, 1, "peak_vram_gib"), _value(fam, key, 1, "peak_vram_gib")
+            if w4 and ref and ours:
+                rows.append([f"{label} {VARIANTS[key].label}, peak VRAM at batch 1 / BF16", f"{ours / ref:.2f}×",
+                             f"≤ {W4_VRAM_TARGET}×", "yes" if ours / ref <= W4_VRAM_TARGET else "no"])
+    return _table(["goal", "measured", "target", "met"], rows) if rows else []
 
 
 def family_section(fam: dict, batches: list[int]) -> list[str]:
@@ -296,6 +330,9 @@ def render(res: dict) -> str:
              f"{m['compile_mode']}, static shapes per batch. Latency: median of {m['repeats']} CUDA-event-timed "
              f"steps after {m['warmup']} warm-up steps. Wall time of this run: {m.get('wall_s', 0):.0f} s.", "",
              *_command_lines(m), "## Goals", ""] + goals(res) + [""]
+    graph = graph_goals(res)
+    if graph:
+        lines += ["CUDA-graph rows against BF16 + compile + CUDA graphs of this run:", ""] + graph + [""]
     for fam in res["families"].values():
         lines += family_section(fam, batches)
     q = res.get("quality")

@@ -139,3 +139,20 @@ def test_quality_path_runs_for_the_unet_family(bench, tmp_path, monkeypatch):
     rows = {r["numerics"]: r for r in quality["rows"]}
     assert rows["fake_int8_token"]["psnr_vs_fake_db"] == float("inf")
     assert rows["fp8_token"]["psnr_vs_fake_db"] > rows["fp8_token"]["psnr_vs_fp_db"]  # the timed numerics track fake
+
+
+def test_graph_goals_compare_graph_rows_with_bf16_compile_graphs(bench):
+    """The CUDA-graph rows' goals: W4A8 per family and batch, W4 ≥ 0.95× at every batch and ≤ 0.35× peak VRAM at
+    batch 1; rows without a reference at that batch get none, and a run with no graph rows gets no table."""
+    rows = [_row("bf16_compile_graphs", 1, 4.8, 1.2), _row("bf16_compile_graphs", 4, 12.0),
+            _row("w4a8_compile_graphs", 1, 4.0), _row("w4a8_compile_graphs", 4, 10.0),
+            _row("w4_compile_graphs", 1, 5.0, 0.4), _row("w4_compile_graphs", 16, 40.0)]
+    from inference_speed_report import graph_goals
+
+    text = "\n".join(graph_goals({"families": {"pixart": {"family": "pixart", "rows": rows}}}))
+    assert "| PixArt W4A8 speed path + compile + CUDA graphs, batch 1 (speed-up) | 1.20× | ≥ 1.15× | yes |" in text
+    assert "| PixArt W4A8 speed path + compile + CUDA graphs, batch 4 (speed-up) | 1.20× | ≥ 1.25× | no |" in text
+    assert "W4 memory path + compile + CUDA graphs (BF16), batch 1 (speed-up) | 0.96× | ≥ 0.95× | yes |" in text
+    assert "CUDA graphs (BF16), peak VRAM at batch 1 / BF16 | 0.33× | ≤ 0.35× | yes |" in text
+    assert "batch 16" not in text  # no BF16 graph row at batch 16
+    assert graph_goals({"families": {"pixart": {"family": "pixart", "rows": rows[:2]}}}) == []
