@@ -92,15 +92,15 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
     def from_quant_linear(cls, layer: QuantLinear, act_mode: str = "token", use_fast_accum: bool = True,
                           backend: str = "auto", act_kernel: str = "torch") -> Fp8W4A8Linear:
         """Convert a quantized per-channel QuantLinear (codes, never re-quantizing the float weight)."""
-        reason = fp8_unsupported_reason(layer)
-        if reason is not None:
-            raise ValueError(f"cannot build an Fp8W4A8Linear: {reason}")
-        return cls._from_codes(layer, act_mode, use_fast_accum, backend, act_kernel)
+        return cls._from_codes(layer, fp8_unsupported_reason(layer), act_mode, use_fast_accum, backend, act_kernel)
 
     @classmethod
-    def _from_codes(cls, layer: QuantLinear | QuantConv2d, act_mode: str, use_fast_accum: bool, backend: str,
-                    act_kernel: str):
-        """The module of a checked layer's codes (out, cols): q − z as e4m3, the per-channel scales, its bias."""
+    def _from_codes(cls, layer: QuantLinear | QuantConv2d, reason: str | None, act_mode: str, use_fast_accum: bool,
+                    backend: str, act_kernel: str):
+        """The module of a layer's codes (out, cols): q − z as e4m3, the per-channel scales, its bias; ValueError
+        with `reason` (why the layer cannot be converted) when that is not None."""
+        if reason is not None:
+            raise ValueError(f"cannot build an {cls.__name__}: {reason}")
         w8 = codes_to_e4m3(layer.weight_codes, layer.weight_zero)
         return cls(w8, layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend,
                    act_kernel)
@@ -161,10 +161,8 @@ class Fp8W4A8Conv1x1(Fp8W4A8Linear):
     def from_quant_conv(cls, layer: QuantConv2d, act_mode: str = "token", use_fast_accum: bool = True,
                         backend: str = "auto", act_kernel: str = "torch") -> Fp8W4A8Conv1x1:
         """Convert a quantized 1×1 QuantConv2d with one scale per output channel (its codes (out, in))."""
-        reason = fp8_conv1x1_unsupported_reason(layer)
-        if reason is not None:
-            raise ValueError(f"cannot build an Fp8W4A8Conv1x1: {reason}")
-        return cls._from_codes(layer, act_mode, use_fast_accum, backend, act_kernel)
+        return cls._from_codes(layer, fp8_conv1x1_unsupported_reason(layer), act_mode, use_fast_accum, backend,
+                               act_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -244,6 +244,10 @@ def test_conv1x1_is_the_fp8_gemm_over_channels_at_every_position():
     three = QuantConv2d(nn.Conv2d(64, 32, 3, padding=1), None, W4)
     assert "not a 1x1 conv" in fp8_conv1x1_unsupported_reason(three)
     assert fp8_conv1x1_unsupported_reason(_quant_linear()) == "QuantLinear is not a QuantConv2d"
+    with pytest.raises(ValueError, match=r"cannot build an Fp8W4A8Conv1x1: kernel \(3, 3\)"):
+        Fp8W4A8Conv1x1.from_quant_conv(three)
+    with pytest.raises(ValueError, match="cannot build an Fp8W4A8Linear: QuantConv2d is not a QuantLinear"):
+        Fp8W4A8Linear.from_quant_linear(conv)
 
 
 def test_convert_takes_the_unet_1x1_convs_when_asked(tiny):
