@@ -77,7 +77,7 @@ def measure_shape(B: int, H: int, L: int, D: int, tiles: list[tuple[int, int, in
     launches = [(default["block_m"], default["num_warps"], default["num_stages"])]
     launches += [t for t in tiles if t not in launches]
     for block_m, warps, stages in launches:
-        rows[f"kernel {block_m}x{warps}x{stages}"] = lambda m=block_m, w=warps, s=stages: fa._fp8_attention_codes(
+        rows[f"kernel {block_m}x{warps}x{stages}"] = lambda m=block_m, w=warps, s=stages: fa.fp8_attention_codes(
             q8, k8, vt8, s_q, s_k, s_v, torch.bfloat16, m, w, s)
 
     def check(name: str, y) -> dict:

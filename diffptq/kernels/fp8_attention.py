@@ -126,12 +126,12 @@ def run_kernel(q: Tensor, k: Tensor, v: Tensor, **tiles) -> Tensor:
     cfg = {**KERNEL_TILES, **tiles}
     # V as (B, H, D, Lk), keys contiguous: the second product's B operand K-major, as FP8 tensor cores take it
     # (quantize_qkv made v8 as a transposed view of exactly that tensor: no copy)
-    return _fp8_attention_codes(q8, k8, v8.transpose(-1, -2), s_q, s_k, s_v, q.dtype, cfg["block_m"],
+    return fp8_attention_codes(q8, k8, v8.transpose(-1, -2), s_q, s_k, s_v, q.dtype, cfg["block_m"],
                                 cfg["num_warps"], cfg["num_stages"])
 
 
 @torch.library.custom_op("diffptq::fp8_attention_codes", mutates_args=())
-def _fp8_attention_codes(q8: Tensor, k8: Tensor, vt8: Tensor, s_q: Tensor, s_k: Tensor, s_v: Tensor,
+def fp8_attention_codes(q8: Tensor, k8: Tensor, vt8: Tensor, s_q: Tensor, s_k: Tensor, s_v: Tensor,
                          out_dtype: torch.dtype, block_m: int, num_warps: int, num_stages: int) -> Tensor:
     """The kernel on e4m3 codes q8 (B, H, Lq, D), k8 (B, H, Lk, D), vᵀ codes (B, H, D, Lk) and fp32 scales s_q
     (B, H, Lq), s_k (B, H, Lk), s_v (B, H, D) -> (B, H, Lq, D) in out_dtype."""
@@ -151,7 +151,7 @@ def _fp8_attention_codes(q8: Tensor, k8: Tensor, vt8: Tensor, s_q: Tensor, s_k: 
     return out
 
 
-@_fp8_attention_codes.register_fake
+@fp8_attention_codes.register_fake
 def _fp8_attention_codes_fake(q8: Tensor, k8: Tensor, vt8: Tensor, s_q: Tensor, s_k: Tensor, s_v: Tensor,
                               out_dtype: torch.dtype, block_m: int, num_warps: int, num_stages: int) -> Tensor:
     return q8.new_empty(q8.shape, dtype=out_dtype)

@@ -36,7 +36,15 @@ from diffptq.models.schedulers import check_steps, set_scheduler
 from diffptq.quant.layers import quant_layers
 from diffptq.run.benchmark_checkpoints import VariantCheckpoint, index_checkpoints, load_into, save_variant
 from diffptq.run.benchmark_peers import failure_note, is_peer, peer_variant_bits, prepare_peer
-from diffptq.run.benchmark_report import ALL_COLUMNS, COLUMNS, EXTRA_COLUMNS, metric_passes, recipe_note, score
+from diffptq.run.benchmark_report import (
+    ALL_COLUMNS,
+    COLUMNS,
+    EXTRA_COLUMNS,
+    RECIPE_NOTE_FIELDS,
+    metric_passes,
+    recipe_note,
+    score,
+)
 from diffptq.run.shared_calib import SharedCalibration, swapped_denoiser
 
 __all__ = ["ALL_COLUMNS", "COLUMNS", "EXTRA_COLUMNS", "BenchmarkConfig", "BenchmarkResult", "SharedCalibration",
@@ -203,10 +211,10 @@ def _make_all(pipe, prompts: list[str], cfg: BenchmarkConfig, out_dir: Path, dev
 
 
 def _recipe_settings(quant: SequentialConfig) -> dict[str, Any]:
-    """The recipe settings recipe_note reads, from the run's SequentialConfig (under benchmark_final's flag names)."""
-    return {"skip": quant.skip, "lowrank_conv": quant.lowrank_conv, "rotate_conv": quant.rotate_conv,
-            "smooth": quant.smooth, "keep": quant.keep, "act_order": quant.act_order,
-            "group_size": quant.weight.group_size}
+    """The recipe settings recipe_note reads, from the run's SequentialConfig (under benchmark_final's flag names:
+    the config's own field names, but for the weight grid's group size)."""
+    settings = {name: getattr(quant, name) for name, _ in RECIPE_NOTE_FIELDS if name != "group_size"}
+    return {**settings, "group_size": quant.weight.group_size}
 
 
 def _measure(pipe, denoiser: nn.Module, variant: Variant, cfg: BenchmarkConfig, prompts: list[str],

@@ -121,13 +121,13 @@ def test_kernel_op_has_a_fake_implementation_for_tracing():
     implementation gives the output's shape and dtype without running anything."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from diffptq.kernels.fp8_attention import _fp8_attention_codes
+    from diffptq.kernels.fp8_attention import fp8_attention_codes
 
     with FakeTensorMode():
         q8 = torch.empty(2, 3, 130, 72, dtype=torch.float8_e4m3fn)
         k8 = torch.empty(2, 3, 100, 72, dtype=torch.float8_e4m3fn)
         vt8 = torch.empty(2, 3, 72, 100, dtype=torch.float8_e4m3fn)
-        out = _fp8_attention_codes(q8, k8, vt8, torch.empty(2, 3, 130), torch.empty(2, 3, 100), torch.empty(2, 3, 72),
+        out = fp8_attention_codes(q8, k8, vt8, torch.empty(2, 3, 130), torch.empty(2, 3, 100), torch.empty(2, 3, 72),
                                    torch.bfloat16, 64, 4, 3)
     assert out.shape == (2, 3, 130, 72) and out.dtype == torch.bfloat16
 
