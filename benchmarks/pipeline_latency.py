@@ -73,8 +73,8 @@ from inference_speed import (  # noqa: E402
     uses_cuda_graphs,
 )
 from inference_speed_quality import static_calibration  # noqa: E402
-from inference_speed_report import VARIANTS, Variant, versions  # noqa: E402
-from pipeline_latency_report import GRAPHS_REFERENCE, REFERENCE, render  # noqa: E402
+from inference_speed_report import GRAPH_REFERENCE, VARIANTS, Variant, versions  # noqa: E402
+from pipeline_latency_report import REFERENCE, render  # noqa: E402
 
 GiB = 2**30
 PIPELINE_VARIANTS = {"bf16": Variant("bf16", "BF16 eager", torch.bfloat16, False, "float"), **VARIANTS}
@@ -232,7 +232,7 @@ def add_speedups(rows: list[dict]) -> None:
     for r in rows:
         if not r.get("median_s"):
             continue
-        names = [GRAPHS_REFERENCE, REFERENCE] if r["variant"].endswith("_graphs") else [REFERENCE]
+        names = [GRAPH_REFERENCE, REFERENCE] if r["variant"].endswith("_graphs") else [REFERENCE]
         ref = next((measured[(n, r["batch"])] for n in names if (n, r["batch"]) in measured), None)
         r["speedup_ref"] = ref and ref["variant"]
         r["speedup_vs_bf16_compile"] = ref and ref["median_s"] / r["median_s"]
@@ -266,7 +266,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", default="1,4", help="prompts per pipeline call, measured in this order")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help=f"comma list, measured in this order ({REFERENCE} is the reference of the speed-ups, "
-                   f"{GRAPHS_REFERENCE} that of the *_graphs rows where measured); "
+                   f"{GRAPH_REFERENCE} that of the *_graphs rows where measured); "
                         "known: " + ", ".join(PIPELINE_VARIANTS))
     p.add_argument("--steps", type=int, default=20, help="denoiser steps per image (CFG 4.5: each at twice the batch)")
     p.add_argument("--components", default="full", choices=COMPONENTS,

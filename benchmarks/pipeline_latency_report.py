@@ -6,7 +6,6 @@ from diffptq.eval.report import markdown_table
 from inference_speed_report import graph_notes
 
 REFERENCE = "bf16_compile"  # the speed-ups' denominator: BF16 + compile at the same batch, same process
-GRAPHS_REFERENCE = "bf16_compile_graphs"  # that of the CUDA-graph rows (`*_graphs`) where the run measured it
 GOAL = ("pixart", 1, 1.1)  # family, batch, speed-up of a quantized + compiled row over the reference
 COLUMNS = ("variant", "batch", "ms / call", "ms / image", "speed-up vs BF16 + compile", "denoiser speed-up",
            "speed-up, shared parts pooled", "denoiser share",
