@@ -129,6 +129,14 @@ def test_a_run_that_does_not_fit_the_base_table_is_refused(tmp_path, capsys, cha
     assert code != 0 and message in err.strip().splitlines()[-1] and not out.exists(), err
 
 
+def test_a_missing_base_table_is_one_line(tmp_path, capsys):
+    later = _run(tmp_path / "later", [FP], "cmd-later")
+    out = tmp_path / "table.md"
+    code, err = _main(_script(), [str(later), "--base", str(tmp_path / "none.csv"), "--out", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "none.csv: no such file" in lines[0] and not out.exists()
+
+
 def test_our_rows_with_other_recipe_flags_are_added_beside_the_default_ones_with_the_flags_in_their_note(tmp_path):
     table = _base_table(tmp_path)
     ours_default = _row("qronos", 4, 8, 0.9, 0.87, 0.92, source="quantized")
