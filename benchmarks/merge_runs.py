@@ -153,13 +153,17 @@ def report(rows: list[dict], runs: list[tuple[Path, dict, list[dict]]], title: s
     versions = ", ".join(f"{k} {v}" for k, v in cfg.get("versions", {}).items() if v)
     source = (f"One table from {len(runs)} benchmark_final runs of the same model, prompts, seeds and calibration set "
               "(their FP rows agree; one is shown):")
+    later = [run_cfg.get("command", "") for _, run_cfg, _ in runs]
     if earlier_commands is not None:
+        again = sum(command in earlier_commands for command in later)
+        repeated = f", {again} of them an earlier command run again (listed once)" if again else ""
         source = (f"An earlier table's {len(earlier_commands)} runs (first below) with {len(runs)} later run(s) of the "
-                  "same model, prompts, seeds and calibration set added (the later runs' date and commit are these; "
-                  "their FP rows agree with the table's; one is shown):")
+                  f"same model, prompts, seeds and calibration set added{repeated} (the later runs' date and commit "
+                  "are these; their FP rows agree with the table's; one is shown):")
+        later = [command for command in later if command not in earlier_commands]
     lines = [f"# {title}", "", f"Card: {cfg.get('gpu') or 'CPU'}; {versions}; {cfg.get('time', '')[:10]}; git "
              f"{cfg.get('git_commit') or 'unknown'}. {source}", "", "```"]
-    lines += list(earlier_commands or []) + [run_cfg.get("command", "") for _, run_cfg, _ in runs]
+    lines += list(earlier_commands or []) + later
     lines += ["```", "", marked_table(rows)]
     return "\n".join(lines) + "\n"
 

@@ -115,6 +115,17 @@ def test_base_table_gets_the_failed_row_replaced_and_new_rows_appended_with_its_
     assert "```\ncmd-ours\ncmd-peers\ncmd-later\n```" in out.read_text()
 
 
+def test_a_later_run_of_an_earlier_command_is_listed_once_and_said_to_be_run_again(tmp_path):
+    table = _base_table(tmp_path)
+    again = _run(tmp_path / "again", [FP, _row("quanto:w4a8", 4, 8, 0.88, 0.85, 0.91)], "cmd-peers")
+    out = tmp_path / "table2.md"
+    _script().main([str(again), "--base", str(table.with_suffix(".csv")), "--out", str(out)])
+    text = out.read_text()
+    assert "```\ncmd-ours\ncmd-peers\n```" in text
+    assert "1 later run(s) of the same model, prompts, seeds and calibration set added, 1 of them an earlier " \
+           "command run again (listed once)" in text
+
+
 @pytest.mark.parametrize("change,message", [
     ({"fp_acc": 0.92}, "disagree on prompt_acc (0.93 vs 0.92)"),
     ({"n_images": 256}, "ran with n_images=256"),
