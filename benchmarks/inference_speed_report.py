@@ -173,7 +173,8 @@ def _value(fam: dict | None, key: str, batch: int, field: str) -> float | None:
 
 
 def goals(res: dict) -> list[str]:
-    """The issue's goals with measured ratios side by side (met / missed / not measured)."""
+    """The issue's goals with measured ratios side by side (met / missed / not measured); [] when none of their rows
+    was measured."""
     p, s = res["families"].get("pixart"), res["families"].get("sd")
     rows = []
 
@@ -220,7 +221,7 @@ def goals(res: dict) -> list[str]:
             add(f"UNet {VARIANTS[key].label} vs {VARIANTS[ref].label}, batch {b} (speed-up)",
                 _value(s, ref, b, lat), _value(s, key, b, lat), 1.0)
     if all(row[1] == "n/a" for row in rows):  # a run of other rows (e.g. CUDA graphs only): no empty table
-        return ["None of these goals' rows was measured in this run."]
+        return []
     return _table(["goal", "measured", "target", "met"], rows)
 
 
@@ -329,10 +330,14 @@ def render(res: dict) -> str:
              f"{m['others']}. Memory path: packed int4, fp16 group scales, dequantized per call. torch.compile mode "
              f"{m['compile_mode']}, static shapes per batch. Latency: median of {m['repeats']} CUDA-event-timed "
              f"steps after {m['warmup']} warm-up steps. Wall time of this run: {m.get('wall_s', 0):.0f} s.", "",
-             *_command_lines(m), "## Goals", ""] + goals(res) + [""]
-    graph = graph_goals(res)
+             *_command_lines(m), "## Goals", ""]
+    older, graph = goals(res), graph_goals(res)
+    if older:
+        lines += older + [""]
     if graph:
         lines += ["CUDA-graph rows against BF16 + compile + CUDA graphs of this run:", ""] + graph + [""]
+    if not older and not graph:
+        lines += ["No goal's rows were measured in this run.", ""]
     for fam in res["families"].values():
         lines += family_section(fam, batches)
     q = res.get("quality")

@@ -86,18 +86,23 @@ def _row(variant, batch, ms=None, peak=None):
     return {"variant": variant, "batch": batch, "label": variant, "latency_ms": ms, "peak_vram_gib": peak}
 
 
-def test_goals_report_measured_ratios(bench):
+def _pixart_result(rows: list[dict]) -> tuple[dict, dict]:
+    """A results.json of one PixArt family with these rows: (the whole result, the family)."""
     pixart = {"family": "pixart", "title": "PixArt", "params": 611e6, "quantized_params": 594e6,
               "quantized_layers": 224, "groups": {"128": 224}, "compile_scope": "blocks", "profiles": {},
               "sizes": {"disk": {"fp16": 1222e6, "w4": 340e6}, "checkpoint": {"w4": 334e6},
-                        "fp16_quantized_weights": 1188e6, "memory": {"fp16": 1222e6}},
-              "rows": [_row("fp16", 16, 57.7), _row("bf16_compile", 16, 46.3), _row("w4a8_compile", 16, 38.0),
-                       _row("w4a8s_compile", 16, 36.0), _row("torchao_compile", 16, 47.0),
-                       _row("fp16", 1, 5.0, 1.4), _row("w4", 1, 6.0, 0.5), {"variant": "w4", "batch": 16,
-                                                                           "label": "w4", "error": "OOM"}]}
+                        "fp16_quantized_weights": 1188e6, "memory": {"fp16": 1222e6}}, "rows": rows}
     res = {"meta": {"gpu": "H100", "torch": "2.11", "diffusers": "0.42", "torchao": "0.17", "date": "2026-11-25",
                     "batches": [16, 1], "latent": 64, "act_mode": "token", "others": "dequant",
                     "compile_mode": "default", "warmup": 3, "repeats": 10}, "families": {"pixart": pixart}}
+    return res, pixart
+
+
+def test_goals_report_measured_ratios(bench):
+    res, pixart = _pixart_result([
+        _row("fp16", 16, 57.7), _row("bf16_compile", 16, 46.3), _row("w4a8_compile", 16, 38.0),
+        _row("w4a8s_compile", 16, 36.0), _row("torchao_compile", 16, 47.0), _row("fp16", 1, 5.0, 1.4),
+        _row("w4", 1, 6.0, 0.5), {"variant": "w4", "batch": 16, "label": "w4", "error": "OOM"}])
     text = bench.render(res)
     assert "| PixArt W4A8 speed path + compile vs BF16 + compile, batch 16 (speed-up) | 1.22× | ≥ 1.15× | yes |" in text
     assert "| PixArt W4A8 speed path + compile vs FP16 eager, batch 16 (speed-up) | 1.52× | ≥ 1.4× | yes |" in text
@@ -156,3 +161,14 @@ def test_graph_goals_compare_graph_rows_with_bf16_compile_graphs(bench):
     assert "CUDA graphs (BF16), peak VRAM at batch 1 / BF16 | 0.33× | ≤ 0.35× | yes |" in text
     assert "batch 16" not in text  # no BF16 graph row at batch 16
     assert graph_goals({"families": {"pixart": {"family": "pixart", "rows": rows[:2]}}}) == []
+
+
+def test_a_run_of_graph_rows_only_gets_the_graph_goals_and_a_run_of_none_says_so(bench):
+    """The older goal table is left out when none of its rows ran (no table of n/a rows); no goals at all: one line."""
+    res, pixart = _pixart_result([_row("bf16_compile_graphs", 1, 4.7, 1.2), _row("w4a8_compile_graphs", 1, 4.0)])
+    pixart["sizes"] = {}
+    text = bench.render(res)
+    assert "| PixArt W4A8 speed path + compile + CUDA graphs, batch 1 (speed-up) | 1.18× | ≥ 1.15× | yes |" in text
+    assert "vs BF16 + compile, batch 16" not in text and "No goal's rows" not in text
+    pixart["rows"] = [_row("bf16_compile_graphs", 1, 4.7, 1.2)]
+    assert "## Goals\n\nNo goal's rows were measured in this run.\n" in bench.render(res)
