@@ -1,6 +1,10 @@
 """Command line: `python -m diffptq generate --checkpoint PATH --prompt "..." [--n 4 --seed 0 --steps 20 --out DIR]`.
-`--cuda_graphs`: replay one CUDA graph per denoiser call (diffptq.kernels.graphs; for small batches on a GPU).
-`--fp8_attention`: self-attention on FP8 operands (diffptq.kernels.fp8_attention; the Triton kernel on CUDA sm_89+).
+`--kernels w4a8|w4`: real low-bit kernels instead of fake-quant layers (diffptq.kernels: FP8 GEMMs on CUDA sm_89+,
+or packed int4 weights on CUDA; where the device cannot, fake-quant with one warning). `--compile`: torch.compile
+the whole denoiser (diffptq.kernels.compiled). `--cuda_graphs`: replay one CUDA graph per denoiser call
+(diffptq.kernels.graphs; for small batches on a GPU). `--fp8_attention`: self-attention on FP8 operands
+(diffptq.kernels.fp8_attention; the Triton kernel on CUDA sm_89+). The fastest small-batch setting on a GPU:
+`--kernels w4a8 --compile --cuda_graphs`; the least memory: `--kernels w4 --compile --cuda_graphs`.
 
 Loads the quantized pipeline (its base model as recorded in the checkpoint, or --base_model) and writes one PNG
 per image into --out (`<index>_seed<seed>.png`) plus `prompts.txt`; each file appears under its final name only
@@ -45,6 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--base_model", default=None, help="load the checkpoint onto this base model instead")
     g.add_argument("--device", default="auto", type=device_value)
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
+    g.add_argument("--kernels", default="fake", choices=["fake", "w4a8", "w4"],
+                   help="fake: fake-quant layers, the numerics the quality tables measure (default); w4a8: FP8 GEMMs "
+                        "(CUDA sm_89+); w4: packed int4 weights, a third of the memory (CUDA)")
+    g.add_argument("--act_mode", default=None, choices=["auto", "token", "tensor", "static"],
+                   help="--kernels w4a8: activation scales; auto (default): the checkpoint's calibrated static "
+                        "scales where it has them, per token elsewhere")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the whole denoiser (compiles at the first batch: tens of seconds)")
     g.add_argument("--cuda_graphs", action="store_true",
                    help="CUDA graphs over each denoiser call (faster small batches on a GPU; eager elsewhere)")
     g.add_argument("--fp8_attention", action="store_true",
@@ -55,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ConfigError("--prompt is empty")
     if args.cuda_graphs and not args.device.startswith(("cuda", "auto")):
         raise ConfigError(f"--cuda_graphs needs a CUDA device, got --device {args.device}")
+    if args.act_mode is not None and args.kernels != "w4a8":
+        raise ConfigError(f"--act_mode sets the FP8 activation scales of --kernels w4a8; got --kernels {args.kernels}")
     if not os.path.exists(args.checkpoint):
         raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
     check_output_dir(args.out, "--out", overwrite=True)  # a file there, or no permission: refused before sampling
@@ -73,11 +87,17 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     dtype = resolve_dtype(args.dtype, device)
     pipe = diffptq.load_quantized(args.checkpoint, device=device, dtype=dtype, base_model=args.base_model)
     set_scheduler(pipe, args.scheduler)
+    if args.kernels != "fake":
+        convert_kernels(pipe, args.kernels, args.act_mode or "auto", device)
     if args.fp8_attention:
         from diffptq.kernels.fp8_attention_processor import use_fp8_attention
         from diffptq.models import family_of
 
         use_fp8_attention(family_of(pipe).denoiser(pipe))
+    if args.compile:
+        from diffptq.kernels.compiled import compile_denoiser
+
+        compile_denoiser(pipe, args.kernels)
     if args.cuda_graphs:
         from diffptq.kernels.graphs import graph_denoiser
 
@@ -88,6 +108,21 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     images = generate(pipe, all_prompts, seeds, batch_size=args.batch_size, num_inference_steps=args.steps,
                       guidance_scale=args.guidance_scale)
     return save_images(images, seeds, all_prompts, Path(args.out))
+
+
+def convert_kernels(pipe, kernels: str, act_mode: str, device: str, force: bool = False) -> None:
+    """Put the inference modules of `kernels` into the pipeline's denoiser and say in one line what was converted
+    (or why the layers stay fake-quant). force: the real modules even where the device cannot run them (tests)."""
+    from diffptq.kernels import InferenceConfig, convert_for_inference
+    from diffptq.models import family_of
+
+    conv = convert_for_inference(family_of(pipe).denoiser(pipe), kernels, device,
+                                 InferenceConfig(act_mode=act_mode, force=force))
+    if conv.path == "fake":
+        print(f"kernels: fake-quant layers kept ({conv.reason})")
+        return
+    counts = ", ".join(f"{n} {name}" for name, n in sorted(conv.counts().items())) or "no layer converted"
+    print(f"kernels: {conv.path} ({conv.reason}): {counts}; {len(conv.kept)} kept fake-quant")
 
 
 def save_images(images, seeds: list[int], prompts: list[str], out: Path) -> list[Path]:

@@ -76,3 +76,47 @@ def test_fp8_attention_changes_the_images_a_little(checkpoint, tmp_path):
     a, b = _pixels(tmp_path / "exact"), _pixels(tmp_path / "fp8")
     diff = [np.abs(a[k].astype(int) - b[k].astype(int)) for k in a]
     assert list(a) == list(b) and any(d.max() > 0 for d in diff) and all(d.mean() < 8 for d in diff)
+
+
+def test_kernels_off_their_device_keep_the_fake_quant_images_and_say_why(checkpoint, tmp_path, capsys):
+    """--kernels w4a8 / w4 on the CPU: one line saying the layers stay fake-quant and why; the same images."""
+    for name, flags in (("fake", []), ("w4a8", ["--kernels", "w4a8"]), ("w4", ["--kernels", "w4"])):
+        main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a cup", "--n", "1", "--steps", "2",
+              "--device", "cpu", "--out", str(tmp_path / name), *flags])
+    out = capsys.readouterr().out
+    assert "kernels: fake-quant layers kept (w4a8 unavailable: " in out
+    assert "kernels: fake-quant layers kept (w4 unavailable: the int4 memory path targets CUDA GPUs" in out
+    ref = _pixels(tmp_path / "fake")
+    for name in ("w4a8", "w4"):
+        assert all(np.array_equal(ref[k], v) for k, v in _pixels(tmp_path / name).items())
+
+
+@pytest.mark.parametrize("kernels,module", [("w4a8", "Fp8W4A8Linear"), ("w4", "Int4WeightOnlyLinear")])
+def test_converted_kernels_run_the_checkpoint_close_to_its_fake_quant_images(checkpoint, kernels, module, capsys):
+    """The real modules (their reference implementations on the CPU) replace every quantized layer, and the images
+    stay close to the fake-quant ones (same W4 codes; e4m3 or no activation quantization instead of int8)."""
+    import diffptq
+    from diffptq.__main__ import convert_kernels
+    from diffptq.eval.sample import generate
+    from diffptq.kernels import is_inference_module
+    from diffptq.quant.layers import quant_layers
+
+    fake = diffptq.load_quantized(checkpoint)
+    real = diffptq.load_quantized(checkpoint)
+    convert_kernels(real, kernels, "auto", "cpu", force=True)
+    line = capsys.readouterr().out
+    mods = [m for m in real.transformer.modules() if is_inference_module(m)]
+    assert mods and all(type(m).__name__ == module for m in mods)
+    quantized = sum(layer.is_quantized for _, layer in quant_layers(fake.transformer))
+    assert line.startswith(f"kernels: {kernels} (") and f"{quantized} {module}; 0 kept fake-quant" in line
+    a, b = (generate(p, ["a cup"], [3], num_inference_steps=2) for p in (fake, real))
+    assert not torch.equal(a, b) and (a - b).abs().mean() < 0.01  # pixels in [0, 1]
+
+
+def test_act_mode_needs_the_w4a8_kernels(checkpoint):
+    from diffptq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--act_mode sets the FP8 activation scales of --kernels w4a8; got "
+                                          "--kernels w4"):
+        main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a cup", "--kernels", "w4",
+              "--act_mode", "static"])

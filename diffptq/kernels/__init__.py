@@ -5,9 +5,11 @@
   Fp8W4A8Linear, Int4WeightOnlyLinear, Int4WeightOnlyConv2d           the modules
   fp8 (numerics and the reference GEMM), int4 (packing), activations (the tanh GELU in sigmoid form),
   profiling (GPU time breakdown of a step)
+  compile_denoiser                                                   torch.compile of the whole denoiser, per path
   graph_denoiser / GraphedDenoiser                                   CUDA graphs over each denoiser call (batch 1-4)
 """
 from diffptq.kernels.common import set_profile_scopes
+from diffptq.kernels.compiled import compile_denoiser
 from diffptq.kernels.fp8 import fp8_scaled_mm, fp8_support, scaled_mm_reference
 from diffptq.kernels.fp8_linear import Fp8W4A8Conv1x1, Fp8W4A8Linear
 from diffptq.kernels.fuse import fuse_attention_projections
@@ -25,6 +27,7 @@ __all__ = [
     "Int4WeightOnly",
     "Int4WeightOnlyConv2d",
     "Int4WeightOnlyLinear",
+    "compile_denoiser",
     "convert_for_inference",
     "fp8_scaled_mm",
     "fp8_support",

@@ -201,7 +201,8 @@ def convert_for_inference(model: nn.Module, path: str = "w4a8", device: str | to
         log.log(logging.INFO if path == "fake" else logging.WARNING,
                 "convert_for_inference: keeping %d fake-quant layers (%s)", len(layers), result.reason)
         return with_graphs(model, cfg, result)
-    result = Conversion(path, why if ok else f"forced where unsupported ({why}): the FP8 GEMM runs its reference")
+    forced = "the FP8 GEMM runs its reference" if path == "w4a8" else "the int4 modules dequantize on the device"
+    result = Conversion(path, why if ok else f"forced where unsupported ({why}): {forced}")
     for name, layer in layers:
         new, reason = _convert_layer(layer, path, cfg)
         if new is None:
