@@ -91,6 +91,12 @@ VARIANTS = {v.key: v for v in (
     # ten int4 dequantizations, which depend on the weights alone), for the memory path at small batches
     Variant("w4_compile_combo_graphs", "W4 memory path + compile, combo kernels (dequantizations launched together) + "
             "CUDA graphs", torch.bfloat16, True, "w4", inductor=(("combo_kernels", True),), graphs=True),
+    # the same setting on the baseline and the fastest W4A8 numerics: whether combo kernels help any model or the
+    # memory path's dequantizations only (ratios under equal inductor settings)
+    Variant("bf16_compile_combo_graphs", "BF16 + compile, combo kernels + CUDA graphs", torch.bfloat16, True,
+            "float", inductor=(("combo_kernels", True),), graphs=True),
+    Variant("w4a8s_compile_combo_graphs", "W4A8 speed path, static per-tensor activations + compile, combo kernels + "
+            "CUDA graphs", torch.bfloat16, True, "w4a8s", inductor=(("combo_kernels", True),), graphs=True),
     Variant("w4_triton_compile_graphs", "W4 memory path, fused Triton int4 GEMM + compile + CUDA graphs (BF16)",
             torch.bfloat16, True, "w4", graphs=True, int4_matmul="triton"),
     Variant("torchao_int4wo_compile_graphs", "torchao int4 weight-only (tinygemm, groups 128-32) + compile + graphs",
@@ -231,9 +237,18 @@ GRAPH_TARGETS = {"pixart": {1: 1.15, 4: 1.25, 16: 1.5}, "sd": {1: 1.0, 4: 1.0, 1
 W4_TARGET, W4_VRAM_TARGET = 0.95, 0.35  # memory path: speed-up at every batch, peak VRAM at batch 1
 
 
+def _equal_settings_references(key: str) -> list[str]:
+    """The float CUDA-graph variants compiled under the same inductor settings as `key` (none for default settings):
+    a ratio against one of them isolates what the quantization gains from what the settings give any model."""
+    v = VARIANTS[key]
+    return [k for k, r in VARIANTS.items() if v.inductor and r.build == "float" and r.graphs and r.compiled
+            and r.inductor == v.inductor and not r.fp8_attention and r.sigmoid_gelu is None]
+
+
 def graph_goals(res: dict) -> list[str]:
     """The goals of the CUDA-graph rows (W4A8 and W4 speed-ups at each batch, the W4 peak VRAM at batch 1) for every
-    quantized graph row this run has beside its BF16 + compile + CUDA graphs reference; [] when there is none."""
+    quantized graph row this run has beside its BF16 + compile + CUDA graphs reference, and beside the BF16 graph row
+    under the same inductor settings when the run has one; [] when there is none."""
     rows = []
     for name, fam in res["families"].items():
         label = {"pixart": "PixArt", "sd": "UNet"}.get(name, name)
@@ -241,15 +256,18 @@ def graph_goals(res: dict) -> list[str]:
                 and VARIANTS[k].build != "float" and any(r["variant"] == k for r in fam.get("rows", []))]
         for key in keys:
             w4 = VARIANTS[key].build in ("w4", "torchao_int4")
+            refs = [GRAPH_REFERENCE] + [k for k in _equal_settings_references(key) if k != GRAPH_REFERENCE]
             for batch, target in GRAPH_TARGETS.get(name, {}).items():
-                ref, ours = _value(fam, GRAPH_REFERENCE, batch, "latency_ms"), _value(fam, key, batch, "latency_ms")
-                if _lookup(fam, key, batch) is None or ref is None:
-                    continue
-                goal = W4_TARGET if w4 else target
-                ratio = ref / ours if ours else None
-                rows.append([f"{label} {VARIANTS[key].label}, batch {batch} (speed-up)",
-                             "n/a" if ratio is None else f"{ratio:.2f}×", f"≥ {goal}×",
-                             "n/a" if ratio is None else "yes" if ratio >= goal else "no"])
+                for ref_key in refs:
+                    ref, ours = _value(fam, ref_key, batch, "latency_ms"), _value(fam, key, batch, "latency_ms")
+                    if _lookup(fam, key, batch) is None or ref is None:
+                        continue
+                    goal = W4_TARGET if w4 else target
+                    ratio = ref / ours if ours else None
+                    versus = "" if ref_key == GRAPH_REFERENCE else f" vs {VARIANTS[ref_key].label}"
+                    rows.append([f"{label} {VARIANTS[key].label}{versus}, batch {batch} (speed-up)",
+                                 "n/a" if ratio is None else f"{ratio:.2f}×", f"≥ {goal}×",
+                                 "n/a" if ratio is None else "yes" if ratio >= goal else "no"])
             ref, ours = _value(fam, GRAPH_REFERENCE, 1, "peak_vram_gib"), _value(fam, key, 1, "peak_vram_gib")
             if w4 and ref and ours:
                 rows.append([f"{label} {VARIANTS[key].label}, peak VRAM at batch 1 / BF16", f"{ours / ref:.2f}×",

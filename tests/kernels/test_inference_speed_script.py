@@ -172,3 +172,21 @@ def test_a_run_of_graph_rows_only_gets_the_graph_goals_and_a_run_of_none_says_so
     assert "vs BF16 + compile, batch 16" not in text and "No goal's rows" not in text
     pixart["rows"] = [_row("bf16_compile_graphs", 1, 4.7, 1.2)]
     assert "## Goals\n\nNo goal's rows were measured in this run.\n" in bench.render(res)
+
+
+def test_rows_under_other_inductor_settings_are_also_compared_with_bf16_under_the_same_settings(bench):
+    """W4 with combo kernels: its goal row against plain BF16 + compile + graphs, and a second row against BF16
+    compiled with combo kernels too, when that row ran (what the setting gives any model is not the W4 path's)."""
+    from inference_speed_report import graph_goals
+
+    rows = [_row("bf16_compile_graphs", 1, 4.8, 1.2), _row("w4_compile_combo_graphs", 1, 5.0, 0.4)]
+    res = {"families": {"pixart": {"family": "pixart", "rows": rows}}}
+    text = "\n".join(graph_goals(res))
+    assert "| PixArt W4 memory path + compile, combo kernels (dequantizations launched together) + CUDA graphs, " \
+           "batch 1 (speed-up) | 0.96× | ≥ 0.95× | yes |" in text
+    assert "vs BF16 + compile, combo kernels" not in text  # that reference did not run
+    rows.append(_row("bf16_compile_combo_graphs", 1, 4.5, 1.2))
+    text = "\n".join(graph_goals(res))
+    assert ("CUDA graphs vs BF16 + compile, combo kernels + CUDA graphs, batch 1 (speed-up) | 0.90× | ≥ 0.95× | no |"
+            in text)
+    assert "| PixArt BF16 + compile, combo kernels + CUDA graphs, batch 1" not in text  # references get no goal
