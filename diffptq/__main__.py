@@ -87,8 +87,7 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     dtype = resolve_dtype(args.dtype, device)
     pipe = diffptq.load_quantized(args.checkpoint, device=device, dtype=dtype, base_model=args.base_model)
     set_scheduler(pipe, args.scheduler)
-    if args.kernels != "fake":
-        convert_kernels(pipe, args.kernels, args.act_mode or "auto", device)
+    path = convert_kernels(pipe, args.kernels, args.act_mode or "auto", device) if args.kernels != "fake" else "fake"
     if args.fp8_attention:
         from diffptq.kernels.fp8_attention_processor import use_fp8_attention
         from diffptq.models import family_of
@@ -97,7 +96,7 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     if args.compile:
         from diffptq.kernels.compiled import compile_denoiser
 
-        compile_denoiser(pipe, args.kernels)
+        compile_denoiser(pipe, path)
     if args.cuda_graphs:
         from diffptq.kernels.graphs import graph_denoiser
 
@@ -110,9 +109,10 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     return save_images(images, seeds, all_prompts, Path(args.out))
 
 
-def convert_kernels(pipe, kernels: str, act_mode: str, device: str, force: bool = False) -> None:
+def convert_kernels(pipe, kernels: str, act_mode: str, device: str, force: bool = False) -> str:
     """Put the inference modules of `kernels` into the pipeline's denoiser and say in one line what was converted
-    (or why the layers stay fake-quant). force: the real modules even where the device cannot run them (tests)."""
+    (or why the layers stay fake-quant); returns the path taken ("fake" where the device cannot run `kernels`).
+    force: the real modules even where the device cannot run them (tests)."""
     from diffptq.kernels import InferenceConfig, convert_for_inference
     from diffptq.models import family_of
 
@@ -120,9 +120,10 @@ def convert_kernels(pipe, kernels: str, act_mode: str, device: str, force: bool 
                                  InferenceConfig(act_mode=act_mode, force=force))
     if conv.path == "fake":
         print(f"kernels: fake-quant layers kept ({conv.reason})")
-        return
+        return conv.path
     counts = ", ".join(f"{n} {name}" for name, n in sorted(conv.counts().items())) or "no layer converted"
     print(f"kernels: {conv.path} ({conv.reason}): {counts}; {len(conv.kept)} kept fake-quant")
+    return conv.path
 
 
 def save_images(images, seeds: list[int], prompts: list[str], out: Path) -> list[Path]:

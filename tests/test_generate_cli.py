@@ -103,8 +103,9 @@ def test_converted_kernels_run_the_checkpoint_close_to_its_fake_quant_images(che
 
     fake = diffptq.load_quantized(checkpoint)
     real = diffptq.load_quantized(checkpoint)
-    convert_kernels(real, kernels, "auto", "cpu", force=True)
-    line = capsys.readouterr().out
+    assert convert_kernels(real, kernels, "auto", "cpu", force=True) == kernels
+    assert convert_kernels(diffptq.load_quantized(checkpoint), kernels, "auto", "cpu") == "fake"  # not forced
+    line = capsys.readouterr().out.splitlines()[0]
     mods = [m for m in real.transformer.modules() if is_inference_module(m)]
     assert mods and all(type(m).__name__ == module for m in mods)
     quantized = sum(layer.is_quantized for _, layer in quant_layers(fake.transformer))
@@ -120,3 +121,17 @@ def test_act_mode_needs_the_w4a8_kernels(checkpoint):
                                           "--kernels w4"):
         main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a cup", "--kernels", "w4",
               "--act_mode", "static"])
+
+
+def test_compile_gets_the_path_the_denoiser_was_converted_to(checkpoint, tmp_path, monkeypatch):
+    """--compile compiles the pipeline's denoiser after the conversion, with the settings of the path really taken:
+    --kernels w4 on the CPU stays fake-quant, so no memory-path settings."""
+    import diffptq.kernels.compiled as compiled
+
+    seen = []
+    monkeypatch.setattr(compiled, "compile_denoiser", lambda pipe, path: seen.append((type(pipe.transformer), path)))
+    main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a cup", "--n", "1", "--steps", "2",
+          "--device", "cpu", "--kernels", "w4", "--compile", "--out", str(tmp_path / "o")])
+    from diffusers import PixArtTransformer2DModel
+
+    assert seen == [(PixArtTransformer2DModel, "fake")]
