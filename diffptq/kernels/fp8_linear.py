@@ -66,10 +66,17 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
                  act_quant: ActQuantizer | None = None, use_fast_accum: bool = True, backend: str = "auto",
                  act_kernel: str = "torch"):
         super().__init__()
-        out_features, in_features = weight_fp8.shape
+        self._init_gemm(*weight_fp8.shape, weight_scale, bias, act_mode, act_quant, use_fast_accum, backend,
+                        act_kernel)
+        self.register_buffer("weight_fp8", weight_fp8.contiguous())
+
+    def _init_gemm(self, out_features: int, in_features: int, weight_scale: Tensor, bias: Tensor | None,
+                   act_mode: str, act_quant: ActQuantizer | None, use_fast_accum: bool, backend: str,
+                   act_kernel: str) -> None:
+        """Everything but the weight codes' storage: checks, per-channel scales, bias, activation settings."""
         if in_features % GEMM_ALIGN or out_features % GEMM_ALIGN:
-            raise ValueError(f"Fp8W4A8Linear needs both dimensions divisible by {GEMM_ALIGN}, "
-                             f"got {tuple(weight_fp8.shape)}")
+            raise ValueError(f"{type(self).__name__} needs both dimensions divisible by {GEMM_ALIGN}, "
+                             f"got {(out_features, in_features)}")
         if act_mode not in ACT_MODES:
             raise ValueError(f"act_mode must be one of {ACT_MODES}, got {act_mode!r}")
         if act_mode == "static" and (act_quant is None or isinstance(act_quant, DynamicActQuantizer)):
@@ -77,7 +84,6 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
         if act_kernel not in ACT_KERNELS:
             raise ValueError(f"act_kernel must be one of {ACT_KERNELS}, got {act_kernel!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_fp8", weight_fp8.contiguous())
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(1, out_features).contiguous())
         self.bias = frozen_parameter(bias)
         self.act_mode = act_mode
@@ -105,9 +111,13 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
         return cls(w8, layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend,
                    act_kernel)
 
+    def gemm_weight(self) -> Tensor:
+        """The e4m3 weight codes q − z (out, in) the GEMM takes."""
+        return self.weight_fp8
+
     def dequantized_weight(self) -> Tensor:
         """The weight the GEMM multiplies by, s_w · (q − z), float32 (out, in): equal to the fake-quant weight."""
-        return self.weight_fp8.float() * self.weight_scale.t()
+        return self.gemm_weight().float() * self.weight_scale.t()
 
     def activation_scale(self, x: Tensor, x2d: Tensor) -> Tensor:
         """Per-row e4m3 scale (M, 1) float32 for x (..., in) viewed as x2d (M, in)."""
@@ -129,7 +139,7 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
                 scale_a = self.activation_scale(x, x2d)
                 x8 = quantize_e4m3(x2d, scale_a)
         with profile_scope("diffptq::fp8_gemm"):
-            y = fp8_scaled_mm(x8, scale_a, self.weight_fp8, self.weight_scale, self.bias, self.out_dtype,
+            y = fp8_scaled_mm(x8, scale_a, self.gemm_weight(), self.weight_scale, self.bias, self.out_dtype,
                               self.use_fast_accum, self.backend)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from diffptq.kernels.fp8_linear import Fp8W4A8Linear
+from diffptq.kernels.fp8_packed import Fp8W4A8PackedLinear
 from diffptq.kernels.int4_weight_only import Int4WeightOnlyLinear
 from diffptq.quant.act import same_quantization
 
@@ -35,6 +36,19 @@ def _same_static_scales(layers: list[Fp8W4A8Linear]) -> bool:
             and all(same_quantization(layers[0].act_quant, m.act_quant) for m in layers))
 
 
+def _concat_packed(layers: list[Fp8W4A8PackedLinear], scale: torch.Tensor, bias: torch.Tensor | None,
+                   act: tuple) -> Fp8W4A8PackedLinear | None:
+    """Packed FP8 layers of one code signedness as one (zero points of 0 where a layer has none)."""
+    if any(m.signed != layers[0].signed for m in layers):
+        return None
+    zero = None
+    if any(m.weight_zero is not None for m in layers):
+        zero = torch.cat([m.weight_zero if m.weight_zero is not None else m.weight_packed.new_zeros(
+            m.out_features, 1, dtype=torch.int8) for m in layers])
+    return Fp8W4A8PackedLinear(torch.cat([m.weight_packed for m in layers]), layers[0].signed, zero, scale, bias,
+                               *act)
+
+
 def concat_layers(layers: list[nn.Module]) -> nn.Module | None:
     """One module computing torch.cat([m(x) for m in layers], -1), or None when they cannot be fused."""
     first = layers[0]
@@ -47,9 +61,11 @@ def concat_layers(layers: list[nn.Module]) -> nn.Module | None:
             return None
         if not (all(m.act_mode == "token" for m in layers) or _same_static_scales(layers)):
             return None  # different (or per-tensor dynamic) scales would change the numerics
-        return Fp8W4A8Linear(torch.cat([m.weight_fp8 for m in layers]), torch.cat([m.weight_scale for m in layers], 1),
-                             bias, first.act_mode, first.act_quant, first.use_fast_accum, first.backend,
-                             first.act_kernel)
+        scale = torch.cat([m.weight_scale for m in layers], 1)
+        act = (first.act_mode, first.act_quant, first.use_fast_accum, first.backend, first.act_kernel)
+        if isinstance(first, Fp8W4A8PackedLinear):
+            return _concat_packed(layers, scale, bias, act)
+        return Fp8W4A8Linear(torch.cat([m.weight_fp8 for m in layers]), scale, bias, *act)
     if isinstance(first, Int4WeightOnlyLinear):
         if any(m.signed != first.signed or m.scale.shape[1] != first.scale.shape[1]
                or m.scale.dtype != first.scale.dtype or (m.zero is None) != (first.zero is None) for m in layers):

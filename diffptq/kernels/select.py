@@ -1,7 +1,8 @@
 """convert_for_inference: swap a fake-quant model's quantized layers for real low-bit inference modules, in place.
 
 Paths:
-  "w4a8" (speed): per-channel QuantLinear -> Fp8W4A8Linear (FP8 GEMM). Needs CUDA sm_89+ with torch._scaled_mm.
+  "w4a8" (speed): per-channel QuantLinear -> Fp8W4A8Linear (FP8 GEMM; Fp8W4A8PackedLinear with
+    `weight_storage="int4"`: the codes packed, unpacked per call). Needs CUDA sm_89+ with torch._scaled_mm.
     Layers that cannot take the FP8 GEMM (convolutions, grouped weights, shapes not divisible by 16) become
     `InferenceConfig.others`: "dequant" (a plain nn.Linear / nn.Conv2d holding the dequantized weight: W4 numerics
     at dense speed, no activation quantization), "w4" (the int4 memory-path module) or "fake" (left as they are).
@@ -32,6 +33,7 @@ from diffptq.kernels.fp8_linear import (
     fp8_conv1x1_unsupported_reason,
     fp8_unsupported_reason,
 )
+from diffptq.kernels.fp8_packed import Fp8W4A8PackedLinear, packed_fp8_unsupported_reason
 from diffptq.kernels.fuse import fuse_attention_projections
 from diffptq.kernels.graphs import GraphedDenoiser
 from diffptq.kernels.int4_weight_only import (
@@ -47,6 +49,7 @@ from diffptq.quant.layers import QuantLayer, QuantLinear, quant_layers
 log = logging.getLogger(__name__)
 PATHS = ("w4a8", "w4", "fake")
 OTHERS = ("dequant", "w4", "fake")
+WEIGHT_STORAGES = ("e4m3", "int4")
 
 
 @dataclass
@@ -70,6 +73,8 @@ class InferenceConfig:
       take the FP8 GEMM too, over channels (Fp8W4A8Conv1x1); off: they follow `others`.
     int4_matmul (w4): memory-path Linear layers multiply by "dequant" (dequantize, then GEMM) or "triton" (one
       kernel dequantizing in registers, on CUDA inputs; diffptq.kernels.int4_gemm_triton).
+    weight_storage (w4a8): the Linear layers' codes as "e4m3" (one byte per weight, Fp8W4A8Linear) or packed "int4"
+      (half a byte, unpacked to e4m3 every call: Fp8W4A8PackedLinear; the same outputs, the memory of the W4 path).
     cuda_graphs: also wrap the model in a GraphedDenoiser (diffptq.kernels.graphs: one CUDA graph replayed per call
       at batches 1-4, where steps are launch-bound), returned as `Conversion.graphed`: put it where the model was
       (`pipe.transformer = conv.graphed`), or call graph_denoiser(pipe) after converting.
@@ -87,6 +92,7 @@ class InferenceConfig:
     fp8_attention: bool = False
     int4_matmul: str = "dequant"
     conv1x1: bool = False
+    weight_storage: str = "e4m3"
 
     def __post_init__(self) -> None:
         if self.act_mode not in ("token", "tensor", "static", "auto"):
@@ -95,6 +101,9 @@ class InferenceConfig:
             raise ValueError(f"InferenceConfig.others must be one of {OTHERS}, got {self.others!r}")
         if self.act_kernel not in ACT_KERNELS:
             raise ValueError(f"InferenceConfig.act_kernel must be one of {ACT_KERNELS}, got {self.act_kernel!r}")
+        if self.weight_storage not in WEIGHT_STORAGES:
+            raise ValueError(f"InferenceConfig.weight_storage must be one of {WEIGHT_STORAGES}, "
+                             f"got {self.weight_storage!r}")
         for name in ("cuda_graphs", "fp8_attention", "conv1x1"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"InferenceConfig.{name} must be True or False, got {getattr(self, name)!r}")
@@ -168,7 +177,9 @@ def _convert_layer(layer: QuantLayer, path: str, cfg: InferenceConfig) -> tuple[
         reason = fp8_unsupported_reason(layer)
         if reason is None:
             mode = _fp8_act_mode(layer, cfg.act_mode)
-            return Fp8W4A8Linear.from_quant_linear(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""
+            packed = cfg.weight_storage == "int4" and packed_fp8_unsupported_reason(layer) is None
+            cls = Fp8W4A8PackedLinear if packed else Fp8W4A8Linear
+            return cls.from_quant_linear(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""
         if cfg.conv1x1 and fp8_conv1x1_unsupported_reason(layer) is None:
             mode = _fp8_act_mode(layer, cfg.act_mode)
             return Fp8W4A8Conv1x1.from_quant_conv(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""
