@@ -57,8 +57,10 @@ class InferenceConfig:
     """Options of convert_for_inference.
 
     act_mode (w4a8): "token" (dynamic per-token e4m3 scales), "tensor" (dynamic per tensor), "static" (from each
-      layer's calibrated activation quantizer) or "auto" (static where the layer has a static / time-conditioned
-      quantizer, token elsewhere).
+      layer's calibrated activation quantizer) or "auto" (the default: static where the layer has a static /
+      time-conditioned quantizer, as the fake-quant model was calibrated and evaluated, token elsewhere; static
+      scales skip the per-token amax pass: PixArt on an H200, CUDA graphs, 1.00× / 1.11× of BF16 at batch 1 / 4
+      against 0.98× / 0.96× per token).
     others (w4a8): what layers that cannot take the FP8 GEMM become: "dequant" | "w4" | "fake".
     scale_dtype (w4): group scales' dtype, float16 (default) or float32; None: fp16 unless out of fp16's range.
     use_fast_accum (w4a8): FP8 tensor-core fast accumulation. fuse_qkv: one GEMM for q/k/v (k/v in cross-attention).
@@ -80,7 +82,7 @@ class InferenceConfig:
       (`pipe.transformer = conv.graphed`), or call graph_denoiser(pipe) after converting.
     """
 
-    act_mode: str = "token"
+    act_mode: str = "auto"
     others: str = "dequant"
     scale_dtype: torch.dtype | None = torch.float16
     use_fast_accum: bool = True
