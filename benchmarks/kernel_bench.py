@@ -1,5 +1,6 @@
-"""What the GPU kernel micro-benchmarks (int4_gemm.py, fp8_attention_speed.py) share: their size flags, the timing of
-one call, and the loop that measures shape after shape and rewrites the markdown and CSV after each."""
+"""What the GPU kernel micro-benchmarks (int4_gemm.py, fp8_attention_speed.py, fp8_gemm.py) share: their size flags,
+the timing of one call (optionally replayed from a CUDA graph), and the loop that measures shape after shape and
+rewrites the markdown and CSV after each."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,32 @@ def time_us(fn: Callable[[], object]) -> float:
     import triton.testing
 
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def graph_replay(fn: Callable[[], object], warmup: int = 3) -> Callable[[], object]:
+    """`fn` as one CUDA graph: at the first call, `warmup` calls on a side stream (compilation, cuBLAS workspaces),
+    then one captured call; every call replays it and returns the captured output tensor (overwritten per replay).
+    Timing the replay leaves out the host's cost per call, which dominates small compiled calls."""
+    import torch
+
+    state: dict = {}
+
+    def call():
+        if "graph" not in state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                state["out"] = fn()
+            state["graph"] = graph
+        state["graph"].replay()
+        return state["out"]
+
+    return call
 
 
 def timed_rows(rows: dict[str, Callable], base: dict, reference: str, check: Callable[[str, object], dict],
