@@ -125,9 +125,12 @@ def quality(args) -> dict:
 
 
 def bundled_prompt_acc(pipes: dict, args) -> dict:
-    """Sampled images of every pipeline with the bundled evaluator: {numerics: {prompt_acc, psnr_db, lpips}} (image
-    PSNR / LPIPS against the FP32 pipeline's images; LPIPS empty without the AlexNet weights), or {'error': ...}."""
-    from diffptq.eval.metrics.similarity import lpips_metric, lpips_score, psnr_score
+    """Sampled images of every pipeline with the bundled evaluator: {numerics: {prompt_acc (+ Wilson 95 % interval
+    prompt_acc_lo / _hi), n_images, psnr_db (+ bootstrap 95 % interval over images psnr_lo / _hi; none where some
+    image equals its reference), lpips}} (image PSNR / LPIPS against the FP32 pipeline's images; LPIPS empty
+    without the AlexNet weights), or {'error': ...}."""
+    from diffptq.eval.metrics.similarity import lpips_metric, lpips_score, psnr_per_image
+    from diffptq.eval.stats import bootstrap_interval, wilson_interval
     from diffptq.models.bundled.evaluator import load_evaluator
     from diffptq.models.bundled.sampling import eval_prompts, prompt_acc
 
@@ -141,6 +144,11 @@ def bundled_prompt_acc(pipes: dict, args) -> dict:
     for key, (p, _) in pipes.items():
         acc, images = prompt_acc(p, evaluator, prompts)
         ref = images if ref is None else ref  # fp32 comes first
-        out[key] = {"prompt_acc": acc, "psnr_db": psnr_score(images, ref),
+        per_image = psnr_per_image(images, ref)
+        finite = per_image[torch.isfinite(per_image)]  # identical images (the reference itself) have no PSNR
+        lo, hi = wilson_interval(round(acc * len(prompts)), len(prompts))
+        psnr_lo, psnr_hi = bootstrap_interval(finite) if len(finite) == len(per_image) else (None, None)
+        out[key] = {"prompt_acc": acc, "prompt_acc_lo": lo, "prompt_acc_hi": hi, "n_images": len(prompts),
+                    "psnr_db": float(per_image.mean()), "psnr_lo": psnr_lo, "psnr_hi": psnr_hi,
                     "lpips": None if lpips is None else lpips_score(lpips, images, ref)}
     return out

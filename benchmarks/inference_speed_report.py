@@ -255,6 +255,12 @@ def _equal_settings_references(key: str) -> list[str]:
             and r.inductor == v.inductor and not r.fp8_attention and r.sigmoid_gelu is None]
 
 
+def _with_interval(value: float, lo: float | None, hi: float | None, fmt: str) -> str:
+    """'0.812 (0.776-0.844)', or the value alone when there is no interval (results of older runs, the reference)."""
+    text = format(value, fmt)
+    return text if lo is None or hi is None else f"{text} ({format(lo, fmt)}-{format(hi, fmt)})"
+
+
 def graph_goals(res: dict) -> list[str]:
     """The goals of the CUDA-graph rows (W4A8 and W4 speed-ups at each batch, the W4 peak VRAM at batch 1) for every
     quantized graph row this run has beside its BF16 + compile + CUDA graphs reference, and beside the BF16 graph row
@@ -383,9 +389,13 @@ def render(res: dict) -> str:
             lines += ["", f"prompt_acc: {acc['error']}"]
         elif acc:
             lines += ["", "Sampled images (bundled pipelines, their own sampling settings): prompt_acc with the "
-                      "bundled evaluator; image PSNR and LPIPS against the FP32 pipeline's images.", ""]
-            lines += _table(["numerics", "prompt_acc", "image PSNR (dB)", "LPIPS"],
-                            [[QUALITY_LABELS.get(k, k), f"{v['prompt_acc']:.3f}", f"{v['psnr_db']:.1f}",
+                      "bundled evaluator and its Wilson 95 % interval; image PSNR and LPIPS against the FP32 "
+                      "pipeline's images, PSNR with its bootstrap 95 % interval over images. Differences inside the "
+                      "intervals are ties.", ""]
+            lines += _table(["numerics", "images", "prompt_acc (95 %)", "image PSNR dB (95 %)", "LPIPS"],
+                            [[QUALITY_LABELS.get(k, k), str(v.get("n_images", "")), _with_interval(
+                                v["prompt_acc"], v.get("prompt_acc_lo"), v.get("prompt_acc_hi"), ".3f"),
+                              _with_interval(v["psnr_db"], v.get("psnr_lo"), v.get("psnr_hi"), ".1f"),
                               "" if v["lpips"] is None else format(v["lpips"], ".4f")] for k, v in acc.items()])
     elif q:
         lines += ["## Quality", "", f"failed: {q.get('error')}"]
