@@ -38,22 +38,13 @@ def graph_replay(fn: Callable[[], object], warmup: int = 3) -> Callable[[], obje
     """`fn` as one CUDA graph: at the first call, `warmup` calls on a side stream (compilation, cuBLAS workspaces),
     then one captured call; every call replays it and returns the captured output tensor (overwritten per replay).
     Timing the replay leaves out the host's cost per call, which dominates small compiled calls."""
-    import torch
+    from diffptq.kernels.graphs import capture_graph
 
     state: dict = {}
 
     def call():
         if "graph" not in state:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                state["out"] = fn()
-            state["graph"] = graph
+            state["graph"], state["out"] = capture_graph(fn, (), {}, warmup, None)
         state["graph"].replay()
         return state["out"]
 

@@ -103,10 +103,11 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
             raise ValueError("act_mode 'static' needs a calibrated static or time-conditioned activation quantizer")
         if act_kernel not in ACT_KERNELS:
             raise ValueError(f"act_kernel must be one of {ACT_KERNELS}, got {act_kernel!r}")
+        if gemm_scaling not in GEMM_SCALINGS:
+            raise ValueError(f"gemm_scaling must be one of {GEMM_SCALINGS}, got {gemm_scaling!r}")
         reason = tensorwise_unsupported_reason(act_mode, act_quant) if gemm_scaling == "tensor" else None
-        if gemm_scaling not in GEMM_SCALINGS or reason:
-            raise ValueError(f"gemm_scaling must be one of {GEMM_SCALINGS}, got {gemm_scaling!r}" if not reason
-                             else f"gemm_scaling 'tensor' needs one activation scale per tensor: {reason}")
+        if reason:
+            raise ValueError(f"gemm_scaling 'tensor' needs one activation scale per tensor: {reason}")
         self.gemm_scaling = gemm_scaling
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(1, out_features).contiguous())

@@ -65,6 +65,8 @@ def test_activations_without_one_scale_per_tensor_are_refused(mode, act, message
         Fp8W4A8Linear.from_quant_linear(layer, mode, gemm_scaling="tensor")
     with pytest.raises(ValueError, match="InferenceConfig.gemm_scaling must be one of"):
         InferenceConfig(gemm_scaling="column")
+    with pytest.raises(ValueError, match=r"gemm_scaling must be one of \('row', 'tensor'\), got 'column'"):
+        Fp8W4A8Linear.from_quant_linear(_layer(), gemm_scaling="column")
 
 
 def test_convert_for_inference_scales_per_tensor_where_the_activations_allow(tiny):
