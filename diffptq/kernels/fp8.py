@@ -59,7 +59,13 @@ def act_scale(x2d: Tensor, mode: str) -> Tensor:
 
 
 def quantize_e4m3(x2d: Tensor, scale: Tensor) -> Tensor:
-    """e4m3 codes (M, K) of x2d / scale, clamped to ±448 (a plain cast would not saturate everywhere)."""
+    """e4m3 codes (M, K) of x2d / scale, clamped to ±448 (a plain cast would not saturate everywhere).
+
+    scale: fp32, (M, 1) or one value (0-d or (1, 1)). The quotient is rounded to e4m3 once, from fp32: a 0-d scale
+    alone would leave a bf16 x2d's quotient in bf16 (a 0-d tensor does not promote), rounding it twice.
+    """
+    if scale.dim() == 0:
+        scale = scale.reshape(1, 1)
     return (x2d / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 

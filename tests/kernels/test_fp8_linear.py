@@ -89,6 +89,17 @@ def test_e4m3_activation_error_is_within_its_bound_and_near_int8():
     assert rel(y_fp8) < 0.04 and rel(y_int8) < 0.04  # both a few percent at most on this input
 
 
+def test_one_scale_rounds_bf16_activations_once_from_fp32():
+    torch.manual_seed(3)
+    x = torch.randn(64, 256).to(torch.bfloat16)
+    s = act_scale(x, "tensor")[:1].reshape(())  # one value, as a calibrated static scale is passed
+    want = (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn)  # x / s exact in fp32, one rounding to e4m3
+    twice = (x.float() / s).to(torch.bfloat16).float().to(torch.float8_e4m3fn)  # through bf16 first
+    assert not torch.equal(want.float(), twice.float())  # the input is one where the double rounding shows
+    for scale in (s, s.reshape(1, 1), s.reshape(1, 1).expand(64, 1)):
+        assert torch.equal(quantize_e4m3(x, scale).float(), want.float())
+
+
 def test_dynamic_tensor_mode_and_zero_rows():
     x = torch.randn(6, 32)
     x[2] = 0
