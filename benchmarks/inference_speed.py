@@ -172,11 +172,10 @@ class FamilyRun:
                 mode = "static" if v.build == "w4a8s" else self.args.act_mode
                 cfg = InferenceConfig(act_mode=mode, others=self.args.others, act_kernel=v.act_kernel,
                                       sigmoid_gelu=v.sigmoid_gelu is not False, conv1x1=v.conv1x1,
-                                      weight_storage=v.weight_storage, gemm_scaling=v.gemm_scaling,
+                                      weight_storage=v.weight_storage,
                                       force=(torch.device(self.dev).type == "cpu"))
                 conv = convert_for_inference(den, "w4" if v.build == "w4" else "w4a8", self.dev, cfg)
-                build = (v.build + ("_int4" if v.weight_storage == "int4" else "")
-                         + ("_tensorwise" if v.gemm_scaling == "tensor" else ""))
+                build = v.build if v.weight_storage == "e4m3" else f"{v.build}_{v.weight_storage}"
                 self.result.setdefault("conversion", {})[build] = {"path": conv.path, "reason": conv.reason,
                                                                      "counts": conv.counts(), "kept": len(conv.kept),
                                                                      "fused_attention": conv.fused_attention,

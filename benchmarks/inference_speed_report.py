@@ -34,7 +34,6 @@ class Variant:
     int4_matmul: str = "dequant"  # W4 memory path Linear layers: dequantize then GEMM, or the fused Triton kernel
     conv1x1: bool = False  # W4A8: the UNet's 1×1 convolutions on the FP8 GEMM too (InferenceConfig.conv1x1)
     weight_storage: str = "e4m3"  # W4A8: weight codes as e4m3 or packed int4 (InferenceConfig.weight_storage)
-    gemm_scaling: str = "row"  # W4A8: torch._scaled_mm row-wise, or tensor-wise + channel scales (static rows)
 
 
 AUTOTUNE = (("max_autotune_gemm", True), ("max_autotune_gemm_backends", "ATEN,TRITON"))
@@ -108,9 +107,6 @@ VARIANTS = {v.key: v for v in (
     Variant("w4a8si4_compile_combo_graphs", "W4A8 speed path, static per-tensor activations, packed int4 weights + "
             "compile, combo kernels + CUDA graphs", torch.bfloat16, True, "w4a8s", graphs=True,
             weight_storage="int4", inductor=(("combo_kernels", True),)),
-    # one scale per GEMM operand (cuBLASLt's tensor-wise FP8 path), the channel scales on the output
-    Variant("w4a8st_compile_graphs", "W4A8 speed path, static per-tensor activations, tensor-wise GEMM scaling + "
-            "compile + CUDA graphs", torch.bfloat16, True, "w4a8s", graphs=True, gemm_scaling="tensor"),
     Variant("w4_triton_compile_graphs", "W4 memory path, fused Triton int4 GEMM + compile + CUDA graphs (BF16)",
             torch.bfloat16, True, "w4", graphs=True, int4_matmul="triton"),
     Variant("torchao_int4wo_compile_graphs", "torchao int4 weight-only (tinygemm, groups 128-32) + compile + graphs",

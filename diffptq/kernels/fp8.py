@@ -20,7 +20,6 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 E4M3_EXACT_INT = 16  # every integer in [-16, 16] is exactly representable in e4m3
 ACT_MODES = ("token", "tensor", "static")
-GEMM_SCALINGS = ("row", "tensor")  # torch._scaled_mm with row-wise scales, or one scale per operand
 _AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale: x / s_a stays 0, never nan
 # scales multiply by the fp32-rounded 1 / 448: what CUDA's division by a scalar computes, written out so that the
 # CPU, CUDA, inductor and the Triton kernel (fp8_quant_triton) all round the scale alike
@@ -109,24 +108,3 @@ def fp8_scaled_mm(x8: Tensor, scale_a: Tensor, w8: Tensor, scale_b: Tensor, bias
     b = bias.to(out_dtype) if bias is not None else None
     return torch._scaled_mm(x8, w8.t(), scale_a=scale_a, scale_b=scale_b, bias=b, out_dtype=out_dtype,
                             use_fast_accum=use_fast_accum)
-
-
-def fp8_scaled_mm_tensorwise(x8: Tensor, scale_a: Tensor, w8: Tensor, scale_b: Tensor, bias: Tensor | None,
-                             out_dtype: torch.dtype = torch.bfloat16, use_fast_accum: bool = True,
-                             backend: str = "auto") -> Tensor:
-    """The W4A8 GEMM with one activation scale (a 0-d fp32 tensor): torch._scaled_mm with one scale per operand
-    (cuBLASLt's tensor-wise FP8 path), then the per-channel weight scales scale_b (1, N) and the bias on its output.
-
-    y = round(round(s_a · Σ_k x8 · w8) · s_w + bias): the GEMM's output is rounded to `out_dtype` before the channel
-    scales, one rounding more than fp8_scaled_mm (at most one unit in the last place of out_dtype apart). Off CUDA
-    (or backend "reference") the same two steps with the fp32 reference.
-    """
-    if backend == "reference" or (backend == "auto" and not x8.is_cuda):
-        y = scaled_mm_reference(x8, scale_a.reshape(1, 1), w8, torch.ones_like(scale_b), None, out_dtype)
-    else:
-        y = torch._scaled_mm(x8, w8.t(), scale_a=scale_a, scale_b=scale_a.new_ones(()), out_dtype=out_dtype,
-                             use_fast_accum=use_fast_accum)
-    y = y.float() * scale_b
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)

@@ -17,18 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from diffptq.kernels.common import KeepDtypeBuffers, frozen_parameter, profile_scope
-from diffptq.kernels.fp8 import (
-    ACT_MODES,
-    E4M3_MAX,
-    GEMM_SCALINGS,
-    act_scale,
-    codes_to_e4m3,
-    fp8_scaled_mm,
-    fp8_scaled_mm_tensorwise,
-    quantize_e4m3,
-)
+from diffptq.kernels.fp8 import ACT_MODES, E4M3_MAX, act_scale, codes_to_e4m3, fp8_scaled_mm, quantize_e4m3
 from diffptq.kernels.fp8_quant_triton import fp8_quant_rows, triton_available
-from diffptq.quant.act import ActQuantizer, DynamicActQuantizer, StaticActQuantizer
+from diffptq.quant.act import ActQuantizer, DynamicActQuantizer
 from diffptq.quant.layers import QuantConv2d, QuantLinear
 
 GEMM_ALIGN = 16  # torch._scaled_mm needs K and N divisible by 16
@@ -56,14 +47,6 @@ def _codes_reason(layer: QuantLinear | QuantConv2d, out: int, cols: int) -> str 
     return None
 
 
-def tensorwise_unsupported_reason(act_mode: str, act_quant: ActQuantizer | None) -> str | None:
-    """Why a layer's activations cannot take one scale per tensor (None when they can): dynamic per tensor, or a
-    calibrated per-tensor static quantizer (time-conditioned ones may give each sample its own scale)."""
-    if act_mode == "tensor" or (act_mode == "static" and isinstance(act_quant, StaticActQuantizer)):
-        return None
-    return f"act_mode {act_mode!r} with {type(act_quant).__name__ if act_quant is not None else 'no quantizer'}"
-
-
 class Fp8W4A8Linear(KeepDtypeBuffers):
     """y = x @ (s_w · (q − z))ᵀ + b with FP8 activations. x: (..., in) any float dtype -> (..., out) in x's dtype.
 
@@ -74,9 +57,6 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
     act_kernel: "torch" (torch ops; under torch.compile inductor fuses them with the producer of x) or "triton" (one
       kernel computing the same values: used for act_mode "token" on CUDA inputs when Triton imports, the torch ops
       elsewhere; static and per-tensor scales always take the torch ops, pointwise ops inductor fuses anyway).
-    gemm_scaling: "row" (torch._scaled_mm with the activation and weight scales row-wise) or "tensor" (one
-      activation scale: act_mode "tensor", or "static" with a per-tensor StaticActQuantizer; the GEMM takes one scale
-      per operand and the per-channel weight scales multiply its bf16 output: fp8_scaled_mm_tensorwise).
     The GEMM outputs bf16 (row-wise scaling supports no other output on every sm_89+ build), cast to x's dtype.
     """
 
@@ -84,15 +64,15 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
 
     def __init__(self, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None = None, act_mode: str = "token",
                  act_quant: ActQuantizer | None = None, use_fast_accum: bool = True, backend: str = "auto",
-                 act_kernel: str = "torch", gemm_scaling: str = "row"):
+                 act_kernel: str = "torch"):
         super().__init__()
         self._init_gemm(*weight_fp8.shape, weight_scale, bias, act_mode, act_quant, use_fast_accum, backend,
-                        act_kernel, gemm_scaling)
+                        act_kernel)
         self.register_buffer("weight_fp8", weight_fp8.contiguous())
 
     def _init_gemm(self, out_features: int, in_features: int, weight_scale: Tensor, bias: Tensor | None,
                    act_mode: str, act_quant: ActQuantizer | None, use_fast_accum: bool, backend: str,
-                   act_kernel: str, gemm_scaling: str = "row") -> None:
+                   act_kernel: str) -> None:
         """Everything but the weight codes' storage: checks, per-channel scales, bias, activation settings."""
         if in_features % GEMM_ALIGN or out_features % GEMM_ALIGN:
             raise ValueError(f"{type(self).__name__} needs both dimensions divisible by {GEMM_ALIGN}, "
@@ -103,12 +83,6 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
             raise ValueError("act_mode 'static' needs a calibrated static or time-conditioned activation quantizer")
         if act_kernel not in ACT_KERNELS:
             raise ValueError(f"act_kernel must be one of {ACT_KERNELS}, got {act_kernel!r}")
-        if gemm_scaling not in GEMM_SCALINGS:
-            raise ValueError(f"gemm_scaling must be one of {GEMM_SCALINGS}, got {gemm_scaling!r}")
-        reason = tensorwise_unsupported_reason(act_mode, act_quant) if gemm_scaling == "tensor" else None
-        if reason:
-            raise ValueError(f"gemm_scaling 'tensor' needs one activation scale per tensor: {reason}")
-        self.gemm_scaling = gemm_scaling
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_scale", weight_scale.detach().float().reshape(1, out_features).contiguous())
         self.bias = frozen_parameter(bias)
@@ -122,21 +96,20 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
     @classmethod
     @torch.no_grad()
     def from_quant_linear(cls, layer: QuantLinear, act_mode: str = "token", use_fast_accum: bool = True,
-                          backend: str = "auto", act_kernel: str = "torch", gemm_scaling: str = "row") -> Fp8W4A8Linear:
+                          backend: str = "auto", act_kernel: str = "torch") -> Fp8W4A8Linear:
         """Convert a quantized per-channel QuantLinear (codes, never re-quantizing the float weight)."""
-        return cls._from_codes(layer, fp8_unsupported_reason(layer), act_mode, use_fast_accum, backend, act_kernel,
-                               gemm_scaling)
+        return cls._from_codes(layer, fp8_unsupported_reason(layer), act_mode, use_fast_accum, backend, act_kernel)
 
     @classmethod
     def _from_codes(cls, layer: QuantLinear | QuantConv2d, reason: str | None, act_mode: str, use_fast_accum: bool,
-                    backend: str, act_kernel: str, gemm_scaling: str = "row"):
+                    backend: str, act_kernel: str):
         """The module of a layer's codes (out, cols): q − z as e4m3, the per-channel scales, its bias; ValueError
         with `reason` (why the layer cannot be converted) when that is not None."""
         if reason is not None:
             raise ValueError(f"cannot build an {cls.__name__}: {reason}")
         w8 = codes_to_e4m3(layer.weight_codes, layer.weight_zero)
         return cls(w8, layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend,
-                   act_kernel, gemm_scaling)
+                   act_kernel)
 
     def gemm_weight(self) -> Tensor:
         """The e4m3 weight codes q − z (out, in) the GEMM takes."""
@@ -166,17 +139,14 @@ class Fp8W4A8Linear(KeepDtypeBuffers):
                 scale_a = self.activation_scale(x, x2d)
                 x8 = quantize_e4m3(x2d, scale_a)
         with profile_scope("diffptq::fp8_gemm"):
-            gemm = fp8_scaled_mm if self.gemm_scaling == "row" else fp8_scaled_mm_tensorwise
-            if self.gemm_scaling == "tensor":
-                scale_a = scale_a[:1].reshape(())  # every row has the one scale
-            y = gemm(x8, scale_a, self.gemm_weight(), self.weight_scale, self.bias, self.out_dtype,
-                     self.use_fast_accum, self.backend)
+            y = fp8_scaled_mm(x8, scale_a, self.gemm_weight(), self.weight_scale, self.bias, self.out_dtype,
+                              self.use_fast_accum, self.backend)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"act_mode={self.act_mode}, fast_accum={self.use_fast_accum}, backend={self.backend}, "
-                f"act_kernel={self.act_kernel}, gemm_scaling={self.gemm_scaling}")
+                f"act_kernel={self.act_kernel}")
 
 
 def fp8_conv1x1_unsupported_reason(layer: nn.Module) -> str | None:

@@ -39,8 +39,7 @@ class Fp8W4A8PackedLinear(Fp8W4A8Linear):
 
     def __init__(self, weight_packed: Tensor, signed: bool, weight_zero: Tensor | None, weight_scale: Tensor,
                  bias: Tensor | None = None, act_mode: str = "token", act_quant: ActQuantizer | None = None,
-                 use_fast_accum: bool = True, backend: str = "auto", act_kernel: str = "torch",
-                 gemm_scaling: str = "row"):
+                 use_fast_accum: bool = True, backend: str = "auto", act_kernel: str = "torch"):
         super(Fp8W4A8Linear, self).__init__()  # the storage differs: Fp8W4A8Linear's checks and settings only
         out_features, half = weight_packed.shape
         if weight_packed.dtype != torch.uint8:
@@ -48,7 +47,7 @@ class Fp8W4A8PackedLinear(Fp8W4A8Linear):
         if weight_zero is not None and tuple(weight_zero.shape) != (out_features, 1):
             raise ValueError(f"weight_zero must be ({out_features}, 1), got {tuple(weight_zero.shape)}")
         self._init_gemm(out_features, 2 * half, weight_scale, bias, act_mode, act_quant, use_fast_accum, backend,
-                        act_kernel, gemm_scaling)
+                        act_kernel)
         self.signed = signed
         self.register_buffer("weight_packed", weight_packed.contiguous())
         self.register_buffer("weight_zero", None if weight_zero is None else weight_zero.to(torch.int8).contiguous())
@@ -56,8 +55,7 @@ class Fp8W4A8PackedLinear(Fp8W4A8Linear):
     @classmethod
     @torch.no_grad()
     def from_quant_linear(cls, layer: QuantLinear, act_mode: str = "token", use_fast_accum: bool = True,
-                          backend: str = "auto", act_kernel: str = "torch",
-                          gemm_scaling: str = "row") -> Fp8W4A8PackedLinear:
+                          backend: str = "auto", act_kernel: str = "torch") -> Fp8W4A8PackedLinear:
         """Convert a quantized per-channel QuantLinear of a 4-bit grid (its codes, packed; never the float weight)."""
         reason = packed_fp8_unsupported_reason(layer)
         if reason is not None:
@@ -67,7 +65,7 @@ class Fp8W4A8PackedLinear(Fp8W4A8Linear):
         keep_zero = bool(zero.any())
         return cls(pack_int4_rows(layer.weight_codes), signed, zero.to(torch.int8) if keep_zero else None,
                    layer.weight_scale[:, 0], layer.bias, act_mode, layer.act_quant, use_fast_accum, backend,
-                   act_kernel, gemm_scaling)
+                   act_kernel)
 
     def gemm_weight(self) -> Tensor:
         """q − z (out, in) as exact e4m3, unpacked from the stored codes (|q − z| ≤ 15 is exact in fp16 and e4m3)."""

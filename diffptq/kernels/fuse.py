@@ -57,13 +57,12 @@ def concat_layers(layers: list[nn.Module]) -> nn.Module | None:
     bias = _cat_bias(layers)
     if isinstance(first, Fp8W4A8Linear):
         if any(m.use_fast_accum != first.use_fast_accum or m.backend != first.backend
-               or m.act_kernel != first.act_kernel or m.gemm_scaling != first.gemm_scaling for m in layers):
+               or m.act_kernel != first.act_kernel for m in layers):
             return None
         if not (all(m.act_mode == "token" for m in layers) or _same_static_scales(layers)):
             return None  # different (or per-tensor dynamic) scales would change the numerics
         scale = torch.cat([m.weight_scale for m in layers], 1)
-        act = (first.act_mode, first.act_quant, first.use_fast_accum, first.backend, first.act_kernel,
-               first.gemm_scaling)
+        act = (first.act_mode, first.act_quant, first.use_fast_accum, first.backend, first.act_kernel)
         if isinstance(first, Fp8W4A8PackedLinear):
             return _concat_packed(layers, scale, bias, act)
         return Fp8W4A8Linear(torch.cat([m.weight_fp8 for m in layers]), scale, bias, *act)

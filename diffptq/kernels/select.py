@@ -24,7 +24,7 @@ from torch import nn
 
 from diffptq.kernels.activations import use_sigmoid_form_gelu
 from diffptq.kernels.common import replace_module
-from diffptq.kernels.fp8 import GEMM_SCALINGS, fp8_support
+from diffptq.kernels.fp8 import fp8_support
 from diffptq.kernels.fp8_attention_processor import use_fp8_attention
 from diffptq.kernels.fp8_linear import (
     ACT_KERNELS,
@@ -32,7 +32,6 @@ from diffptq.kernels.fp8_linear import (
     Fp8W4A8Linear,
     fp8_conv1x1_unsupported_reason,
     fp8_unsupported_reason,
-    tensorwise_unsupported_reason,
 )
 from diffptq.kernels.fp8_packed import Fp8W4A8PackedLinear, packed_fp8_unsupported_reason
 from diffptq.kernels.fuse import fuse_attention_projections
@@ -78,9 +77,6 @@ class InferenceConfig:
       kernel dequantizing in registers, on CUDA inputs; diffptq.kernels.int4_gemm_triton).
     weight_storage (w4a8): the Linear layers' codes as "e4m3" (one byte per weight, Fp8W4A8Linear) or packed "int4"
       (half a byte, unpacked to e4m3 every call: Fp8W4A8PackedLinear; the same outputs, the memory of the W4 path).
-    gemm_scaling (w4a8): "row" (torch._scaled_mm with row-wise scales) or "tensor" for the layers whose activations
-      have one scale per tensor (static per-tensor or dynamic per tensor; the others stay "row"): one scale per
-      GEMM operand, the channel scales on its output (see Fp8W4A8Linear).
     cuda_graphs: also wrap the model in a GraphedDenoiser (diffptq.kernels.graphs: one CUDA graph replayed per call
       at batches 1-4, where steps are launch-bound), returned as `Conversion.graphed`: put it where the model was
       (`pipe.transformer = conv.graphed`), or call graph_denoiser(pipe) after converting.
@@ -99,7 +95,6 @@ class InferenceConfig:
     int4_matmul: str = "dequant"
     conv1x1: bool = False
     weight_storage: str = "e4m3"
-    gemm_scaling: str = "row"
 
     def __post_init__(self) -> None:
         if self.act_mode not in ("token", "tensor", "static", "auto"):
@@ -108,8 +103,6 @@ class InferenceConfig:
             raise ValueError(f"InferenceConfig.others must be one of {OTHERS}, got {self.others!r}")
         if self.act_kernel not in ACT_KERNELS:
             raise ValueError(f"InferenceConfig.act_kernel must be one of {ACT_KERNELS}, got {self.act_kernel!r}")
-        if self.gemm_scaling not in GEMM_SCALINGS:
-            raise ValueError(f"InferenceConfig.gemm_scaling must be one of {GEMM_SCALINGS}, got {self.gemm_scaling!r}")
         if self.weight_storage not in WEIGHT_STORAGES:
             raise ValueError(f"InferenceConfig.weight_storage must be one of {WEIGHT_STORAGES}, "
                              f"got {self.weight_storage!r}")
@@ -188,9 +181,7 @@ def _convert_layer(layer: QuantLayer, path: str, cfg: InferenceConfig) -> tuple[
             mode = _fp8_act_mode(layer, cfg.act_mode)
             packed = cfg.weight_storage == "int4" and packed_fp8_unsupported_reason(layer) is None
             cls = Fp8W4A8PackedLinear if packed else Fp8W4A8Linear
-            tensor = cfg.gemm_scaling == "tensor" and tensorwise_unsupported_reason(mode, layer.act_quant) is None
-            return cls.from_quant_linear(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel,
-                                         gemm_scaling="tensor" if tensor else "row"), ""
+            return cls.from_quant_linear(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""
         if cfg.conv1x1 and fp8_conv1x1_unsupported_reason(layer) is None:
             mode = _fp8_act_mode(layer, cfg.act_mode)
             return Fp8W4A8Conv1x1.from_quant_conv(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""

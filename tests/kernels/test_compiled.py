@@ -1,4 +1,4 @@
-"""diffptq.kernels.compiled: the whole denoiser compiled in place, combo kernels on the memory path, order checks."""
+"""diffptq.kernels.compiled: the whole denoiser compiled in place, combo kernels on the quantized paths, order checks."""
 import shutil
 
 import pytest
@@ -16,8 +16,8 @@ def pipe():
         yield load_pipeline("tiny-dit")
 
 
-@pytest.mark.parametrize("path,combo", [("w4", True), ("w4a8", False), ("fake", False)])
-def test_the_pipelines_denoiser_is_compiled_whole_with_combo_kernels_on_the_memory_path_only(pipe, path, combo):
+@pytest.mark.parametrize("path,combo", [("w4", True), ("w4a8", True), ("fake", False)])
+def test_the_pipelines_denoiser_is_compiled_whole_with_combo_kernels_on_the_quantized_paths_only(pipe, path, combo):
     den = compile_denoiser(pipe, path)
     assert den is pipe.transformer and den._compiled_call_impl is not None  # nn.Module.compile, in place
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in den.transformer_blocks)  # not per block

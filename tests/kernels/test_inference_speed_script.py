@@ -15,7 +15,7 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [
         "inference_speed.py", "--families", "pixart", "--num_layers", "1", "--latent", "8", "--batches", "1",
         "--device", "cpu", "--variants", "w4,fp16,w4a8s_compile,w4a8,w4a8_graphs,w4a8_compile_graphs_fp8attn,"
-        "w4_triton_compile_graphs,torchao_int4wo_compile_graphs,w4a8si4_compile_graphs,w4a8st_compile_graphs",
+        "w4_triton_compile_graphs,torchao_int4wo_compile_graphs,w4a8si4_compile_graphs",
         "--quality_model", "tiny-dit",
         "--quality_prompts", "2", "--quality_steps", "2", "--quality_records", "1", "--warmup", "0",
         "--repeats", "1", "--profile", "", "--out", str(out), "--report", str(report)])
@@ -24,8 +24,7 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     rows = {r["variant"]: r for r in res["families"]["pixart"]["rows"]}
     # measured in the order given (compiled: eagerly)
     assert list(rows) == ["w4", "fp16", "w4a8s_compile", "w4a8", "w4a8_graphs", "w4a8_compile_graphs_fp8attn",
-                          "w4_triton_compile_graphs", "torchao_int4wo_compile_graphs", "w4a8si4_compile_graphs",
-                          "w4a8st_compile_graphs"]
+                          "w4_triton_compile_graphs", "torchao_int4wo_compile_graphs", "w4a8si4_compile_graphs"]
     assert rows.pop("torchao_int4wo_compile_graphs")["skipped"] == ("torchao's int4 weight-only kernel (tinygemm, "
                                                                     "torch._weight_int4pack_mm) runs on CUDA only")
     assert all("error" not in r and r["latency_ms"] is None for r in rows.values())
@@ -42,7 +41,6 @@ def test_cpu_smoke_run_writes_json_and_report(bench, tmp_path, monkeypatch):
     assert conv["w4a8"]["counts"] == {"Fp8W4A8Linear": 10} and conv["w4a8"]["fused_attention"] == 2
     # packed int4 storage: the same layers and fusions, weights in about half the bytes of the e4m3 row's
     assert conv["w4a8s_int4"]["counts"] == {"Fp8W4A8PackedLinear": 10} and conv["w4a8s_int4"]["fused_attention"] == 2
-    assert conv["w4a8s_tensorwise"]["counts"] == {"Fp8W4A8Linear": 10}  # static scales: tensor-wise GEMMs
     saved = sizes["memory"]["w4a8s_compile"] - sizes["memory"]["w4a8si4_compile_graphs"]
     assert saved > 0.4 * sizes["fp16_quantized_weights"] / 2  # of the e4m3 weights' bytes (half of fp16's)
     # q/k/v (and the cross-attention k/v) calibrated on their shared input get equal static scales: fused as well
