@@ -351,8 +351,21 @@ def _command_lines(m: dict) -> list[str]:
     return [f"Code at git {m.get('commit', 'unknown')}. Command:", "", f"    {m['command']}", ""]
 
 
+def _known_variants_only(res: dict) -> tuple[dict, list[str]]:
+    """`res` without the rows (and sizes) of variants this script no longer has, and those rows' labels."""
+    dropped, families = [], {}
+    for name, fam in res["families"].items():
+        rows = [r for r in fam.get("rows", []) if r["variant"] in VARIANTS]
+        dropped += sorted({r["label"] for r in fam.get("rows", []) if r["variant"] not in VARIANTS})
+        sizes = {kind: {k: v for k, v in table.items() if k in VARIANTS} if isinstance(table, dict) else table
+                 for kind, table in fam.get("sizes", {}).items()}
+        families[name] = {**fam, "rows": rows, **({"sizes": sizes} if "sizes" in fam else {})}
+    return {**res, "families": families}, dropped
+
+
 def render(res: dict) -> str:
-    """The markdown report of a results.json (`res`)."""
+    """The markdown report of a results.json (`res`); rows of variants no longer defined here are left out, named."""
+    res, dropped = _known_variants_only(res)
     m = res["meta"]
     batches = m["batches"]
     lines = ["# Inference speed and memory: W4A8 speed path and W4 memory path", "",
@@ -372,6 +385,9 @@ def render(res: dict) -> str:
         lines += ["CUDA-graph rows against BF16 + compile + CUDA graphs of this run:", ""] + graph + [""]
     if not older and not graph:
         lines += ["No goal's rows were measured in this run.", ""]
+    if dropped:
+        lines += ["Rows of variants no longer in benchmarks/inference_speed.py are left out of this rendering: "
+                  + "; ".join(dropped) + ".", ""]
     for fam in res["families"].values():
         lines += family_section(fam, batches)
     q = res.get("quality")

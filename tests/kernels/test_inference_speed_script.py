@@ -194,3 +194,16 @@ def test_rows_under_other_inductor_settings_are_also_compared_with_bf16_under_th
     assert ("CUDA graphs vs BF16 + compile, combo kernels + CUDA graphs, batch 1 (speed-up) | 0.90× | ≥ 0.95× | no |"
             in text)
     assert "| PixArt BF16 + compile, combo kernels + CUDA graphs, batch 1" not in text  # references get no goal
+
+
+def test_rows_of_removed_variants_are_left_out_of_a_rendering_and_named(bench):
+    """A results.json from before a variant was removed still renders: its rows and sizes are dropped, named once."""
+    res, pixart = _pixart_result([_row("bf16_compile_graphs", 1, 4.7, 1.2), _row("w4a8_compile_graphs", 1, 4.0),
+                                  {**_row("w4a8_gone_graphs", 1, 3.0), "label": "W4A8, a removed variant"}])
+    pixart["sizes"]["memory"]["w4a8_gone_graphs"] = 600e6
+    text = bench.render(res)
+    assert ("Rows of variants no longer in benchmarks/inference_speed.py are left out of this rendering: W4A8, a "
+            "removed variant.") in text
+    assert text.count("W4A8, a removed variant") == 1  # in no table
+    assert "| PixArt W4A8 speed path + compile + CUDA graphs, batch 1 (speed-up) | 1.18× | ≥ 1.15× | yes |" in text
+    assert len(pixart["rows"]) == 3 and "w4a8_gone_graphs" in pixart["sizes"]["memory"]  # the input is not changed
