@@ -1,4 +1,4 @@
-"""diffptq.kernels.compiled: the whole denoiser compiled in place, combo kernels on the quantized paths, order checks."""
+"""diffptq.kernels.compiled: the whole denoiser compiled in place, combo kernels on quantized paths, order checks."""
 import shutil
 
 import pytest
