@@ -31,9 +31,8 @@ from pathlib import Path
 from diffptq.cli import ArgumentParser, run_main
 
 sys.path.append(str(Path(__file__).resolve().parent))  # kernel_bench beside this file, however it is loaded
-from kernel_bench import graph_replay, int_list, run_jobs, sizes, timed_rows  # noqa: E402
+from kernel_bench import add_gemm_size_flags, graph_replay, int_list, run_jobs, timed_rows  # noqa: E402
 
-PIXART_SHAPES = "3456x1152,1152x1152,4608x1152,1152x4608"  # N x K
 COLUMNS = ("M", "N", "K", "row", "us", "vs_bf16", "rel_err")
 NO_CHANNEL_SCALES = "fp8 tensor-wise"
 EXPLANATION = ("Median µs of one call replayed from a CUDA graph (triton.testing.do_bench, L2 flushed); `vs_bf16`: "
@@ -43,9 +42,7 @@ EXPLANATION = ("Median µs of one call replayed from a CUDA graph (triton.testin
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1024,4096,16384", help="comma list of M (rows of x)")
-    p.add_argument("--shapes", type=lambda t: sizes(t, "--shapes", 2), default=PIXART_SHAPES,
-                   help="comma list of NxK weight shapes (both multiples of 16)")
+    add_gemm_size_flags(p, "comma list of NxK weight shapes (both multiples of 16)")
     p.add_argument("--out", default="results/fp8_gemm.md", help="markdown file; the CSV goes beside it")
     args = p.parse_args(argv)
     args.tokens = int_list(p, args.tokens, "--tokens")
@@ -82,8 +79,11 @@ def measure_shape(M: int, N: int, K: int) -> list[dict]:
 
     torch.compiler.reset()  # a fresh compilation per shape
     scaled = torch.compile(lambda a8: tensor_mm(a8) * sw, dynamic=False)
-    token = torch.compile(lambda a: row_mm(quantize_e4m3(a, act_scale(a, "token")), act_scale(a, "token")),
-                          dynamic=False)
+    def quantize_token_mm(a):
+        sa = act_scale(a, "token")
+        return row_mm(quantize_e4m3(a, sa), sa)
+
+    token = torch.compile(quantize_token_mm, dynamic=False)
     static_row = torch.compile(lambda a: row_mm(quantize_e4m3(a, sa_static), sa_static_rows), dynamic=False)
     static_tensor = torch.compile(lambda a: tensor_mm(quantize_e4m3(a, sa_static)) * sw, dynamic=False)
     calls = {"bf16": lambda: F.linear(x, w),

@@ -272,13 +272,15 @@ def graph_goals(res: dict) -> list[str]:
                 and VARIANTS[k].build != "float" and any(r["variant"] == k for r in fam.get("rows", []))]
         for key in keys:
             w4 = VARIANTS[key].build in ("w4", "torchao_int4")
-            refs = [GRAPH_REFERENCE] + [k for k in _equal_settings_references(key) if k != GRAPH_REFERENCE]
+            refs = [GRAPH_REFERENCE] + _equal_settings_references(key)  # the latter never holds the former
             for batch, target in GRAPH_TARGETS.get(name, {}).items():
+                if _lookup(fam, key, batch) is None:
+                    continue
+                goal, ours = W4_TARGET if w4 else target, _value(fam, key, batch, "latency_ms")
                 for ref_key in refs:
-                    ref, ours = _value(fam, ref_key, batch, "latency_ms"), _value(fam, key, batch, "latency_ms")
-                    if _lookup(fam, key, batch) is None or ref is None:
+                    ref = _value(fam, ref_key, batch, "latency_ms")
+                    if ref is None:
                         continue
-                    goal = W4_TARGET if w4 else target
                     ratio = ref / ours if ours else None
                     versus = "" if ref_key == GRAPH_REFERENCE else f" vs {VARIANTS[ref_key].label}"
                     rows.append([f"{label} {VARIANTS[key].label}{versus}, batch {batch} (speed-up)",

@@ -30,9 +30,8 @@ from pathlib import Path
 from diffptq.cli import ArgumentParser, positive_int, run_main
 
 sys.path.append(str(Path(__file__).resolve().parent))  # kernel_bench beside this file, however it is loaded
-from kernel_bench import int_list, run_jobs, sizes, timed_rows  # noqa: E402
+from kernel_bench import add_gemm_size_flags, int_list, run_jobs, sizes, timed_rows  # noqa: E402
 
-PIXART_SHAPES = "3456x1152,1152x1152,4608x1152,1152x4608"  # N x K
 COLUMNS = ("M", "N", "K", "row", "us", "vs_bf16", "rel_err")
 WEIGHT_ONLY = "dequant compiled, weight only"  # the dequantization kernel alone: its output is the weight
 EXPLANATION = ("Median µs of one y = x Wᵀ in bf16 (triton.testing.do_bench, L2 flushed); `vs_bf16`: the bf16 GEMM's "
@@ -42,9 +41,7 @@ EXPLANATION = ("Median µs of one y = x Wᵀ in bf16 (triton.testing.do_bench, L
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1024,4096,16384", help="comma list of M (rows of x)")
-    p.add_argument("--shapes", type=lambda t: sizes(t, "--shapes", 2), default=PIXART_SHAPES,
-                   help="comma list of NxK weight shapes")
+    add_gemm_size_flags(p, "comma list of NxK weight shapes")
     p.add_argument("--group", type=positive_int, default=128, help="input columns per scale")
     p.add_argument("--tiles", type=lambda t: sizes(t, "--tiles", 2), default="64x64,128x64,64x128,128x128,128x256",
                    help="extra BLOCK_MxBLOCK_N tiles of the Triton kernel ('' for none)")

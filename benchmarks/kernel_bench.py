@@ -19,6 +19,16 @@ def sizes(text: str, flag: str, n: int) -> list[tuple[int, ...]]:
     return out
 
 
+PIXART_GEMM_SHAPES = "3456x1152,1152x1152,4608x1152,1152x4608"  # N x K of PixArt-XL-2's block layers
+
+
+def add_gemm_size_flags(p: argparse.ArgumentParser, shapes_help: str) -> None:
+    """--tokens (M, the rows of x; converted with int_list after parsing) and --shapes (NxK weight shapes, default
+    PixArt-XL-2's), the sizes of the GEMM micro-benchmarks."""
+    p.add_argument("--tokens", default="1024,4096,16384", help="comma list of M (rows of x)")
+    p.add_argument("--shapes", type=lambda t: sizes(t, "--shapes", 2), default=PIXART_GEMM_SHAPES, help=shapes_help)
+
+
 def int_list(p: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
     """'1,2,3' -> [1, 2, 3]; the parser's usage error otherwise."""
     try:

@@ -33,7 +33,7 @@ from diffptq.kernels.fp8_linear import (
     fp8_conv1x1_unsupported_reason,
     fp8_unsupported_reason,
 )
-from diffptq.kernels.fp8_packed import Fp8W4A8PackedLinear, packed_fp8_unsupported_reason
+from diffptq.kernels.fp8_packed import Fp8W4A8PackedLinear
 from diffptq.kernels.fuse import fuse_attention_projections
 from diffptq.kernels.graphs import GraphedDenoiser
 from diffptq.kernels.int4_weight_only import (
@@ -179,7 +179,8 @@ def _convert_layer(layer: QuantLayer, path: str, cfg: InferenceConfig) -> tuple[
         reason = fp8_unsupported_reason(layer)
         if reason is None:
             mode = _fp8_act_mode(layer, cfg.act_mode)
-            packed = cfg.weight_storage == "int4" and packed_fp8_unsupported_reason(layer) is None
+            # the FP8 GEMM takes the layer (reason is None): packed storage needs the int4 conditions besides
+            packed = cfg.weight_storage == "int4" and int4_unsupported_reason(layer) is None
             cls = Fp8W4A8PackedLinear if packed else Fp8W4A8Linear
             return cls.from_quant_linear(layer, mode, cfg.use_fast_accum, act_kernel=cfg.act_kernel), ""
         if cfg.conv1x1 and fp8_conv1x1_unsupported_reason(layer) is None:
