@@ -326,8 +326,10 @@ def family_section(fam: dict, batches: list[int]) -> list[str]:
     for key, prof in fam.get("profiles", {}).items():
         v, b = key.split("@")
         shares = [f"{prof['ms'][c]:.1f} ms ({100 * prof['share'][c]:.0f}%)" for c in CATEGORIES]
-        lines += ["", f"GPU time of one {VARIANTS[v].label} step at batch {b} ({prof['total_ms']:.1f} ms of kernels):",
-                  ""] + _table(list(CATEGORIES), [shares])
+        how = " (its compiled kernels launched outside the CUDA graph, which hides them from the profiler)" \
+            if VARIANTS[v].graphs else ""
+        lines += ["", f"GPU time of one {VARIANTS[v].label} step at batch {b}{how} ({prof['total_ms']:.1f} ms of "
+                  "kernels):", ""] + _table(list(CATEGORIES), [shares])
         lines += ["", "Top kernels: " + "; ".join(f"`{n[:60]}` {t:.2f} ms ({c})" for n, t, c in prof["top"][:5])]
     problems = [r for r in fam["rows"] if "error" in r or "skipped" in r]
     lines += graph_notes(fam["rows"])
