@@ -326,7 +326,7 @@ def family_section(fam: dict, batches: list[int]) -> list[str]:
     for key, prof in fam.get("profiles", {}).items():
         v, b = key.split("@")
         shares = [f"{prof['ms'][c]:.1f} ms ({100 * prof['share'][c]:.0f}%)" for c in CATEGORIES]
-        how = " (its compiled kernels launched outside the CUDA graph, which hides them from the profiler)" \
+        how = " (its kernels launched one by one outside the CUDA graph, which hides them from the profiler)" \
             if VARIANTS[v].graphs else ""
         lines += ["", f"GPU time of one {VARIANTS[v].label} step at batch {b}{how} ({prof['total_ms']:.1f} ms of "
                   "kernels):", ""] + _table(list(CATEGORIES), [shares])
